@@ -55,6 +55,8 @@ class ImagerySpec(_Strict):
     chip_size_px: int = Field(64, ge=8, le=1024)
     # A unit whose chip has more than this share of nodata pixels is excluded (with a record).
     max_nodata_share: float = Field(0.2, ge=0.0, lt=1.0)
+    # The chip-usability check fails (and blocks estimation) below this share of usable units.
+    min_usable_share: float = Field(0.5, gt=0.0, le=1.0)
     # Overrides the file's nodata value; None means "declared value, else detect zero borders".
     nodata: float | None = None
     bands: list[int] | None = None  # 1-based band indexes; None = all bands
@@ -175,3 +177,10 @@ def load_study(path: str | Path) -> Study:
     if study.imagery.path is not None:
         study.imagery_path
     return study
+
+
+def default_workdir(study_path: str | Path) -> Path:
+    """Where a study's lake, cache and warehouse live unless told otherwise: beside the study file."""
+    path = Path(study_path)
+    folder = path if path.is_dir() else path.parent
+    return folder.resolve() / "eocausal_work"

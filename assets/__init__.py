@@ -1,0 +1,1 @@
+"""The Dagster layer: thin wiring of the eocausal library into assets, checks and resources."""

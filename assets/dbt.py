@@ -1,0 +1,84 @@
+"""dbt models as assets: the analysis join (staging -> intermediate -> marts.analysis_units) and the
+estimates history (marts.effect_estimates, marts.effect_estimates_latest).
+
+Two @dbt_assets definitions, because the Python asset `effect_estimates` sits between them. Both
+join the `duckdb_warehouse` pool: DuckDB admits one writing process and, while it writes, no reader.
+"""
+
+
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import dagster as dg
+from dagster import AssetExecutionContext
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+
+from assets.resources import WarehouseResource
+
+DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
+WAREHOUSE_POOL = "duckdb_warehouse"
+
+dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+
+
+def ensure_manifest(project: DbtProject = dbt_project) -> Path:
+    """Run `dbt parse` when the manifest is missing or older than the project files.
+
+    dagster-dbt prepares the project only under `dagster dev`; tests and `eocausal run` need it too.
+    """
+    manifest = project.manifest_path
+    sources = [p for p in DBT_PROJECT_DIR.rglob("*") if p.suffix in (".sql", ".yml") and "target" not in p.parts]
+    newest = max(p.stat().st_mtime for p in sources)
+    if not manifest.exists() or manifest.stat().st_mtime < newest:
+        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        dbt = Path(sys.executable).with_name("dbt")
+        subprocess.run(
+            [str(dbt), "parse", "--quiet", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)],
+            check=True, env=env, cwd=DBT_PROJECT_DIR,
+        )
+    return manifest
+
+
+class EocausalDbtTranslator(DagsterDbtTranslator):
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        return "warehouse"
+
+
+ensure_manifest()
+_translator = EocausalDbtTranslator()
+
+
+def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+    # dbt-duckdb reads the lake and warehouse paths from the environment of the dbt subprocess,
+    # which dagster-dbt copies from this process.
+    os.environ.update(warehouse.dbt_env())
+    warehouse.root_path.mkdir(parents=True, exist_ok=True)
+    yield from dbt.cli(["build"], context=context).stream()
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    select="tag:analysis",
+    name="dbt_analysis_models",
+    pool=WAREHOUSE_POOL,
+    dagster_dbt_translator=_translator,
+    project=dbt_project,
+)
+def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+    yield from _build(context, dbt, warehouse)
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    select="tag:estimates",
+    name="dbt_estimate_models",
+    pool=WAREHOUSE_POOL,
+    dagster_dbt_translator=_translator,
+    project=dbt_project,
+)
+def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+    yield from _build(context, dbt, warehouse)

@@ -1,0 +1,53 @@
+"""The code location: Definitions for `dagster dev -w workspace.yaml` and for `eocausal run`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from dagster_dbt import DbtCliResource
+
+from assets.chips import image_chips
+from assets.dbt import dbt_analysis_models, dbt_estimate_models, dbt_project
+from assets.embeddings import image_embeddings
+from assets.estimates import effect_estimates
+from assets.publish import published_warehouse
+from assets.resources import StudyResource, WarehouseResource
+from assets.survey import survey
+from eocausal.study import default_workdir
+from sensors.schedules import build_schedules
+
+STUDY_JOB = "study_job"
+ALL_ASSETS = [survey, image_chips, image_embeddings, dbt_analysis_models, effect_estimates,
+              dbt_estimate_models, published_warehouse]
+
+# Without settings, the UI shows the demo study that `make demo` generates.
+_DEFAULT_STUDY = Path("demo_run/study/study.yaml")
+
+
+def build_definitions(study_path: str, workdir: str) -> dg.Definitions:
+    """Definitions bound to one study file and one working folder."""
+    study_job = dg.define_asset_job(STUDY_JOB, selection=dg.AssetSelection.all(),
+                                    description="Survey + imagery -> embeddings -> warehouse -> effect estimates.")
+    return dg.Definitions(
+        assets=ALL_ASSETS,
+        jobs=[study_job],
+        schedules=build_schedules(study_job),
+        resources={
+            "study": StudyResource(study_path=study_path),
+            "warehouse": WarehouseResource(root=workdir),
+            "dbt": DbtCliResource(project_dir=dbt_project, profiles_dir=str(dbt_project.profiles_dir)),
+        },
+    )
+
+
+def _default_study() -> str:
+    return os.environ.get("EOCAUSAL_STUDY", str(_DEFAULT_STUDY))
+
+
+def _default_workdir() -> str:
+    return os.environ.get("EOCAUSAL_WORKDIR", str(default_workdir(_default_study())))
+
+
+defs = build_definitions(_default_study(), _default_workdir())

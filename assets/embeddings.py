@@ -1,0 +1,61 @@
+"""Asset `image_embeddings`: random convolutional features of every usable chip (torch; CUDA when present)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+from assets.resources import StudyResource, WarehouseResource
+from eocausal.embed.embeddings import CODE_VERSION, compute_embeddings
+from eocausal.lake import embeddings_table, write_table_atomic
+from eocausal.quality import validate_embeddings
+
+
+@dg.asset(
+    group_name="imagery",
+    kinds={"python", "torch", "parquet"},
+    code_version=CODE_VERSION,
+    deps=["image_chips"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "embeddings_valid",
+            asset="image_embeddings",
+            blocking=True,
+            description="Embeddings are finite for every unit and not constant across units.",
+        )
+    ],
+)
+def image_embeddings(study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    spec = study.load()
+    index = pd.read_parquet(warehouse.lake / "image_chips.parquet")
+    emb = compute_embeddings(index, warehouse.cache / "chips", warehouse.cache / "embeddings", spec.embedding)
+    table = embeddings_table(
+        emb.unit_ids, emb.features, embedding_version=emb.version, embedding_method=emb.method
+    )
+    path = write_table_atomic(table, warehouse.lake / "image_embeddings.parquet")
+    report = validate_embeddings(emb.features, emb.unit_ids)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(len(emb.unit_ids)),
+            "dagster/column_schema": dg.TableSchema(columns=[
+                dg.TableColumn("unit_id", "string"),
+                dg.TableColumn("embedding", f"list<float32>[{emb.features.shape[1]}]"),
+                dg.TableColumn("embedding_version", "string"),
+                dg.TableColumn("embedding_method", "string"),
+            ]),
+            "path": dg.MetadataValue.path(str(path)),
+            "n_features": int(emb.features.shape[1]),
+            "from_cache": emb.from_cache,
+            "device": emb.device or "cached",
+            "data_version": emb.version,
+        },
+        data_version=dg.DataVersion(emb.version),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="embeddings_valid",
+                passed=report.success,
+                description=report.message(),
+                metadata={"report": dg.MetadataValue.json(report.to_metadata())},
+            )
+        ],
+    )

@@ -1,0 +1,48 @@
+"""Resources: which study to run, and where its lake, cache and warehouse live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from eocausal.study import Study, load_study
+
+
+class StudyResource(dg.ConfigurableResource):
+    """The study file (DESIGN §5) the graph materialises."""
+
+    study_path: str
+
+    def load(self) -> Study:
+        return load_study(self.study_path)
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """One working folder per study: Parquet lake, content cache, DuckDB warehouse and its published copy."""
+
+    root: str
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).resolve()
+
+    @property
+    def lake(self) -> Path:
+        return self.root_path / "lake"
+
+    @property
+    def cache(self) -> Path:
+        return self.root_path / "cache"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.root_path / "warehouse.duckdb"
+
+    @property
+    def published_path(self) -> Path:
+        return self.root_path / "published" / "warehouse.duckdb"
+
+    def dbt_env(self) -> dict[str, str]:
+        """Absolute paths for dbt's profile and sources (dbt reads them with env_var)."""
+        return {"EOCAUSAL_LAKE": str(self.lake), "EOCAUSAL_WAREHOUSE": str(self.warehouse_path)}

@@ -1,0 +1,74 @@
+"""Materialise the whole graph in-process for one study (used by `eocausal run` and `eocausal demo`)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from assets.definitions import STUDY_JOB, build_definitions
+from eocausal.study import default_workdir, load_study
+from eocausal.warehouse import query
+
+
+@dataclass
+class RunOutcome:
+    success: bool
+    workdir: Path
+    estimates: pd.DataFrame  # the estimate version this run produced (empty on failure)
+    errors: list[str] = field(default_factory=list)
+    failed_checks: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # asset key -> materialisation metadata (plain values)
+
+
+def _plain(value):
+    return getattr(value, "value", value)
+
+
+def run_study(study_path: str | Path, workdir: str | Path | None = None,
+              instance: dg.DagsterInstance | None = None) -> RunOutcome:
+    study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
+    workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
+    defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
+    job = defs.resolve_job_def(STUDY_JOB)
+    with (dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance)) as inst:
+        result = job.execute_in_process(instance=inst, raise_on_error=False)
+    errors, failed_checks, metadata = [], [], {}
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            err = event.event_specific_data.error
+            errors.append(f"{event.step_key}: {_failure_text(event, err)}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            ev = event.event_specific_data
+            if not ev.passed:
+                failed_checks.append(f"{ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}")
+        elif event.event_type_value == "ASSET_MATERIALIZATION":
+            mat = event.event_specific_data.materialization
+            metadata[mat.asset_key.to_user_string()] = {k: _plain(v) for k, v in mat.metadata.items()}
+    estimates = pd.DataFrame()
+    version = metadata.get("effect_estimates", {}).get("estimate_version")
+    published = workdir / "published" / "warehouse.duckdb"
+    if result.success and version and published.exists():
+        estimates = query(
+            published,
+            "select * from marts.effect_estimates where study = ? and estimate_version = ?"
+            " order by estimand, feature_set, estimator",
+            [study.name, version],
+        )
+    return RunOutcome(bool(result.success), workdir, estimates, errors, failed_checks, metadata)
+
+
+def _failure_text(event, err) -> str:
+    # dg.Failure carries the user-facing description; other errors carry their message.
+    data = event.event_specific_data
+    user = getattr(data, "user_failure_data", None)
+    if user is not None and user.description:
+        return user.description
+    cause = err
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return (cause.message if cause is not None else err.message).strip()
+

@@ -1,0 +1,2 @@
+{{ config(tags=['estimates']) }}
+select * from {{ source('lake', 'effect_estimates') }}

@@ -1,0 +1,8 @@
+{{ config(tags=['analysis']) }}
+select
+    cast(unit_id as varchar) as unit_id,
+    embedding,
+    len(embedding) as embedding_dim,
+    embedding_version,
+    embedding_method
+from {{ source('lake', 'image_embeddings') }}

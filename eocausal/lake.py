@@ -1,0 +1,54 @@
+"""The Parquet lake the Python stages write and dbt reads (DESIGN §4).
+
+Writes are atomic (a temporary file in the same folder, then ``os.replace``), so a run killed
+mid-write never leaves a truncated file where dbt or a later run would read it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_frame(df: pd.DataFrame, path: Path) -> Path:
+    return write_table_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
+
+
+def embeddings_table(unit_ids: list[str], features: np.ndarray, **constant_columns: str) -> pa.Table:
+    """Unit ids with one float32 list per unit (the column dbt reads as ``embedding``)."""
+    n, dim = features.shape
+    flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+    columns = {
+        "unit_id": pa.array(list(unit_ids), type=pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32())),
+    }
+    for name, value in constant_columns.items():
+        columns[name] = pa.array([value] * n, type=pa.string())
+    return pa.table(columns)
+
+
+def embedding_matrix(column: pd.Series) -> np.ndarray:
+    """The (n, dim) float matrix from a column of per-unit float lists."""
+    if len(column) == 0:
+        return np.zeros((0, 0))
+    return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])

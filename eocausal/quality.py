@@ -1,0 +1,221 @@
+"""Great-expectations suites for every input that can reach the warehouse (DESIGN §8).
+
+Each suite runs on a pandas DataFrame in an ephemeral GX 1.x context and comes back as a
+:class:`QualityReport`: which rules failed, on which rows and units, in words a user can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# Offline machines: no analytics calls.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+_MAX_LISTED = 10  # rows/units named per rule in messages
+
+
+@dataclass
+class RuleFailure:
+    rule: str  # e.g. "unique unit_id"
+    column: str | None
+    rows: list[int]  # 0-based data row positions (file line = row + 2 for a CSV with header)
+    unit_ids: list[str]
+    examples: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        n = len(self.rows)
+        parts = [f"rule '{self.rule}' failed"]
+        if n:
+            shown_rows = ", ".join(str(r) for r in self.rows[:_MAX_LISTED])
+            more = f" (+{n - _MAX_LISTED} more)" if n > _MAX_LISTED else ""
+            parts.append(f"on {n} row(s): rows {shown_rows}{more}")
+            ids = [u for u in self.unit_ids[:_MAX_LISTED] if u is not None]
+            if ids:
+                parts.append(f"units {', '.join(map(str, ids))}")
+            if self.examples:
+                parts.append(f"values {self.examples[:5]}")
+        return "; ".join(parts)
+
+
+@dataclass
+class QualityReport:
+    suite: str
+    n_rows: int
+    failures: list[RuleFailure]
+    n_expectations: int
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def message(self) -> str:
+        if self.success:
+            return f"{self.suite}: all {self.n_expectations} expectations passed on {self.n_rows} rows"
+        lines = [f"{self.suite}: {len(self.failures)} rule(s) failed on {self.n_rows} rows"]
+        lines += [f"  - {f.describe()}" for f in self.failures]
+        return "\n".join(lines)
+
+    def to_metadata(self) -> dict:
+        return {
+            "suite": self.suite,
+            "success": self.success,
+            "n_rows": self.n_rows,
+            "n_expectations": self.n_expectations,
+            "failures": [
+                {"rule": f.rule, "column": f.column, "n_rows": len(f.rows), "rows": f.rows[:50],
+                 "unit_ids": [str(u) for u in f.unit_ids[:50]]}
+                for f in self.failures
+            ],
+        }
+
+
+class DataQualityError(ValueError):
+    """Input rejected by a quality suite; the message names the rules, rows and units."""
+
+    def __init__(self, report: QualityReport):
+        self.report = report
+        super().__init__(report.message())
+
+
+def _run_suite(
+    name: str, df: pd.DataFrame, expectations: list[tuple[str, Any]], id_column: str | None
+) -> QualityReport:
+    """Validate df against (rule label, GX expectation) pairs; collect failing rows."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_def = (
+        context.data_sources.add_pandas(f"{name}_source")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("whole")
+    )
+    suite = gx.ExpectationSuite(name=f"{name}_suite")
+    # Results come back keyed by expectation type and column; each suite has one of each pair.
+    labels = {}
+    for label, expectation in expectations:
+        suite.add_expectation(expectation)
+        labels[(expectation.expectation_type, getattr(expectation, "column", None))] = label
+    # GX reports positions in the frame's index: give it 0..n-1.
+    frame = df.reset_index(drop=True)
+    batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    failures = []
+    for res in result.results:
+        if res.success:
+            continue
+        config = res.expectation_config
+        rows = sorted(int(i) for i in (res.result.get("unexpected_index_list") or []))
+        ids = frame[id_column].iloc[rows].astype(str).tolist() if id_column and rows else []
+        examples = list(res.result.get("partial_unexpected_list") or [])[:5]
+        failures.append(
+            RuleFailure(
+                rule=labels.get((config.type, config.kwargs.get("column")), config.type),
+                column=config.kwargs.get("column"),
+                rows=rows,
+                unit_ids=ids,
+                examples=[_plain(v) for v in examples],
+            )
+        )
+    return QualityReport(suite=name, n_rows=len(frame), failures=failures, n_expectations=len(expectations))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
+
+
+# Finite means between these; GX treats NaN as missing (caught by not-null) and inf as out of range.
+_FINITE = dict(min_value=-1e300, max_value=1e300)
+
+
+def survey_expectations(covariates: list[str]) -> list[tuple[str, Any]]:
+    """The survey suite on the canonical table (see eocausal.survey)."""
+    import great_expectations.expectations as gxe
+
+    exp: list[tuple[str, Any]] = []
+    for col in ("unit_id", "lat", "lon", "treatment", "outcome", *covariates):
+        exp.append((f"{col} not null", gxe.ExpectColumnValuesToNotBeNull(column=col)))
+    exp += [
+        ("unique unit_id", gxe.ExpectColumnValuesToBeUnique(column="unit_id")),
+        ("lat within [-90, 90]", gxe.ExpectColumnValuesToBeBetween(column="lat", min_value=-90, max_value=90)),
+        ("lon within [-180, 180]", gxe.ExpectColumnValuesToBeBetween(column="lon", min_value=-180, max_value=180)),
+        ("treatment binary (0/1)", gxe.ExpectColumnValuesToBeInSet(column="treatment", value_set=[0, 1])),
+        ("outcome finite", gxe.ExpectColumnValuesToBeBetween(column="outcome", **_FINITE)),
+    ]
+    for col in covariates:
+        exp.append((f"{col} finite", gxe.ExpectColumnValuesToBeBetween(column=col, **_FINITE)))
+    return exp
+
+
+def validate_survey(df: pd.DataFrame, covariates: list[str]) -> QualityReport:
+    report = _run_suite("survey", df, survey_expectations(covariates), id_column="unit_id")
+    # Both arms must be present for any contrast; a table-level rule GX has no row list for.
+    if report.success:
+        arms = set(pd.unique(df["treatment"]))
+        for arm in (0, 1):
+            if arm not in arms:
+                report.failures.append(
+                    RuleFailure(rule=f"treatment arm {arm} present", column="treatment", rows=[], unit_ids=[])
+                )
+    return report
+
+
+def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> QualityReport:
+    """Chip records: every unit accounted for, usable chips within the nodata limit."""
+    import great_expectations.expectations as gxe
+
+    ok = index[index["status"] == "ok"]
+    exp = [
+        ("unit_id not null", gxe.ExpectColumnValuesToNotBeNull(column="unit_id")),
+        ("unique unit_id", gxe.ExpectColumnValuesToBeUnique(column="unit_id")),
+        ("status in {ok, excluded}", gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ok", "excluded"])),
+        ("valid_share within [0, 1]", gxe.ExpectColumnValuesToBeBetween(column="valid_share", min_value=0, max_value=1)),
+    ]
+    report = _run_suite("image_chips", index, exp, id_column="unit_id")
+    # Usable chips must satisfy the nodata limit (checked on the 'ok' subset, rows mapped back).
+    too_empty = ok.index[ok["valid_share"] < 1.0 - max_nodata_share - 1e-12].tolist()
+    if too_empty:
+        report.failures.append(
+            RuleFailure(
+                rule=f"usable chip nodata share <= {max_nodata_share}",
+                column="valid_share",
+                rows=[int(index.index.get_loc(i)) for i in too_empty],
+                unit_ids=index.loc[too_empty, "unit_id"].astype(str).tolist(),
+            )
+        )
+    return report
+
+
+def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityReport:
+    """Embeddings: finite everywhere, no constant-only columns set, rows not all identical."""
+    import great_expectations.expectations as gxe
+
+    finite_rows = np.isfinite(features).all(axis=1)
+    spread = np.nanstd(np.where(np.isfinite(features), features, np.nan), axis=0)
+    frame = pd.DataFrame(
+        {
+            "unit_id": list(unit_ids),
+            "row_finite": finite_rows,
+            "row_norm": np.linalg.norm(np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0), axis=1),
+        }
+    )
+    exp = [
+        ("embedding values finite", gxe.ExpectColumnValuesToBeInSet(column="row_finite", value_set=[True])),
+        ("unique unit_id", gxe.ExpectColumnValuesToBeUnique(column="unit_id")),
+    ]
+    report = _run_suite("image_embeddings", frame, exp, id_column="unit_id")
+    n_constant = int(np.sum(~(spread > 0)))
+    if features.shape[1] == 0 or n_constant == features.shape[1]:
+        report.failures.append(
+            RuleFailure(rule="embedding not constant across units", column=None, rows=[], unit_ids=[],
+                        examples=[f"{n_constant} of {features.shape[1]} features constant"])
+        )
+    return report
