@@ -21,6 +21,8 @@ from assets.resources import WarehouseResource
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 WAREHOUSE_POOL = "duckdb_warehouse"
+# The dbt installed beside this interpreter (the venv's), whether or not the venv is on PATH.
+DBT_EXECUTABLE = str(Path(sys.executable).with_name("dbt"))
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 
@@ -35,9 +37,8 @@ def ensure_manifest(project: DbtProject = dbt_project) -> Path:
     newest = max(p.stat().st_mtime for p in sources)
     if not manifest.exists() or manifest.stat().st_mtime < newest:
         env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
-        dbt = Path(sys.executable).with_name("dbt")
         subprocess.run(
-            [str(dbt), "parse", "--quiet", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)],
+            [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)],
             check=True, env=env, cwd=DBT_PROJECT_DIR,
         )
     return manifest
@@ -57,7 +58,10 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     # which dagster-dbt copies from this process.
     os.environ.update(warehouse.dbt_env())
     warehouse.root_path.mkdir(parents=True, exist_ok=True)
-    yield from dbt.cli(["build"], context=context).stream()
+    # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
+    # paths) survives between runs, so a warm run skips the full parse.
+    target = warehouse.root_path / "dbt_target" / context.op_def.name
+    yield from dbt.cli(["build"], context=context, target_path=target).stream()
 
 
 @dbt_assets(

@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from assets.chips import image_chips
-from assets.dbt import dbt_analysis_models, dbt_estimate_models, dbt_project
+from assets.dbt import DBT_EXECUTABLE, dbt_analysis_models, dbt_estimate_models, dbt_project
 from assets.embeddings import image_embeddings
 from assets.estimates import effect_estimates
 from assets.publish import published_warehouse
@@ -37,7 +37,8 @@ def build_definitions(study_path: str, workdir: str) -> dg.Definitions:
         resources={
             "study": StudyResource(study_path=study_path),
             "warehouse": WarehouseResource(root=workdir),
-            "dbt": DbtCliResource(project_dir=dbt_project, profiles_dir=str(dbt_project.profiles_dir)),
+            "dbt": DbtCliResource(project_dir=dbt_project, profiles_dir=str(dbt_project.profiles_dir),
+                                  dbt_executable=DBT_EXECUTABLE),
         },
     )
 

@@ -1,8 +1,8 @@
 """Asset `effect_estimates`: every estimator x feature set on marts.analysis_units, versioned."""
 
-from __future__ import annotations
 
 import dagster as dg
+from dagster import AssetExecutionContext
 import pandas as pd
 
 from assets.dbt import WAREHOUSE_POOL
@@ -32,7 +32,7 @@ from eocausal.warehouse import query
     ],
 )
 def effect_estimates(
-    context: dg.AssetExecutionContext, study: StudyResource, warehouse: WarehouseResource
+    context: AssetExecutionContext, study: StudyResource, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     spec = study.load()
     survey_version = frame_version(pd.read_parquet(warehouse.lake / "survey.parquet"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ class RunOutcome:
     errors: list[str] = field(default_factory=list)
     failed_checks: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # asset key -> materialisation metadata (plain values)
+    log_path: Path | None = None
 
 
 def _plain(value):
@@ -29,13 +30,22 @@ def _plain(value):
 
 
 def run_study(study_path: str | Path, workdir: str | Path | None = None,
-              instance: dg.DagsterInstance | None = None) -> RunOutcome:
+              instance: dg.DagsterInstance | None = None, log_level: str = "WARNING") -> RunOutcome:
+    """Run the study job in this process.
+
+    Dagster's console log is kept at `log_level`; dbt's own output, which dagster-dbt echoes to
+    stdout, goes to <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json).
+    """
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     job = defs.resolve_job_def(STUDY_JOB)
-    with (dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance)) as inst:
-        result = job.execute_in_process(instance=inst, raise_on_error=False)
+    log_path = workdir / "logs" / "last_run.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    with (dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance)) as inst, \
+            open(log_path, "w", encoding="utf-8") as log, redirect_stdout(log):
+        result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config)
     errors, failed_checks, metadata = [], [], {}
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
@@ -58,7 +68,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
             " order by estimand, feature_set, estimator",
             [study.name, version],
         )
-    return RunOutcome(bool(result.success), workdir, estimates, errors, failed_checks, metadata)
+    return RunOutcome(bool(result.success), workdir, estimates, errors, failed_checks, metadata, log_path)
 
 
 def _failure_text(event, err) -> str:

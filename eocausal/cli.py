@@ -38,6 +38,8 @@ def _report_failure(outcome) -> int:
     for check in outcome.failed_checks:
         print(f"  failed check: {check}", file=sys.stderr)
     print("Nothing already published was changed.", file=sys.stderr)
+    if outcome.log_path:
+        print(f"dbt log: {outcome.log_path}", file=sys.stderr)
     return 1
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal.embed.rcf import RCF_ALGORITHM_VERSION
 from eocausal.imagery.chips import load_chips
 from eocausal.study import EmbeddingSpec
 from eocausal.versioning import json_version
@@ -37,7 +38,6 @@ def _embedder(spec: EmbeddingSpec):
     if spec.method != "rcf":
         raise ValueError(f"embedding.method {spec.method!r} is not available in this build (use 'rcf')")
     from eocausal.embed.rcf import RCFEmbedder
-
     return RCFEmbedder(
         n_features=spec.n_features, patch_size=spec.patch_size, seed=spec.seed,
         device=spec.device, batch_size=spec.batch_size,
@@ -48,9 +48,11 @@ def compute_embeddings(chip_index: pd.DataFrame, chip_cache: Path, cache_dir: Pa
     usable = chip_index[chip_index["status"] == "ok"]
     unit_ids = usable["unit_id"].astype(str).tolist()
     embedder = _embedder(spec)
+    # Device and batch size change nothing beyond float tolerance: they stay out of the key.
+    config = {k: v for k, v in embedder.config().items() if k not in ("device", "batch_size")}
     version = json_version({
-        "code": CODE_VERSION, "method": spec.method, "config": embedder.config(),
-        "chips": usable["chip_key"].tolist(),
+        "code": CODE_VERSION, "algorithm": RCF_ALGORITHM_VERSION, "method": spec.method,
+        "config": config, "chips": usable["chip_key"].tolist(),
     })
     path = Path(cache_dir) / f"{version}.npz"
     if path.exists():
