@@ -1,0 +1,249 @@
+"""Nuisance models (propensity and outcome regressions) and their cross-fitting.
+
+The features may be image embeddings with thousands of columns, so the default learners are
+penalised linear models whose penalty is tuned by inner cross-validation:
+
+- propensity: StandardScaler + l2 logistic regression (LogisticRegressionCV, log-loss scoring,
+  because IPW needs calibrated probabilities, not accuracy);
+- outcome: StandardScaler + ridge regression (RidgeCV, efficient leave-one-out).
+
+``learner="boosting"`` swaps in seeded histogram gradient boosting. Optionally a block of columns
+(the image embedding) is reduced to its leading principal components inside each fold.
+Every random choice is seeded: the same inputs give bit-identical predictions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.dummy import DummyRegressor
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+LEARNERS = ("linear", "boosting")
+PROPENSITY_CS = 10  # LogisticRegressionCV picks C from logspace(-4, 4, 10)
+INNER_FOLDS = 3
+# The spec'd grid logspace(-3, 4) extended upwards: with thousands of standardised embedding
+# columns a useful ridge penalty is of the order of the number of columns or more, and a grid
+# that stops short forces an overfitted outcome model.
+OUTCOME_ALPHAS = np.logspace(-3, 6, 19)
+# Below this many units of the smaller class (or outcome observations) inner CV is meaningless.
+MIN_FOR_INNER_CV = INNER_FOLDS
+# Shallow, slow-learning trees; the number of rounds is tuned on a seeded 20 % validation split
+# when there are enough units for one.
+_BOOSTING = dict(
+    max_iter=200, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=20,
+    l2_regularization=1.0, validation_fraction=0.2, n_iter_no_change=10,
+)
+MIN_FOR_EARLY_STOPPING = 50
+
+
+@dataclass(frozen=True)
+class NuisanceSpec:
+    """How nuisance models are built: learner, seed and optional per-fold PCA of some columns."""
+
+    learner: str = "linear"
+    seed: int = 0
+    pca_components: int | None = None
+    pca_columns: tuple[int, ...] | None = None  # column indexes to reduce; None = all columns
+
+    def __post_init__(self):
+        if self.learner not in LEARNERS:
+            raise ValueError(f"learner must be one of {LEARNERS}, got {self.learner!r}")
+        if self.pca_components is not None and int(self.pca_components) < 1:
+            raise ValueError(f"pca_components must be a positive integer, got {self.pca_components!r}")
+
+
+@dataclass
+class CrossFitLog:
+    """What the nuisance fits chose, per fold, for the diagnostics."""
+
+    penalties: list[float] = field(default_factory=list)  # C (propensity) or alpha (outcome)
+    convergence_warnings: int = 0
+
+
+class RowSpaceProjection(TransformerMixin, BaseEstimator):
+    """Projects onto the row space of the training matrix when it has more columns than rows.
+
+    An l2 penalty is invariant to rotations and the penalised optimum lies in the span of the
+    training rows, so an l2-penalised linear model fitted on X V (V: right singular vectors of
+    the training X) is the same model as one fitted on X, while the solver works with at most n
+    columns instead of p. Inner CV subsets span a subspace of the same rows, so tuning is
+    unchanged too.
+    Only valid in front of l2-penalised linear models.
+    """
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=float)
+        n, p = X.shape
+        if p <= n:
+            self.basis_ = None
+            return self
+        # Right singular vectors from the n x n Gram matrix: O(n^2 p), far cheaper than an SVD of
+        # X when p >> n. Directions with negligible variance are dropped (relative 1e-10 in
+        # eigenvalue, 1e-5 in singular value), which changes no fitted value materially.
+        eigenvalues, eigenvectors = np.linalg.eigh(X @ X.T)
+        keep = eigenvalues > eigenvalues[-1] * 1e-10
+        keep[-1] = True  # an all-zero matrix still needs one (zero) column downstream
+        scale = np.sqrt(np.maximum(eigenvalues[keep], np.finfo(float).tiny))
+        self.basis_ = (X.T @ eigenvectors[:, keep]) / scale
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=float)
+        return X if self.basis_ is None else X @ self.basis_
+
+
+class ComponentReduction(TransformerMixin, BaseEstimator):
+    """Replaces ``columns`` by the first ``n_components`` principal components of their
+    standardised values (embedding features come on different scales), fitted on the training
+    data only so the reduction stays inside each fold; other columns pass through."""
+
+    def __init__(self, n_components: int = 64, columns: tuple[int, ...] | None = None, seed: int = 0):
+        self.n_components = n_components
+        self.columns = columns
+        self.seed = seed
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=float)
+        p = X.shape[1]
+        self.reduced_ = np.arange(p) if self.columns is None else np.asarray(self.columns, dtype=int)
+        self.kept_ = np.setdiff1d(np.arange(p), self.reduced_)
+        k = int(min(self.n_components, X.shape[0] - 1, len(self.reduced_)))
+        self.scaler_ = StandardScaler().fit(X[:, self.reduced_])  # constant columns stay 0
+        block = self.scaler_.transform(X[:, self.reduced_])
+        self.pca_ = PCA(n_components=max(k, 1), random_state=self.seed).fit(block)
+        return self
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=float)
+        block = self.scaler_.transform(X[:, self.reduced_])
+        return np.hstack([X[:, self.kept_], self.pca_.transform(block)])
+
+
+def mean_log_likelihood(estimator, X, y) -> float:
+    """Scorer for the inner CV: mean Bernoulli log-likelihood (= neg_log_loss). Written out
+    because scikit-learn's scorer re-validates its inputs on every call, which costs more than
+    the fits themselves at the sample sizes here."""
+    p = np.clip(estimator.predict_proba(X)[:, 1], 1e-15, 1.0 - 1e-15)
+    y = np.asarray(y, dtype=float)
+    return float(np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def _logistic_cv_options() -> dict:
+    # Spell out today's defaults so scikit-learn 1.8+ does not warn about changing ones,
+    # while staying valid on older versions that lack these parameters.
+    params = inspect.signature(LogisticRegressionCV.__init__).parameters
+    options = {}
+    if "l1_ratios" in params:
+        options["l1_ratios"] = (0.0,)  # pure l2
+    if "use_legacy_attributes" in params:
+        options["use_legacy_attributes"] = False
+    return options
+
+
+def _front(spec: NuisanceSpec, linear: bool) -> list:
+    steps = []
+    if spec.pca_components is not None:
+        steps.append(("reduce", ComponentReduction(spec.pca_components, spec.pca_columns, spec.seed)))
+    if linear:
+        steps += [("scale", StandardScaler()), ("rowspace", RowSpaceProjection())]
+    return steps
+
+
+def propensity_model(spec: NuisanceSpec, smaller_class_count: int):
+    """An unfitted classifier for P(D=1 | X)."""
+    if spec.learner == "boosting":
+        model = HistGradientBoostingClassifier(
+            **_BOOSTING, early_stopping=smaller_class_count >= MIN_FOR_EARLY_STOPPING, random_state=spec.seed
+        )
+        return Pipeline(_front(spec, linear=False) + [("model", model)])
+    if smaller_class_count >= MIN_FOR_INNER_CV:
+        model = LogisticRegressionCV(
+            Cs=PROPENSITY_CS,
+            cv=StratifiedKFold(INNER_FOLDS, shuffle=True, random_state=spec.seed),
+            scoring=mean_log_likelihood,
+            solver="lbfgs",
+            max_iter=300,
+            **_logistic_cv_options(),
+        )
+    else:
+        # Too few units of one arm to tune the penalty: a fixed, moderate one.
+        model = LogisticRegression(C=1.0, max_iter=300)
+    return Pipeline(_front(spec, linear=True) + [("model", model)])
+
+
+def outcome_model(spec: NuisanceSpec, n_train: int):
+    """An unfitted regressor for E[Y | X] (on one arm or on all units)."""
+    if n_train < MIN_FOR_INNER_CV:
+        return DummyRegressor(strategy="mean")
+    if spec.learner == "boosting":
+        model = HistGradientBoostingRegressor(
+            **_BOOSTING, early_stopping=n_train >= MIN_FOR_EARLY_STOPPING, random_state=spec.seed
+        )
+        return Pipeline(_front(spec, linear=False) + [("model", model)])
+    return Pipeline(_front(spec, linear=True) + [("model", RidgeCV(alphas=OUTCOME_ALPHAS))])
+
+
+def _chosen_penalty(fitted) -> float | None:
+    model = fitted.named_steps["model"] if isinstance(fitted, Pipeline) else fitted
+    if hasattr(model, "C_"):
+        return float(np.ravel(model.C_)[0])
+    if hasattr(model, "alpha_"):
+        return float(model.alpha_)
+    return None
+
+
+def _fit_logged(model, X, target, log: CrossFitLog):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X, target)
+    log.convergence_warnings += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    penalty = _chosen_penalty(model)
+    if penalty is not None:
+        log.penalties.append(penalty)
+    return model
+
+
+def cross_fit_propensity(
+    X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec
+) -> tuple[np.ndarray, CrossFitLog]:
+    """Out-of-fold P(D=1 | X): each fold predicted by a model fitted on the other folds."""
+    e_hat = np.empty(len(d), dtype=float)
+    log = CrossFitLog()
+    for k in np.unique(fold_ids):
+        test = fold_ids == k
+        train = ~test
+        smaller = int(min(d[train].sum(), (1 - d[train]).sum()))
+        model = _fit_logged(propensity_model(spec, smaller), X[train], d[train], log)
+        e_hat[test] = model.predict_proba(X[test])[:, 1]
+    return e_hat, log
+
+
+def cross_fit_outcome(
+    X: np.ndarray,
+    y: np.ndarray,
+    fold_ids: np.ndarray,
+    spec: NuisanceSpec,
+    fit_on: np.ndarray | None = None,
+) -> tuple[np.ndarray, CrossFitLog]:
+    """Out-of-fold E[Y | X] for every unit, each model fitted on the other folds' units that are
+    in ``fit_on`` (e.g. one treatment arm, for the arm-specific AIPW outcome models)."""
+    fit_on = np.ones(len(y), dtype=bool) if fit_on is None else np.asarray(fit_on, dtype=bool)
+    y_hat = np.empty(len(y), dtype=float)
+    log = CrossFitLog()
+    for k in np.unique(fold_ids):
+        test = fold_ids == k
+        train = ~test & fit_on
+        model = _fit_logged(outcome_model(spec, int(train.sum())), X[train], y[train], log)
+        y_hat[test] = model.predict(X[test])
+    return y_hat, log

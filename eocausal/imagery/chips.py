@@ -1,0 +1,249 @@
+"""Per-unit image chips with a content-addressed cache.
+
+A chip's cache key hashes the imagery's content fingerprint, the chip size and the unit's
+coordinates, so an unchanged input costs nothing on a re-run and a changed scene never serves a
+stale chip. Every unit's verdict is cached, including "outside coverage" and "mostly nodata",
+so a re-run reads no imagery at all.
+
+Cache layout: ``cache_dir/<key[:2]>/<key>.npz`` with arrays
+
+- ``data``: [C, H, W] in the narrowest dtype that holds the values exactly (uint16 for raw
+  Landsat DNs), else float32;
+- ``valid``: bool [H, W];
+- ``source_file``: the file the chip came from;
+- ``outside``: True for a unit outside every file's footprint (then data/valid are empty).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_EXCLUDED = "excluded"
+REASON_OUTSIDE = "outside_coverage"
+REASON_NODATA = "nodata_share_above_max"
+
+INDEX_COLUMNS = ["unit_id", "chip_key", "status", "reason", "valid_share", "source_file"]
+_CACHE_FORMAT = 1
+_READ_BATCH = 256  # chips read per batch: 256 x 3 x 64 x 64 float32 is 12 MB
+
+
+@dataclass
+class ChipExtraction:
+    index: pd.DataFrame  # one row per unit, input order; columns INDEX_COLUMNS
+    # Counted per distinct chip (units with identical coordinates share one).
+    n_cached: int  # chips served from the cache
+    n_extracted: int  # chips read from the imagery this time
+
+
+def chip_key(source_fingerprint: str, size_px: int, lat: float, lon: float) -> str:
+    """sha256 hex of the imagery fingerprint, chip size and coordinates (rounded to 1e-7 deg)."""
+    # '+ 0.0' turns -0.0 into 0.0 so a coordinate that rounds to zero has one key.
+    lat_s = f"{round(float(lat), 7) + 0.0:.7f}"
+    lon_s = f"{round(float(lon), 7) + 0.0:.7f}"
+    text = f"chip/{_CACHE_FORMAT}|{source_fingerprint}|{int(size_px)}|{lat_s}|{lon_s}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def chip_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / key[:2] / f"{key}.npz"
+
+
+def _compact(data: np.ndarray) -> np.ndarray:
+    """The narrowest integer dtype that holds float32 values exactly, else float32 itself."""
+    if data.size and np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)):
+        lo, hi = float(data.min()), float(data.max())
+        for dtype in (np.uint8, np.uint16, np.int16):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return data.astype(dtype)
+    return data.astype(np.float32)
+
+
+def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that readers see either nothing or the whole file, even if killed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _store(path: Path, chip: Chip | None) -> None:
+    if chip is None:
+        arrays = {
+            "data": np.zeros((0, 0, 0), dtype=np.float32),
+            "valid": np.zeros((0, 0), dtype=bool),
+            "source_file": np.array(""),
+            "outside": np.array(True),
+        }
+    else:
+        arrays = {
+            "data": _compact(chip.data),
+            "valid": chip.valid.astype(bool),
+            "source_file": np.array(chip.source_file),
+            "outside": np.array(False),
+        }
+    _write_atomic(path, arrays)
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """(data float32 [C,H,W], valid bool [H,W], source_file, outside); raises on a bad file."""
+    with np.load(path, allow_pickle=False) as z:
+        data = z["data"].astype(np.float32)
+        valid = z["valid"].astype(bool)
+        source_file = str(z["source_file"])
+        outside = bool(z["outside"])
+    if not outside and (data.ndim != 3 or valid.shape != data.shape[1:]):
+        raise ValueError(f"inconsistent shapes: data {data.shape}, valid {valid.shape}")
+    return data, valid, source_file, outside
+
+
+def _load_verdict(path: Path, size_px: int) -> tuple[float, str | None, bool]:
+    """(valid_share, source_file, outside) of a cached chip, without decompressing its pixels."""
+    with np.load(path, allow_pickle=False) as z:
+        outside = bool(z["outside"])
+        if outside:
+            return 0.0, None, True
+        valid = z["valid"]
+        source_file = str(z["source_file"])
+    if valid.shape != (size_px, size_px):
+        raise ValueError(f"mask shape {valid.shape}, expected {(size_px, size_px)}")
+    return float(valid.astype(bool).mean()), source_file or None, False
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
+
+
+def extract_chips(
+    units: pd.DataFrame,
+    source: GeoTiffSource,
+    size_px: int,
+    cache_dir: Path,
+    max_nodata_share: float,
+) -> ChipExtraction:
+    """Chips for every unit (columns unit_id, lat, lon), cached by content.
+
+    A unit is excluded, with a recorded reason, when it lies outside the imagery or when more
+    than ``max_nodata_share`` of its chip is nodata. A cached chip that cannot be read (e.g. a
+    disk fault) is read again from the imagery and rewritten.
+    """
+    missing = [c for c in ("unit_id", "lat", "lon") if c not in units.columns]
+    if missing:
+        raise ValueError(f"units lack columns {missing}; have {list(units.columns)}")
+    if not 0.0 <= max_nodata_share < 1.0:
+        raise ValueError(f"max_nodata_share must be in [0, 1), got {max_nodata_share}")
+    unit_ids = units["unit_id"].astype(str).tolist()
+    lats = units["lat"].to_numpy(dtype=float)
+    lons = units["lon"].to_numpy(dtype=float)
+    bad = [u for u, la, lo in zip(unit_ids, lats, lons) if not (np.isfinite(la) and np.isfinite(lo))]
+    if bad:
+        raise ValueError(f"{len(bad)} units have missing or non-finite coordinates: {bad[:10]}")
+
+    cache_dir = Path(cache_dir)
+    fingerprint = source.fingerprint()
+    keys = [chip_key(fingerprint, size_px, la, lo) for la, lo in zip(lats, lons)]
+
+    # Pass 1: what the cache already holds (one entry per key; units may share coordinates).
+    verdicts: dict[str, tuple[float, str | None, bool]] = {}  # key -> (valid_share, file, outside)
+    n_cached = 0
+    to_read: dict[str, tuple[float, float]] = {}
+    for key, la, lo in zip(keys, lats, lons):
+        if key in verdicts or key in to_read:
+            continue
+        path = chip_path(cache_dir, key)
+        if path.exists():
+            try:
+                verdicts[key] = _load_verdict(path, size_px)
+            except _LOAD_ERRORS as exc:
+                log.warning("cached chip %s unreadable (%s); reading it again", path, exc)
+            else:
+                n_cached += 1
+                continue
+        to_read[key] = (lo, la)
+
+    # Pass 2: read the rest from the imagery in batches (each file opened once per batch), and
+    # store each batch at once: memory stays bounded, and a killed run keeps what it finished.
+    pending = list(to_read.items())
+    for start in range(0, len(pending), _READ_BATCH):
+        batch = pending[start : start + _READ_BATCH]
+        chips = source.read_chips([point for _, point in batch], size_px)
+        for (key, _), chip in zip(batch, chips):
+            _store(chip_path(cache_dir, key), chip)
+            if chip is None:
+                verdicts[key] = (0.0, None, True)
+            else:
+                verdicts[key] = (float(chip.valid.mean()), chip.source_file, False)
+
+    rows = []
+    for unit_id, key in zip(unit_ids, keys):
+        valid_share, source_file, outside = verdicts[key]
+        if outside:
+            rows.append((unit_id, None, STATUS_EXCLUDED, REASON_OUTSIDE, 0.0, None))
+        elif 1.0 - valid_share > max_nodata_share + 1e-12:
+            rows.append((unit_id, key, STATUS_EXCLUDED, REASON_NODATA, valid_share, source_file))
+        else:
+            rows.append((unit_id, key, STATUS_OK, None, valid_share, source_file))
+    return ChipExtraction(index=_index_frame(rows), n_cached=n_cached, n_extracted=len(to_read))
+
+
+def _index_frame(rows: list[tuple]) -> pd.DataFrame:
+    columns = list(zip(*rows)) if rows else [[] for _ in INDEX_COLUMNS]
+    frame = {}
+    for name, values in zip(INDEX_COLUMNS, columns):
+        # Object dtype keeps None as None under both pandas 2 and 3.
+        dtype = float if name == "valid_share" else object
+        frame[name] = pd.Series(list(values), dtype=dtype)
+    return pd.DataFrame(frame)
+
+
+def load_chips(index: pd.DataFrame, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Stack the chips of the ``status == 'ok'`` rows, in index order.
+
+    Returns float32 [N, C, H, W] and bool [N, H, W]. Raises :class:`ImageryError` naming the
+    unit and file when a chip is missing, unreadable, or of a different shape than the others.
+    """
+    ok = index[index["status"] == STATUS_OK]
+    datas: list[np.ndarray] = []
+    valids: list[np.ndarray] = []
+    for unit_id, key in zip(ok["unit_id"], ok["chip_key"]):
+        if not isinstance(key, str) or not key:
+            raise ImageryError(f"unit {unit_id}: status 'ok' but no chip_key in the index")
+        path = chip_path(cache_dir, key)
+        if not path.exists():
+            raise ImageryError(f"unit {unit_id}: cached chip missing: {path} (re-run chip extraction)")
+        try:
+            data, valid, _, outside = _load(path)
+        except _LOAD_ERRORS as exc:
+            raise ImageryError(f"unit {unit_id}: cached chip corrupt: {path}: {exc}") from exc
+        if outside:
+            raise ImageryError(f"unit {unit_id}: cache marks the unit outside coverage: {path}")
+        if datas and data.shape != datas[0].shape:
+            raise ImageryError(
+                f"unit {unit_id}: chip shape {data.shape} differs from {datas[0].shape}: {path}"
+            )
+        datas.append(data)
+        valids.append(valid)
+    if not datas:
+        return np.zeros((0, 0, 0, 0), dtype=np.float32), np.zeros((0, 0, 0), dtype=bool)
+    return np.stack(datas), np.stack(valids)

@@ -1,0 +1,378 @@
+"""Local GeoTIFF / COG imagery: one file or a folder of them, in any CRS.
+
+A :class:`GeoTiffSource` turns a unit's WGS84 coordinates into a square chip of pixels centred
+on the unit's pixel. Files are opened only while reading (no handles are kept between calls),
+so a source can be pickled to another process and used as one partition of a larger job.
+
+Validity of a pixel, in order of precedence:
+
+1. ``nodata`` given to the source: a pixel is invalid when any band equals it;
+2. else the file's declared nodata (per band): invalid when any band equals its band's value;
+   or the file's internal mask / alpha band, when it has one;
+3. else zero-fill detection: invalid when *all* bands are 0 — the undeclared black border of
+   many real scenes (e.g. Landsat Level-1 products exported without a nodata tag).
+
+NaN is always invalid. Pixels outside the raster are invalid. Invalid pixels read as 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
+
+# Bump when the way chips are read changes, so content-addressed caches built on
+# :meth:`GeoTiffSource.fingerprint` are invalidated.
+READER_VERSION = "geotiff-chip/1"
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class ImageryError(ValueError):
+    """Imagery that cannot be used: the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Chip:
+    data: np.ndarray  # float32 [C, H, W]; scale/offset applied; invalid pixels are 0
+    valid: np.ndarray  # bool [H, W]
+    source_file: str  # file name (relative to the source folder) the chip was read from
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    """What the reader needs to know about one file, read once from its header."""
+
+    path: Path
+    name: str
+    crs_wkt: str
+    transform: Affine
+    width: int
+    height: int
+    band_indexes: tuple[int, ...]  # 1-based, the bands this source reads
+    nodata: tuple[float | None, ...]  # per read band: declared (or overridden) nodata
+    mask_mode: str  # 'nodata' | 'internal_mask' | 'zero_fill'
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+
+
+def valid_mask(raw: np.ndarray, nodata: Sequence[float | None] | None) -> np.ndarray:
+    """Valid pixels of a [C, H, W] block by the nodata rules of this module (no file masks).
+
+    ``nodata`` holds one value (or None) per band; when it is None or holds no value at all the
+    zero-fill rule applies (a pixel is invalid when all bands are 0). NaN is always invalid.
+    """
+    if raw.ndim != 3:
+        raise ValueError(f"expected a [C, H, W] array, got shape {raw.shape}")
+    values = list(nodata) if nodata is not None else []
+    if any(v is not None for v in values):
+        if len(values) != raw.shape[0]:
+            raise ValueError(f"{len(values)} nodata values for {raw.shape[0]} bands")
+        invalid = np.zeros(raw.shape[1:], dtype=bool)
+        for band, value in zip(raw, values):
+            if value is not None and not math.isnan(value):
+                invalid |= band == value
+    else:
+        invalid = np.all(raw == 0, axis=0)
+    if np.issubdtype(raw.dtype, np.floating):
+        invalid |= np.isnan(raw).any(axis=0)
+    return ~invalid
+
+
+# Content hashes keyed by (resolved path, inode, size, mtime, ctime): re-hashing a large scene
+# for every fingerprint call would dominate a cached re-run. A file modified in the last
+# seconds is not cached: a second write within the filesystem's timestamp granularity could
+# keep size and mtime (git's "racy clean" problem).
+_CONTENT_HASHES: dict[tuple, str] = {}
+_CONTENT_HASHES_LOCK = threading.Lock()
+_RACY_SECONDS = 2.0
+
+
+def _content_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    with _CONTENT_HASHES_LOCK:
+        cached = _CONTENT_HASHES.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if time.time() - stat.st_mtime_ns / 1e9 > _RACY_SECONDS:
+        with _CONTENT_HASHES_LOCK:
+            _CONTENT_HASHES[key] = value
+    return value
+
+
+def _find_tiffs(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ImageryError(f"imagery path not found: {path}")
+    if path.is_file():
+        return [path]
+    # Top level only; hidden files (e.g. macOS '._x.tif' resource forks) are not imagery.
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES and not p.name.startswith(".")
+    )
+    if not files:
+        raise ImageryError(f"no GeoTIFF (*.tif, *.tiff) found in folder {path}")
+    return files
+
+
+def _open_quietly(path: Path):
+    # A missing georeference is reported as an ImageryError naming the file, not as a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+class GeoTiffSource:
+    """Chips from one GeoTIFF or a folder of GeoTIFFs (any CRS; nodata may be undeclared).
+
+    Headers are read at construction, so a corrupt or unusable file fails early with an
+    :class:`ImageryError` naming it; pixel data is read only by :meth:`read_chip`/:meth:`read_chips`.
+    """
+
+    def __init__(self, path: Path, nodata: float | None = None, bands: list[int] | None = None):
+        self.path = Path(path)
+        self.nodata = None if nodata is None else float(nodata)
+        self.bands = None if bands is None else [int(b) for b in bands]
+        if self.bands is not None and not self.bands:
+            raise ImageryError(f"{self.path}: 'bands' is empty; give 1-based band indexes or None")
+        files = _find_tiffs(self.path)
+        root = self.path if self.path.is_dir() else self.path.parent
+        self._files = tuple(self._read_header(f, f.relative_to(root).as_posix()) for f in files)
+        counts = {len(f.band_indexes) for f in self._files}
+        if len(counts) > 1:
+            detail = ", ".join(f"{f.name}: {len(f.band_indexes)}" for f in self._files)
+            raise ImageryError(f"{self.path}: files read different numbers of bands ({detail})")
+
+    def _read_header(self, path: Path, name: str) -> _FileInfo:
+        try:
+            with _open_quietly(path) as src:
+                if src.driver != "GTiff":
+                    raise ImageryError(f"{path}: not a GeoTIFF (GDAL reads it as {src.driver})")
+                if src.count == 0:
+                    raise ImageryError(f"{path}: the file has zero bands")
+                if src.crs is None:
+                    raise ImageryError(f"{path}: no CRS (the file is not georeferenced)")
+                if src.transform.is_identity:
+                    raise ImageryError(f"{path}: no geotransform (the file is not georeferenced)")
+                if self.bands is not None:
+                    bad = [b for b in self.bands if not 1 <= b <= src.count]
+                    if bad:
+                        raise ImageryError(
+                            f"{path}: band indexes {bad} out of range; the file has {src.count} bands"
+                        )
+                    band_indexes = tuple(self.bands)
+                else:
+                    # An alpha band is a mask, not a measurement.
+                    band_indexes = tuple(
+                        i + 1 for i, ci in enumerate(src.colorinterp) if ci != ColorInterp.alpha
+                    ) or tuple(range(1, src.count + 1))
+                declared = tuple(src.nodatavals[b - 1] for b in band_indexes)
+                flags = src.mask_flag_enums[band_indexes[0] - 1]
+                if self.nodata is not None:
+                    mask_mode, nodata = "nodata", (self.nodata,) * len(band_indexes)
+                elif any(v is not None for v in declared):
+                    mask_mode, nodata = "nodata", declared
+                elif MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+                    mask_mode, nodata = "internal_mask", (None,) * len(band_indexes)
+                else:
+                    mask_mode, nodata = "zero_fill", (None,) * len(band_indexes)
+                return _FileInfo(
+                    path=path,
+                    name=name,
+                    crs_wkt=src.crs.to_wkt(),
+                    transform=src.transform,
+                    width=src.width,
+                    height=src.height,
+                    band_indexes=band_indexes,
+                    nodata=nodata,
+                    mask_mode=mask_mode,
+                    scales=tuple(float(src.scales[b - 1]) for b in band_indexes),
+                    offsets=tuple(float(src.offsets[b - 1]) for b in band_indexes),
+                )
+        except ImageryError:
+            raise
+        except RasterioError as exc:
+            raise ImageryError(f"{path}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    @property
+    def n_bands(self) -> int:
+        return len(self._files[0].band_indexes)
+
+    @property
+    def files(self) -> list[str]:
+        """File names (relative to the source folder), in the order they are tried."""
+        return [f.name for f in self._files]
+
+    def fingerprint(self) -> str:
+        """A stable content hash of the imagery and of how it is read (sha256 hex).
+
+        Moving or renaming the folder keeps it; changing any file's bytes, adding or removing a
+        file, or changing the nodata/bands configuration changes it.
+        """
+        digest = hashlib.sha256()
+        config = {"reader": READER_VERSION, "nodata": self.nodata, "bands": self.bands}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for info in self._files:
+            try:
+                size = info.path.stat().st_size
+                content = _content_sha256(info.path)
+            except OSError as exc:
+                raise ImageryError(f"{info.path}: cannot read the file to fingerprint it: {exc}") from exc
+            digest.update(f"\n{info.name}\0{size}\0{content}".encode())
+        return digest.hexdigest()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read_chip(self, lon: float, lat: float, size_px: int) -> Chip | None:
+        """The size_px x size_px chip centred on the pixel holding (lon, lat) in WGS84.
+
+        The unit's pixel sits at ``[size_px // 2, size_px // 2]``. Returns None when the point
+        is outside every file's footprint; of the files covering it, the one giving the most
+        valid pixels wins (ties: the first file by name).
+        """
+        return self.read_chips([(lon, lat)], size_px)[0]
+
+    def read_chips(self, points: Iterable[tuple[float, float]], size_px: int) -> list[Chip | None]:
+        """:meth:`read_chip` for many (lon, lat) points, opening each file once for the batch."""
+        if int(size_px) != size_px or size_px < 1:
+            raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
+        size_px = int(size_px)
+        points = [(float(lon), float(lat)) for lon, lat in points]
+        if not points:
+            return []
+        lons = [p[0] for p in points]
+        lats = [p[1] for p in points]
+        # Pixel (row, col) of every point in every file; None where the file does not cover it.
+        pixels = [self._pixels_in_file(info, lons, lats) for info in self._files]
+        chips: list[Chip | None] = []
+        with ExitStack() as stack:
+            opened: dict[int, rasterio.io.DatasetReader] = {}
+
+            def dataset(i: int):
+                if i not in opened:
+                    opened[i] = stack.enter_context(self._open(self._files[i]))
+                return opened[i]
+
+            for k in range(len(points)):
+                best: Chip | None = None
+                best_valid = -1
+                for i, info in enumerate(self._files):
+                    pixel = pixels[i][k]
+                    if pixel is None:
+                        continue
+                    chip = self._read_window(dataset(i), info, pixel, size_px)
+                    n_valid = int(chip.valid.sum())
+                    if n_valid > best_valid:
+                        best, best_valid = chip, n_valid
+                chips.append(best)
+        return chips
+
+    @staticmethod
+    def _open(info: _FileInfo):
+        try:
+            return rasterio.open(info.path)
+        except RasterioError as exc:
+            raise ImageryError(f"{info.path}: cannot open: {exc}") from exc
+
+    @staticmethod
+    def _pixels_in_file(
+        info: _FileInfo, lons: list[float], lats: list[float]
+    ) -> list[tuple[int, int] | None]:
+        # rasterio.warp.transform always takes (x=lon, y=lat) for EPSG:4326 and holds no state.
+        try:
+            xs, ys = warp_transform("EPSG:4326", info.crs_wkt, lons, lats)
+        except RasterioError as exc:
+            raise ImageryError(f"{info.path}: cannot transform WGS84 points to its CRS: {exc}") from exc
+        inverse = ~info.transform
+        out: list[tuple[int, int] | None] = []
+        for x, y in zip(xs, ys):
+            if not (math.isfinite(x) and math.isfinite(y)):
+                out.append(None)
+                continue
+            # Explicit coefficients: Affine's '*' on points is deprecated and '@' is version-bound.
+            col_f = inverse.a * x + inverse.b * y + inverse.c
+            row_f = inverse.d * x + inverse.e * y + inverse.f
+            row, col = math.floor(row_f), math.floor(col_f)
+            inside = 0 <= row < info.height and 0 <= col < info.width
+            out.append((row, col) if inside else None)
+        return out
+
+    def read_file(self, name: str) -> Chip:
+        """One whole file of the source as a single chip (same validity rules as chips)."""
+        for info in self._files:
+            if info.name == name:
+                with self._open(info) as src:
+                    return self._read_block(src, info, 0, 0, info.height, info.width)
+        raise ImageryError(f"{self.path}: no file named {name!r}; files: {self.files}")
+
+    @classmethod
+    def _read_window(cls, src, info: _FileInfo, pixel: tuple[int, int], size_px: int) -> Chip:
+        row0 = pixel[0] - size_px // 2
+        col0 = pixel[1] - size_px // 2
+        return cls._read_block(src, info, row0, col0, size_px, size_px)
+
+    @staticmethod
+    def _read_block(src, info: _FileInfo, row0: int, col0: int, n_rows: int, n_cols: int) -> Chip:
+        # Read only the part inside the raster and pad: cheaper and more predictable than a
+        # GDAL boundless read, and the padding is marked invalid.
+        r_lo, r_hi = max(row0, 0), min(row0 + n_rows, info.height)
+        c_lo, c_hi = max(col0, 0), min(col0 + n_cols, info.width)
+        window = Window(c_lo, r_lo, c_hi - c_lo, r_hi - r_lo)
+        try:
+            raw = src.read(list(info.band_indexes), window=window)
+            file_mask = (
+                src.read_masks(info.band_indexes[0], window=window) > 0
+                if info.mask_mode == "internal_mask"
+                else None
+            )
+        except RasterioError as exc:
+            raise ImageryError(
+                f"{info.path}: cannot read pixels (rows {r_lo}-{r_hi}, cols {c_lo}-{c_hi}); "
+                f"the file may be truncated or corrupt: {exc}"
+            ) from exc
+        inner_valid = valid_mask(raw, info.nodata if info.mask_mode == "nodata" else None)
+        if file_mask is not None:
+            # The file's own mask decides; NaN still counts as invalid.
+            inner_valid = file_mask
+            if raw.dtype.kind == "f":
+                inner_valid = inner_valid & ~np.isnan(raw).any(axis=0)
+        values = raw.astype(np.float32)
+        if any(s != 1.0 for s in info.scales) or any(o != 0.0 for o in info.offsets):
+            scales = np.asarray(info.scales, dtype=np.float32)[:, None, None]
+            offsets = np.asarray(info.offsets, dtype=np.float32)[:, None, None]
+            values = values * scales + offsets
+        values[:, ~inner_valid] = 0.0
+
+        data = np.zeros((len(info.band_indexes), n_rows, n_cols), dtype=np.float32)
+        valid = np.zeros((n_rows, n_cols), dtype=bool)
+        rs, cs = slice(r_lo - row0, r_hi - row0), slice(c_lo - col0, c_hi - col0)
+        data[:, rs, cs] = values
+        valid[rs, cs] = inner_valid
+        return Chip(data=data, valid=valid, source_file=info.name)
+
+    def __repr__(self) -> str:
+        return f"GeoTiffSource({str(self.path)!r}, files={len(self._files)}, bands={self.n_bands})"
