@@ -8,7 +8,7 @@ export DBT_SEND_ANONYMOUS_USAGE_STATS := false
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-slow bench clean dev
+.PHONY: install demo test test-slow test-ops browser docs bench bench-gpu clean dev
 
 install: $(STAMP)
 
@@ -24,12 +24,25 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/eocausal demo --workdir demo_run
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 # Long suites (Monte Carlo, fault matrix): run deliberately.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The operations suites CI runs after `make test`: crashes, bad input, read loop, credentials, dbt docs.
+test-ops: $(STAMP) browser
+	$(PY) -m pytest -m slow tests/faults tests/test_security.py tests/ui
+
+# The UI test drives Debian's Chromium; install it (and its driver) when missing.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+# dbt docs of the demo study's published warehouse: demo_run/study/eocausal_work/docs/static_index.html
+docs: $(STAMP)
+	$(VENV)/bin/eocausal docs demo_run/study/study.yaml
 
 # The UI binds to loopback only.
 dev: $(STAMP)
@@ -38,6 +51,10 @@ dev: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/embeddings.py
+
+# On a machine with a CUDA GPU (and a CUDA build of torch): the same table plus checks, < 5 min.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/embeddings_gpu.py
 
 clean:
 	rm -rf demo_run dbt_project/target dbt_project/logs .pytest_cache

@@ -8,16 +8,16 @@ import pandas as pd
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.imagery.chips import extract_chips
-from eocausal.imagery.geotiff import GeoTiffSource
+from eocausal.imagery.sources import open_source
 from eocausal.lake import write_frame
-from eocausal.quality import validate_chip_index
+from eocausal.quality import too_few_usable_units, validate_chip_index
 from eocausal.versioning import frame_version
 
 
 @dg.asset(
     group_name="imagery",
     kinds={"python", "rasterio", "parquet"},
-    code_version="chips-1",
+    code_version="chips-2",  # 2: any imagery source; cloud_share and detail columns
     deps=["survey"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -30,10 +30,8 @@ from eocausal.versioning import frame_version
 )
 def image_chips(study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
     spec = study.load()
-    if spec.imagery.source != "geotiff":
-        raise dg.Failure(description=f"imagery.source {spec.imagery.source!r} is not available in this build")
     units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon"])
-    source = GeoTiffSource(spec.imagery_path, nodata=spec.imagery.nodata, bands=spec.imagery.bands)
+    source = open_source(spec)  # geotiff, or earthengine for the analysis period
     extraction = extract_chips(
         units, source, spec.imagery.chip_size_px, warehouse.cache / "chips", spec.imagery.max_nodata_share
     )
@@ -50,6 +48,10 @@ def image_chips(study: StudyResource, warehouse: WarehouseResource) -> dg.Materi
     )
     if not enough:
         message += f"; below the minimum usable share {spec.imagery.min_usable_share:.0%} (or under 10 units)"
+        # Name the excluded units (and, if none is inside the imagery, the likely cause).
+        shortfall = too_few_usable_units(index, spec.imagery.min_usable_share)
+        if shortfall is not None:
+            report.failures.append(shortfall)
     if not report.success:
         message += "\n" + report.message()
     version = frame_version(index)
@@ -61,7 +63,10 @@ def image_chips(study: StudyResource, warehouse: WarehouseResource) -> dg.Materi
             "excluded_by_reason": dg.MetadataValue.json({str(k): int(v) for k, v in excluded.items()}),
             "n_chips_from_cache": extraction.n_cached,
             "n_chips_extracted": extraction.n_extracted,
+            "n_chips_failed": extraction.n_failed,
             "imagery_fingerprint": source.fingerprint(),
+            **({"imagery_provenance": dg.MetadataValue.json(source.provenance())}
+               if hasattr(source, "provenance") else {}),
             "data_version": version,
         },
         data_version=dg.DataVersion(version),

@@ -3,6 +3,8 @@ estimates history (marts.effect_estimates, marts.effect_estimates_latest).
 
 Two @dbt_assets definitions, because the Python asset `effect_estimates` sits between them. Both
 join the `duckdb_warehouse` pool: DuckDB admits one writing process and, while it writes, no reader.
+A third, `dbt_heterogeneity_models` (tag:heterogeneity), loads the CATE, cluster and transport
+tables after their Python assets, in the same pool.
 """
 
 
@@ -17,7 +19,8 @@ import dagster as dg
 from dagster import AssetExecutionContext
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
-from assets.resources import WarehouseResource
+from assets.resources import StudyResource, WarehouseResource
+from eocausal.faults import crash_point
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 WAREHOUSE_POOL = "duckdb_warehouse"
@@ -53,15 +56,23 @@ ensure_manifest()
 _translator = EocausalDbtTranslator()
 
 
-def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+# dbt reads it (the outcome's not-null tests): "true" when the study imputes missing outcomes.
+OUTCOME_MAY_BE_MISSING_ENV = "EOCAUSAL_OUTCOME_MAY_BE_MISSING"
+
+
+def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+           extra_env: dict[str, str] | None = None):
     # dbt-duckdb reads the lake and warehouse paths from the environment of the dbt subprocess,
     # which dagster-dbt copies from this process.
     os.environ.update(warehouse.dbt_env())
+    os.environ.update(extra_env or {})
     warehouse.root_path.mkdir(parents=True, exist_ok=True)
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
     # paths) survives between runs, so a warm run skips the full parse.
     target = warehouse.root_path / "dbt_target" / context.op_def.name
-    yield from dbt.cli(["build"], context=context, target_path=target).stream()
+    for event in dbt.cli(["build"], context=context, target_path=target).stream():
+        yield event
+        crash_point(f"dbt.{context.op_def.name}")  # fault tests: dbt is still building
 
 
 @dbt_assets(
@@ -72,8 +83,10 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     dagster_dbt_translator=_translator,
     project=dbt_project,
 )
-def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
-    yield from _build(context, dbt, warehouse)
+def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                        study: StudyResource):
+    imputes = study.load().analysis.outcome_imputation
+    yield from _build(context, dbt, warehouse, {OUTCOME_MAY_BE_MISSING_ENV: "true" if imputes else "false"})
 
 
 @dbt_assets(
@@ -85,4 +98,17 @@ def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, war
     project=dbt_project,
 )
 def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+    yield from _build(context, dbt, warehouse)
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    select="tag:heterogeneity",
+    name="dbt_heterogeneity_models",
+    pool=WAREHOUSE_POOL,
+    dagster_dbt_translator=_translator,
+    project=dbt_project,
+)
+def dbt_heterogeneity_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+    # marts.cate_predictions, cate_evaluation, effect_clusters, transport_predictions (assets/heterogeneity.py)
     yield from _build(context, dbt, warehouse)

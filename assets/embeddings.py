@@ -6,7 +6,8 @@ import dagster as dg
 import pandas as pd
 
 from assets.resources import StudyResource, WarehouseResource
-from eocausal.embed.embeddings import CODE_VERSION, compute_embeddings
+from eocausal.embed.embeddings import CODE_VERSION, compute_embeddings, write_json_atomic
+from eocausal.faults import crash_point
 from eocausal.lake import embeddings_table, write_table_atomic
 from eocausal.quality import validate_embeddings
 
@@ -28,11 +29,24 @@ from eocausal.quality import validate_embeddings
 def image_embeddings(study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
     spec = study.load()
     index = pd.read_parquet(warehouse.lake / "image_chips.parquet")
-    emb = compute_embeddings(index, warehouse.cache / "chips", warehouse.cache / "embeddings", spec.embedding)
+    weights = spec.resolve(spec.embedding.weights) if spec.embedding.weights else None
+    emb = compute_embeddings(
+        index, warehouse.cache / "chips", warehouse.cache / "embeddings", spec.embedding, weights_path=weights
+    )
+    crash_point("embeddings.computed")  # fault tests: cached but not yet in the lake
     table = embeddings_table(
         emb.unit_ids, emb.features, embedding_version=emb.version, embedding_method=emb.method
     )
     path = write_table_atomic(table, warehouse.lake / "image_embeddings.parquet")
+    # The PCA fitted once on these embeddings, under their version, for estimators that want it.
+    pca_meta = {}
+    if emb.pca is not None:
+        write_json_atomic({"embedding_version": emb.version, "pca": emb.pca.to_dict()},
+                          warehouse.lake / "image_embeddings_pca.json")
+        pca_meta = {
+            "pca_components": emb.pca.n_components_,
+            "pca_explained_variance": float(emb.pca.explained_variance_ratio_.sum()),
+        }
     report = validate_embeddings(emb.features, emb.unit_ids)
     return dg.MaterializeResult(
         metadata={
@@ -47,7 +61,9 @@ def image_embeddings(study: StudyResource, warehouse: WarehouseResource) -> dg.M
             "n_features": int(emb.features.shape[1]),
             "from_cache": emb.from_cache,
             "device": emb.device or "cached",
+            "dtype": emb.dtype or "unknown",
             "data_version": emb.version,
+            **pca_meta,
         },
         data_version=dg.DataVersion(emb.version),
         check_results=[

@@ -6,9 +6,12 @@ from dagster import AssetExecutionContext
 import pandas as pd
 
 from assets.dbt import WAREHOUSE_POOL
+from assets.imputation import imputed_outcomes_path, read_imputed
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.estimate.effects import CODE_VERSION, analysis_version, estimate_study, estimates_markdown, overlap_report
+from eocausal.estimate.imputation import ImputedOutcomes
+from eocausal.faults import crash_point
 from eocausal.lake import write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
@@ -19,7 +22,8 @@ from eocausal.warehouse import query
     group_name="estimates",
     kinds={"python", "sklearn", "parquet"},
     code_version=CODE_VERSION,
-    deps=[dg.AssetKey(["marts", "analysis_units"])],
+    # imputed_outcomes: the corrected outcomes, when the study imputes missing ones.
+    deps=[dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey("imputed_outcomes")],
     # Reads the warehouse file: a reader also excludes the writer, so it shares the writers' pool.
     pool=WAREHOUSE_POOL,
     check_specs=[
@@ -50,11 +54,17 @@ def effect_estimates(
         table = pd.read_parquet(path)
         from_cache = True
     else:
+        imputed = None
+        imputed_path = imputed_outcomes_path(warehouse, spec.name, version)
+        if spec.analysis.outcome_imputation and imputed_path.exists():
+            frame, imputation_diagnostics = read_imputed(imputed_path)
+            imputed = ImputedOutcomes.from_frame(frame, units["unit_id"], imputation_diagnostics)
         result = estimate_study(
             units, covariates, spec.analysis, study_name=spec.name,
-            survey_version=survey_version, embeddings_version=embeddings_version,
+            survey_version=survey_version, embeddings_version=embeddings_version, imputed=imputed,
         )
         table, from_cache = result.table, False
+        crash_point("estimates.computed")  # fault tests: computed, not yet written
         write_frame(table, path)
 
     overlap = overlap_report(table)
@@ -64,8 +74,13 @@ def effect_estimates(
         metadata={
             **table_metadata(table, path),
             "estimate_version": version,
+            # Lineage: the input versions (and code version) the estimate version hashes (DESIGN §9).
+            "code_version": CODE_VERSION,
+            "survey_version": survey_version,
+            "embeddings_version": embeddings_version,
             "from_cache": from_cache,
             "n_units": len(units),
+            **({"n_outcome_missing": int(units["outcome"].isna().sum())} if spec.analysis.outcome_imputation else {}),
             "estimates": dg.MetadataValue.md(estimates_markdown(table)),
         },
         data_version=dg.DataVersion(version),

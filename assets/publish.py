@@ -14,7 +14,10 @@ from eocausal.warehouse import publish, query
     kinds={"duckdb"},
     code_version="publish-1",
     deps=[dg.AssetKey(["marts", "effect_estimates"]), dg.AssetKey(["marts", "effect_estimates_latest"]),
-          dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey(["marts", "unit_exclusions"])],
+          dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey(["marts", "unit_exclusions"]),
+          # the heterogeneity marts (assets/heterogeneity.py) are published with the rest
+          dg.AssetKey(["marts", "cate_predictions"]), dg.AssetKey(["marts", "cate_evaluation"]),
+          dg.AssetKey(["marts", "effect_clusters"]), dg.AssetKey(["marts", "transport_predictions"])],
     pool=WAREHOUSE_POOL,
 )
 def published_warehouse(warehouse: WarehouseResource) -> dg.MaterializeResult:

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from eocausal.study import Study, load_study
+from eocausal.warehouse import check_sql_safe_path
 
 
 class StudyResource(dg.ConfigurableResource):
@@ -45,4 +46,6 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def dbt_env(self) -> dict[str, str]:
         """Absolute paths for dbt's profile and sources (dbt reads them with env_var)."""
+        # The paths end up inside SQL text (dbt-duckdb sources): refuse quotes and control characters.
+        check_sql_safe_path(self.root_path)
         return {"EOCAUSAL_LAKE": str(self.lake), "EOCAUSAL_WAREHOUSE": str(self.warehouse_path)}

@@ -11,7 +11,7 @@ import pandas as pd
 
 from assets.definitions import STUDY_JOB, build_definitions
 from eocausal.study import default_workdir, load_study
-from eocausal.warehouse import query
+from eocausal.warehouse import check_sql_safe_path, query
 
 
 @dataclass
@@ -38,6 +38,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     """
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
+    check_sql_safe_path(workdir)  # it reaches SQL through dbt's sources: fail before any work
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     job = defs.resolve_job_def(STUDY_JOB)
     log_path = workdir / "logs" / "last_run.log"
@@ -77,8 +78,10 @@ def _failure_text(event, err) -> str:
     user = getattr(data, "user_failure_data", None)
     if user is not None and user.description:
         return user.description
+    # Unwrap Dagster's own wrappers only: the user's exception says what went wrong in its words
+    # (an ImageryError naming the file), its causes only how (a GDAL read error).
     cause = err
-    while getattr(cause, "cause", None) is not None:
+    while getattr(cause, "cause", None) is not None and (cause.cls_name or "").startswith("Dagster"):
         cause = cause.cause
     return (cause.message if cause is not None else err.message).strip()
 

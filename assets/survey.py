@@ -8,7 +8,7 @@ from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.lake import write_frame
 from eocausal.quality import DataQualityError
-from eocausal.survey import load_survey
+from eocausal.survey import SurveyError, load_survey
 from eocausal.versioning import frame_version
 
 
@@ -33,12 +33,16 @@ def survey(study: StudyResource, warehouse: WarehouseResource) -> dg.Materialize
     """
     spec = study.load()
     try:
-        df, report = load_survey(spec.survey_path, spec.survey)
+        df, report = load_survey(spec.survey_path, spec.survey,
+                                 outcome_may_be_missing=spec.analysis.outcome_imputation)
     except DataQualityError as exc:
         raise dg.Failure(
             description=f"survey rejected: {exc}",
             metadata={"quality": dg.MetadataValue.json(exc.report.to_metadata())},
         ) from exc
+    except SurveyError as exc:
+        # A file that cannot be read as a table (empty, not UTF-8, unparseable): say so plainly.
+        raise dg.Failure(description=f"survey rejected: {exc}") from exc
     path = write_frame(df, warehouse.lake / "survey.parquet")
     version = frame_version(df)
     return dg.MaterializeResult(
@@ -47,6 +51,8 @@ def survey(study: StudyResource, warehouse: WarehouseResource) -> dg.Materialize
             "n_treated": int(df["treatment"].sum()),
             "n_control": int((df["treatment"] == 0).sum()),
             "data_version": version,
+            # With outcome imputation on, a missing outcome is allowed: say how many there are.
+            **({"n_outcome_missing": int(df["outcome"].isna().sum())} if spec.analysis.outcome_imputation else {}),
         },
         data_version=dg.DataVersion(version),
         check_results=[

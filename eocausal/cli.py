@@ -1,4 +1,4 @@
-"""`eocausal` command line: demo | run | validate.
+"""`eocausal` command line: demo | run | validate | simulate | docs | report.
 
 `run` and `demo` materialise the Dagster graph in-process; the Dagster layer is imported only
 inside those commands, so the library itself stays free of it.
@@ -20,14 +20,19 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")
 
 JSON_COLUMNS = ["estimand", "estimator", "feature_set", "estimate", "std_error", "ci_low", "ci_high", "n",
                 "estimate_version", "study", "n_treated", "n_control", "n_features", "code_version",
-                "survey_version", "embeddings_version", "computed_at"]
+                "survey_version", "embeddings_version", "computed_at",
+                # outcome imputation and sensitivity (NULL where they do not apply)
+                "outcome_source", "n_outcome_observed", "robustness_value", "robustness_value_alpha"]
 
 
 def _estimates_json(table) -> str:
     records = []
-    for row in table[JSON_COLUMNS].to_dict(orient="records"):
+    columns = [c for c in JSON_COLUMNS if c in table.columns]
+    for row in table[columns].to_dict(orient="records"):
         row["computed_at"] = str(row["computed_at"])
-        records.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        # JSON has no NaN: a value that does not apply is null.
+        records.append({k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()})
     return json.dumps(records, indent=2)
 
 
@@ -64,6 +69,9 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: float | N
         print(f"true ATE: {truth:.3f}")
     print(estimates_markdown(outcome.estimates, truth=truth))
     print(f"warehouse (read-only copy): {outcome.workdir / 'published' / 'warehouse.duckdb'}")
+    report = outcome.metadata.get("study_report", {}).get("path")
+    if report:
+        print(f"study report: {report}")
     return 0
 
 
@@ -75,11 +83,42 @@ def cmd_demo(args) -> int:
     from eocausal.simulate import write_demo_study
 
     root = Path(args.workdir)
-    study_path = write_demo_study(root / "study", n_units=args.n_units, seed=args.seed)
+    study_path = write_demo_study(root / "study", n_units=args.n_units, seed=args.seed,
+                                  effect_clusters=args.effect_clusters)
     truth = json.loads((study_path.parent / "truth.json").read_text())["ate"]
     if not args.json:
         print(f"demo study written to {study_path}")
     return _run(study_path, None, args.json, truth=None if args.json else truth)
+
+
+def cmd_docs(args) -> int:
+    from assets.warehouse_docs import generate_docs
+    from eocausal.study import default_workdir, load_study
+
+    load_study(args.study)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.study)
+    page = generate_docs(workdir, Path(args.out) if args.out else None)
+    print(f"dbt docs for the published warehouse: {page}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from eocausal.heterogeneity import latest_report
+    from eocausal.study import default_workdir, load_study
+
+    study = load_study(args.study)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.study)
+    path = latest_report(workdir, study.name)
+    if path is None:
+        print(f"eocausal: no report for study {study.name} in {workdir}; run `eocausal run {args.study}` first",
+              file=sys.stderr)
+        return 1
+    print(path)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.as_uri())
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -89,11 +128,40 @@ def cmd_validate(args) -> int:
 
     study = load_study(args.study)
     try:
-        df, report = load_survey(study.survey_path, study.survey)
+        df, report = load_survey(study.survey_path, study.survey,
+                                 outcome_may_be_missing=study.analysis.outcome_imputation)
     except (DataQualityError, SurveyError) as exc:
         print(f"survey rejected: {exc}", file=sys.stderr)
         return 1
     print(report.message())
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from eocausal import montecarlo as mc
+
+    scenarios = mc.expand_scenarios(args.scenarios.split(","))
+    estimators = tuple(args.estimators.split(","))
+    log = (lambda message: None) if args.quiet else mc.stderr_log
+    print(mc.DESIGN_NOTE, file=sys.stderr)
+    design = mc.prepare_design(
+        scene=Path(args.scene) if args.scene else None, n_units=args.n_units, seed=args.seed,
+        chip_size_px=args.chip_size, n_features=args.n_features, image_components=args.image_components,
+        factors=sorted({1, *(int(s.removeprefix("resolution_x")) for s in scenarios if s.startswith("resolution_x"))}),
+        cache_dir=Path(args.out) / "cache", log=log,
+    )
+    started = time.perf_counter()
+    replicates = mc.run_monte_carlo(
+        design, replications=args.replications, scenarios=scenarios, estimators=estimators,
+        seed=args.seed, folds=args.folds, jobs=args.jobs, log=log,
+    )
+    settings = {"replications": args.replications, "scenarios": list(scenarios), "estimators": list(estimators),
+                "folds": args.folds, "seed": args.seed, "jobs": args.jobs,
+                "seconds": round(time.perf_counter() - started, 1)}
+    written = mc.write_results(Path(args.out), design, replicates, settings)
+    print(mc.summary_markdown(written["summary"]))
+    for name, path in written["paths"].items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -111,8 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--n-units", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--effect-clusters", type=int, default=None, metavar="K",
+                   help="simulate an effect clustered by settlement class (K >= 2 classes) instead of a linear one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="Monte Carlo of the demo process: bias, RMSE and 95%% CI coverage per estimator x feature set",
+        description="Design-based Monte Carlo: the demo's scene, units, chips and embeddings are fixed; each "
+        "replication redraws covariates, treatment and outcomes from the known process. Writes "
+        "replications.csv, summary.csv, summary.png and settings.json to --out.",
+    )
+    p.add_argument("--replications", type=int, default=200)
+    p.add_argument("--scenarios", default="demo,resolution,confounder_3km",
+                   help="comma-separated: demo, resolution (x2, x4, x8), confounder_3km, or single scenarios")
+    p.add_argument("--estimators", default="difference_in_means,ipw,aipw,dml")
+    p.add_argument("--out", default="simulate_out", help="results folder (embeddings are cached in OUT/cache)")
+    p.add_argument("--n-units", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=1, help="replications run in parallel processes")
+    p.add_argument("--scene", help="a GeoTIFF scene instead of the shipped Landsat-8 crop")
+    p.add_argument("--chip-size", type=int, default=64, help="chip side in pixels (the demo's: 64)")
+    p.add_argument("--n-features", type=int, default=1024, help="RCF embedding size (the demo's: 1024)")
+    p.add_argument("--image-components", type=int, default=64, help="principal components of the embedding")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("docs", help="dbt docs (tables, views, columns) of a study's published warehouse")
+    p.add_argument("study", help="path to study.yaml (or its folder)")
+    p.add_argument("--workdir", help="the study's working folder (default: <study folder>/eocausal_work)")
+    p.add_argument("--out", help="docs folder (default: <workdir>/docs)")
+    p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser("report", help="print the path of a study's latest HTML report")
+    p.add_argument("study", help="path to study.yaml (or its folder)")
+    p.add_argument("--workdir", help="the study's working folder (default: <study folder>/eocausal_work)")
+    p.add_argument("--open", action="store_true", help="also open it in the default browser")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("validate", help="validate a study's survey against the GX suite, write nothing")
     p.add_argument("study")

@@ -48,6 +48,8 @@ class QualityReport:
     n_rows: int
     failures: list[RuleFailure]
     n_expectations: int
+    # Facts worth reporting that break no rule (e.g. how many outcomes are missing, where allowed).
+    observations: dict = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -55,7 +57,9 @@ class QualityReport:
 
     def message(self) -> str:
         if self.success:
-            return f"{self.suite}: all {self.n_expectations} expectations passed on {self.n_rows} rows"
+            text = f"{self.suite}: all {self.n_expectations} expectations passed on {self.n_rows} rows"
+            notes = [str(v["note"]) for v in self.observations.values() if isinstance(v, dict) and "note" in v]
+            return "; ".join([text, *notes])
         lines = [f"{self.suite}: {len(self.failures)} rule(s) failed on {self.n_rows} rows"]
         lines += [f"  - {f.describe()}" for f in self.failures]
         return "\n".join(lines)
@@ -71,6 +75,7 @@ class QualityReport:
                  "unit_ids": [str(u) for u in f.unit_ids[:50]]}
                 for f in self.failures
             ],
+            **({"observations": self.observations} if self.observations else {}),
         }
 
 
@@ -133,30 +138,44 @@ def _plain(v: Any) -> Any:
 
 
 # Finite means between these; GX treats NaN as missing (caught by not-null) and inf as out of range.
-_FINITE = dict(min_value=-1e300, max_value=1e300)
+# Beyond 1e15 a number is a fill code (9.97e36, 3.4e38) or a unit error, not a measurement: it
+# passes a float check but overflows the squared sums the estimators form (NaN at 1e200) or
+# swamps them (an AIPW estimate of 1e148 from one covariate at 1e150).
+MAX_ABS_VALUE = 1e15
+_FINITE = dict(min_value=-MAX_ABS_VALUE, max_value=MAX_ABS_VALUE)
 
 
-def survey_expectations(covariates: list[str]) -> list[tuple[str, Any]]:
-    """The survey suite on the canonical table (see eocausal.survey)."""
+# With outcome imputation on, each treatment arm needs at least this many measured outcomes.
+MIN_MEASURED_OUTCOMES_PER_ARM = 3
+
+
+def survey_expectations(covariates: list[str], outcome_may_be_missing: bool = False) -> list[tuple[str, Any]]:
+    """The survey suite on the canonical table (see eocausal.survey).
+
+    ``outcome_may_be_missing`` (the study's ``analysis.outcome_imputation``) drops the not-null
+    rule for the outcome only; a present outcome must still be finite.
+    """
     import great_expectations.expectations as gxe
 
     exp: list[tuple[str, Any]] = []
     for col in ("unit_id", "lat", "lon", "treatment", "outcome", *covariates):
+        if col == "outcome" and outcome_may_be_missing:
+            continue
         exp.append((f"{col} not null", gxe.ExpectColumnValuesToNotBeNull(column=col)))
     exp += [
         ("unique unit_id", gxe.ExpectColumnValuesToBeUnique(column="unit_id")),
         ("lat within [-90, 90]", gxe.ExpectColumnValuesToBeBetween(column="lat", min_value=-90, max_value=90)),
         ("lon within [-180, 180]", gxe.ExpectColumnValuesToBeBetween(column="lon", min_value=-180, max_value=180)),
         ("treatment binary (0/1)", gxe.ExpectColumnValuesToBeInSet(column="treatment", value_set=[0, 1])),
-        ("outcome finite", gxe.ExpectColumnValuesToBeBetween(column="outcome", **_FINITE)),
+        ("outcome finite (|value| <= 1e15)", gxe.ExpectColumnValuesToBeBetween(column="outcome", **_FINITE)),
     ]
     for col in covariates:
-        exp.append((f"{col} finite", gxe.ExpectColumnValuesToBeBetween(column=col, **_FINITE)))
+        exp.append((f"{col} finite (|value| <= 1e15)", gxe.ExpectColumnValuesToBeBetween(column=col, **_FINITE)))
     return exp
 
 
-def validate_survey(df: pd.DataFrame, covariates: list[str]) -> QualityReport:
-    report = _run_suite("survey", df, survey_expectations(covariates), id_column="unit_id")
+def validate_survey(df: pd.DataFrame, covariates: list[str], outcome_may_be_missing: bool = False) -> QualityReport:
+    report = _run_suite("survey", df, survey_expectations(covariates, outcome_may_be_missing), id_column="unit_id")
     # Both arms must be present for any contrast; a table-level rule GX has no row list for.
     if report.success:
         arms = set(pd.unique(df["treatment"]))
@@ -165,7 +184,35 @@ def validate_survey(df: pd.DataFrame, covariates: list[str]) -> QualityReport:
                 report.failures.append(
                     RuleFailure(rule=f"treatment arm {arm} present", column="treatment", rows=[], unit_ids=[])
                 )
+    if outcome_may_be_missing:
+        _check_missing_outcomes(df, report)
     return report
+
+
+def _check_missing_outcomes(df: pd.DataFrame, report: QualityReport) -> None:
+    """Count the missing outcomes (allowed with imputation) and require measured ones in each arm."""
+    missing = df["outcome"].isna().to_numpy()
+    by_arm = {}
+    for arm, name in ((1, "treated"), (0, "control")):
+        in_arm = (df["treatment"] == arm).to_numpy()
+        measured = int((in_arm & ~missing).sum())
+        by_arm[name] = {"n": int(in_arm.sum()), "n_missing": int((in_arm & missing).sum())}
+        if in_arm.any() and measured < MIN_MEASURED_OUTCOMES_PER_ARM:
+            report.failures.append(
+                RuleFailure(
+                    rule=f"outcome measured for at least {MIN_MEASURED_OUTCOMES_PER_ARM} {name} units "
+                         "(outcome imputation learns from them)",
+                    column="outcome", rows=[], unit_ids=[], examples=[f"{measured} measured"],
+                )
+            )
+    rows = np.flatnonzero(missing).tolist()
+    report.observations["outcome_missing"] = {
+        "n_missing": len(rows),
+        "share_missing": float(missing.mean()) if len(missing) else 0.0,
+        "by_arm": by_arm,
+        "unit_ids": df["unit_id"].iloc[rows[:50]].astype(str).tolist(),
+        "note": f"outcome missing for {len(rows)} of {len(missing)} units (allowed: analysis.outcome_imputation)",
+    }
 
 
 def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> QualityReport:
@@ -179,7 +226,26 @@ def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> Quality
         ("status in {ok, excluded}", gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ok", "excluded"])),
         ("valid_share within [0, 1]", gxe.ExpectColumnValuesToBeBetween(column="valid_share", min_value=0, max_value=1)),
     ]
+    if "cloud_share" in index.columns:
+        # NaN (unknown cloud share, e.g. a GeoTIFF without a QA band) counts as missing and passes.
+        exp.append(("cloud_share within [0, 1]",
+                    gxe.ExpectColumnValuesToBeBetween(column="cloud_share", min_value=0, max_value=1)))
     report = _run_suite("image_chips", index, exp, id_column="unit_id")
+    # Excluded units carry a known reason; usable ones none (the warehouse groups exclusions by it).
+    from eocausal.imagery.chips import REASONS
+
+    excluded = index["status"] == "excluded"
+    bad_reason = index.index[(excluded & ~index["reason"].isin(REASONS)) | (~excluded & index["reason"].notna())]
+    if len(bad_reason):
+        report.failures.append(
+            RuleFailure(
+                rule=f"excluded units have a reason in {list(REASONS)}; usable units none",
+                column="reason",
+                rows=[int(index.index.get_loc(i)) for i in bad_reason],
+                unit_ids=index.loc[bad_reason, "unit_id"].astype(str).tolist(),
+                examples=index.loc[bad_reason, "reason"].head(5).tolist(),
+            )
+        )
     # Usable chips must satisfy the nodata limit (checked on the 'ok' subset, rows mapped back).
     too_empty = ok.index[ok["valid_share"] < 1.0 - max_nodata_share - 1e-12].tolist()
     if too_empty:
@@ -192,6 +258,28 @@ def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> Quality
             )
         )
     return report
+
+
+def too_few_usable_units(index: pd.DataFrame, min_usable_share: float, min_units: int = 10) -> RuleFailure | None:
+    """A failure naming the excluded units when too few units have a usable chip, else None.
+
+    When every unit lies outside the imagery the cause is almost always the coordinates
+    (latitude and longitude swapped, or not WGS84 degrees), so the rule says so.
+    """
+    usable = index["status"] == "ok"
+    n_ok = int(usable.sum())
+    if n_ok >= min_units and n_ok / max(len(index), 1) >= min_usable_share:
+        return None
+    rule = f"at least {min_usable_share:.0%} of units (and {min_units}) have a usable chip"
+    reasons = index.loc[~usable, "reason"]
+    if len(index) and (reasons == "outside_coverage").all() and not usable.any():
+        rule += ": every unit is outside the imagery - are lat and lon swapped, or not WGS84 degrees?"
+    rows = np.flatnonzero(~usable.to_numpy()).tolist()
+    return RuleFailure(
+        rule=rule, column="status", rows=rows,
+        unit_ids=index["unit_id"].iloc[rows].astype(str).tolist(),
+        examples=sorted(set(reasons.dropna().astype(str)))[:5],
+    )
 
 
 def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityReport:

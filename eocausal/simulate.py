@@ -89,8 +89,14 @@ class DemoProcess:
     noise_sd: float = 1.0
     household_size_mean_extra: float = 3.5
 
-    def draw(self, confounder_std: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
-        """Per-unit covariates, propensity, treatment, potential outcomes and effect."""
+    def draw(
+        self, confounder_std: np.ndarray, rng: np.random.Generator, tau: np.ndarray | None = None
+    ) -> pd.DataFrame:
+        """Per-unit covariates, propensity, treatment, potential outcomes and effect.
+
+        ``tau`` replaces the linear effect ``t0 + t1 z`` (e.g. a :class:`ClusteredEffect`'s); it
+        takes no draws from ``rng``, so everything else is drawn exactly as without it.
+        """
         z = np.asarray(confounder_std, dtype=float)
         n = z.size
         rho = self.proxy_correlation
@@ -103,7 +109,12 @@ class DemoProcess:
         floor = self.propensity_floor
         propensity = floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
         treatment = (rng.random(n) < propensity).astype(int)
-        tau = self.effect_intercept + self.effect_confounder * z
+        if tau is None:
+            tau = self.effect_intercept + self.effect_confounder * z
+        else:
+            tau = np.asarray(tau, dtype=float)
+            if tau.shape != z.shape:
+                raise ValueError(f"tau has shape {tau.shape}, the units {z.shape}")
         y0 = (
             self.outcome_intercept
             + self.outcome_confounder * z
@@ -124,6 +135,44 @@ class DemoProcess:
                 "outcome": np.where(treatment == 1, y1, y0),
             }
         )
+
+
+@dataclass(frozen=True)
+class ClusteredEffect:
+    """A clustered effect for checking the image effect-cluster model (eocausal.estimate.clusters).
+
+    Each unit's settlement class — a discrete land-use class seen in the image — is its image
+    confounder (the built-up share around it) cut at the units' quantiles into K equal-sized
+    classes, 0 = most rural ... K-1 = most urban; the effect is the class's value in ``effects``
+    plus, optionally, N(0, spread^2) within the class. Treatment and outcome otherwise follow
+    :class:`DemoProcess`.
+    """
+
+    effects: tuple[float, ...] = (-0.5, 2.5)
+    spread: float = 0.0
+
+    @classmethod
+    def with_k(cls, k: int) -> "ClusteredEffect":
+        """Evenly spaced effects 3 apart, centred on 1: K=2 (-0.5, 2.5), K=3 (-2, 1, 4), ..."""
+        if k < 2:
+            raise ValueError(f"a clustered effect needs K >= 2 classes, got {k}")
+        return cls(effects=tuple(float(1.0 + 3.0 * (j - (k - 1) / 2.0)) for j in range(k)))
+
+    @property
+    def k(self) -> int:
+        return len(self.effects)
+
+    def classes(self, confounder: np.ndarray) -> np.ndarray:
+        """Class 0..K-1 of each unit: the confounder's quantile bin among the units."""
+        confounder = np.asarray(confounder, dtype=float)
+        cuts = np.quantile(confounder, np.arange(1, self.k) / self.k)
+        return np.searchsorted(cuts, confounder, side="right").astype(int)
+
+    def tau(self, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        tau = np.asarray(self.effects, dtype=float)[classes]
+        if self.spread > 0:
+            tau = tau + self.spread * rng.standard_normal(len(tau))
+        return tau
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,12 +326,20 @@ def write_demo_study(
     seed: int = 0,
     scene: Path | None = None,
     chip_size_px: int = 64,
+    effect_clusters: ClusteredEffect | int | None = None,
 ) -> Path:
     """Write a semi-synthetic study on a scene (default: the shipped Landsat-8 crop).
 
     Files: ``study.yaml``, ``villages.csv``, ``imagery/<scene>``, ``truth.json``,
     ``truth_units.csv``. Returns the path of ``study.yaml``.
+
+    ``effect_clusters`` (a :class:`ClusteredEffect`, or K for ``ClusteredEffect.with_k(K)``) makes
+    the effect clustered by the units' settlement class; ``truth_units.csv`` then has the class in
+    ``effect_cluster`` and ``truth.json`` an ``effect_clusters`` section. Without it the files are
+    exactly those of the linear-effect demo.
     """
+    if isinstance(effect_clusters, int) and not isinstance(effect_clusters, bool):
+        effect_clusters = ClusteredEffect.with_k(effect_clusters)
     out_dir = Path(out_dir)
     scene_path = Path(scene) if scene is not None else DEMO_SCENE
     if not scene_path.is_file():
@@ -306,7 +363,14 @@ def write_demo_study(
     if not c_sd > 0:
         raise ValueError(f"{scene_path}: the image confounder does not vary over the units")
     z = (confounder - c_mean) / c_sd
-    draws = process.draw(z, process_rng)
+    effect_class = clustered_tau = None
+    if effect_clusters is not None:
+        # Own stream: the other draws stay those of the linear-effect demo.
+        effect_class = effect_clusters.classes(confounder)
+        clustered_tau = effect_clusters.tau(
+            effect_class, np.random.default_rng(np.random.SeedSequence([seed, 0xC1A55]))
+        )
+    draws = process.draw(z, process_rng, tau=clustered_tau)
 
     # Units sit at a random point inside their pixel, kept off the pixel's edges so that the
     # 1e-7-degree rounding of the survey coordinates never moves a unit to a neighbour pixel.
@@ -364,6 +428,8 @@ def write_demo_study(
             "col": cols,
         }
     )
+    if effect_class is not None:
+        truth_units["effect_cluster"] = effect_class
     truth_units.to_csv(out_dir / "truth_units.csv", index=False, lineterminator="\n")
 
     def effects(mask: np.ndarray) -> dict:
@@ -429,6 +495,17 @@ def write_demo_study(
         },
         "columns": dict(COLUMNS),
     }
+    if effect_clusters is not None:
+        truth["effect_clusters"] = {
+            "definition": (
+                "settlement class: the confounder (built-up share) cut at its unit quantiles into K "
+                "equal-sized classes, 0 = most rural; tau = effects[class] (+ N(0, spread^2))"
+            ),
+            "k": effect_clusters.k,
+            "effects": [_r(v) for v in effect_clusters.effects],
+            "spread": _r(effect_clusters.spread),
+            "class_counts": np.bincount(effect_class, minlength=effect_clusters.k).tolist(),
+        }
     (out_dir / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
 
     study = {
@@ -456,6 +533,8 @@ def write_demo_study(
             "seed": 0,
         },
     }
+    if effect_clusters is not None:
+        study["heterogeneity"] = {"clusters": effect_clusters.k}  # fit as many clusters as there are
     study_path = out_dir / "study.yaml"
     header = (
         "# eocausal demo study: semi-synthetic outcomes on real Landsat-8 pixels.\n"
@@ -632,3 +711,430 @@ def _land_cover_block(rows, cols, fields, parcel_value, parcel_shift, spectra, r
         band += 30.0 * rng.standard_normal(shape).astype(np.float32)  # sensor noise
         out[b] = band
     return np.clip(np.rint(out), 1, 65535).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------------------------
+# Missing outcomes, and a confounder the image does not show (outcome imputation, sensitivity)
+
+# The hidden confounder's survey column, in studies where it is revealed (measured) after all.
+HIDDEN_CONFOUNDER_COLUMN = "deprivation_index"
+_QUADRATURE_NODES = 64
+
+
+def missing_outcomes(n: int, missing_share: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly round(missing_share * n) units, uniformly at random (missing completely at random)."""
+    if not 0.0 <= missing_share < 1.0:
+        raise ValueError(f"missing_share must lie in [0, 1), got {missing_share}")
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=int(round(missing_share * n)), replace=False)] = True
+    return mask
+
+
+def plm_effect(propensity: np.ndarray, tau: np.ndarray) -> float:
+    """What the partially linear (DML) estimator targets: the effect weighted by Var(D | X),
+    sum e(1 - e) tau / sum e(1 - e). Equal to the ATE when the effect is constant."""
+    w = np.asarray(propensity) * (1.0 - np.asarray(propensity))
+    return float(np.sum(w * np.asarray(tau)) / np.sum(w))
+
+
+@dataclass(frozen=True)
+class HiddenConfounderProcess(DemoProcess):
+    """The demo process plus a confounder no image and no survey column shows: local deprivation
+    ``u ~ N(0, 1)``, independent of the image confounder ``z``.
+
+    - propensity ``e = floor + (1 - 2 floor) sigmoid(a0 + a1 z + a_u u)``: the programme targets
+      deprived places (``hidden_propensity`` > 0);
+    - outcome ``Y0`` as in :class:`DemoProcess` plus ``hidden_outcome * u``: deprivation lowers the
+      asset index (< 0), so leaving ``u`` out biases the estimate towards zero.
+
+    The defaults give ``u`` a partial R² of about 0.37 with the outcome and 0.31 with the
+    treatment (0.38 as the AIPW's Riesz gain; :meth:`strengths`) and a true ATE of
+    1.6 + 0.5 mean(z). Adjusting for ``u``, the estimate is robust to a confounder as strong as
+    ``u``; leaving it out (estimate about 0.65) it is not — which a sensitivity analysis should
+    say without knowing ``u``. (Chosen, with the propensity floor at 0.1, so that both hold with
+    a margin for AIPW and DML alike.)
+    """
+
+    propensity_floor: float = 0.1
+    propensity_slope: float = 0.6
+    effect_intercept: float = 1.6
+    hidden_propensity: float = 2.6
+    hidden_outcome: float = -0.9
+
+    def propensity(self, z: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        logit = self.propensity_intercept + self.propensity_slope * z + self.hidden_propensity * hidden
+        floor = self.propensity_floor
+        return floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
+
+    def draw(
+        self, confounder_std: np.ndarray, rng: np.random.Generator, tau: np.ndarray | None = None
+    ) -> pd.DataFrame:
+        """As :meth:`DemoProcess.draw`, with the hidden confounder in ``hidden_confounder``."""
+        z = np.asarray(confounder_std, dtype=float)
+        n = z.size
+        rho = self.proxy_correlation
+        market_latent = rho * z + math.sqrt(1.0 - rho * rho) * rng.standard_normal(n)
+        household_size = 1 + rng.poisson(self.household_size_mean_extra, n)
+        h_std = (household_size - (1 + self.household_size_mean_extra)) / math.sqrt(
+            self.household_size_mean_extra
+        )
+        hidden = rng.standard_normal(n)
+        propensity = self.propensity(z, hidden)
+        treatment = (rng.random(n) < propensity).astype(int)
+        tau = self.effect_intercept + self.effect_confounder * z if tau is None else np.asarray(tau, float)
+        y0 = (
+            self.outcome_intercept
+            + self.outcome_confounder * z
+            + self.outcome_market_access * market_latent
+            + self.outcome_household_size * h_std
+            + self.hidden_outcome * hidden
+            + self.noise_sd * rng.standard_normal(n)
+        )
+        y1 = y0 + tau
+        return pd.DataFrame(
+            {
+                "market_access": 50.0 + 10.0 * market_latent,
+                "household_size": household_size,
+                "hidden_confounder": hidden,
+                "propensity": propensity,
+                "treatment": treatment,
+                "tau": tau,
+                "y0": y0,
+                "y1": y1,
+                "outcome": np.where(treatment == 1, y1, y0),
+            }
+        )
+
+    def strengths(self, confounder_std: np.ndarray) -> dict:
+        """How strong the hidden confounder is beyond what image and survey show (z; the survey's
+        covariates are independent of it), on the units given — in the terms of the sensitivity
+        analysis (:mod:`eocausal.estimate.sensitivity`), computed exactly by Gauss-Hermite
+        quadrature over u:
+
+        - ``r2_outcome``: partial R² of u with the outcome given (D, z, covariates):
+          hidden_outcome² E[Var(u | D, z)] / (noise_sd² + hidden_outcome² E[Var(u | D, z)]);
+        - ``r2_treatment``: partial R² of u with the treatment given z (the partially linear
+          model's r_d): E[(e(z, u) - e(z))²] / E[(D - e(z))²];
+        - ``riesz_gain``: the AIPW (ATE) r_d, 1 - E[1/e(z) + 1/(1-e(z))] / E[1/e(z,u) + 1/(1-e(z,u))];
+        - ``ate`` and ``plm_effect_long``: what AIPW and DML estimate when they adjust for u.
+        """
+        from numpy.polynomial.hermite_e import hermegauss
+
+        z = np.asarray(confounder_std, dtype=float)
+        nodes, weights = hermegauss(_QUADRATURE_NODES)
+        weights = weights / weights.sum()
+        e_long = self.propensity(z[:, None], nodes[None, :])  # units x nodes
+        e_short = e_long @ weights
+        var_d_long = (e_long * (1.0 - e_long)) @ weights
+        gap = np.square(e_long - e_short[:, None]) @ weights
+        r2_treatment = gap.mean() / (var_d_long.mean() + gap.mean())
+        nu2_long = ((1.0 / e_long + 1.0 / (1.0 - e_long)) @ weights).mean()
+        nu2_short = (1.0 / e_short + 1.0 / (1.0 - e_short)).mean()
+        var_u = np.zeros_like(z)
+        for arm_density in (e_long, 1.0 - e_long):  # density of u given D = d, z (up to a constant)
+            p_arm = arm_density @ weights
+            m1 = (arm_density * nodes) @ weights / p_arm
+            m2 = (arm_density * nodes**2) @ weights / p_arm
+            var_u += p_arm * (m2 - m1 * m1)
+        explained = self.hidden_outcome**2 * var_u.mean()
+        tau = self.effect_intercept + self.effect_confounder * z
+        return {
+            "r2_outcome": float(explained / (self.noise_sd**2 + explained)),
+            "r2_treatment": float(r2_treatment),
+            "riesz_gain": float(1.0 - nu2_short / nu2_long),
+            "ate": float(tau.mean()),
+            "plm_effect_long": float(np.sum(var_d_long * tau) / np.sum(var_d_long)),
+        }
+
+
+def _rewrite_study_yaml(study_path: Path, header: str, **analysis_or_survey) -> None:
+    doc = yaml.safe_load(study_path.read_text(encoding="utf-8"))
+    for section, values in analysis_or_survey.items():
+        doc[section].update(values)
+    study_path.write_text(header + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def write_imputation_study(
+    out_dir: Path,
+    missing_share: float = 0.7,
+    n_units: int = 1500,
+    seed: int = 0,
+    scene: Path | None = None,
+    chip_size_px: int = 64,
+) -> Path:
+    """The demo study with the outcome blanked for a known share of units, missing completely at
+    random, and ``analysis.outcome_imputation: true``. ``truth.json`` keeps the full-sample
+    effects (the target) and says which share is missing; ``truth_units.csv`` gains
+    ``outcome_measured``. Returns the path of ``study.yaml``."""
+    out_dir = Path(out_dir)
+    study_path = write_demo_study(out_dir, n_units=n_units, seed=seed, scene=scene, chip_size_px=chip_size_px)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1A7E]))  # own stream: demo draws unchanged
+    villages = pd.read_csv(out_dir / "villages.csv", dtype=str, keep_default_na=False)
+    missing = missing_outcomes(len(villages), missing_share, rng)
+    villages.loc[missing, COLUMNS["outcome"]] = ""
+    villages.to_csv(out_dir / "villages.csv", index=False, lineterminator="\n")
+    truth_units = pd.read_csv(out_dir / "truth_units.csv", dtype=str, keep_default_na=False)
+    truth_units["outcome_measured"] = (~missing).astype(int)
+    truth_units.to_csv(out_dir / "truth_units.csv", index=False, lineterminator="\n")
+    truth = json.loads((out_dir / "truth.json").read_text(encoding="utf-8"))
+    truth["outcome_missing"] = {
+        "mechanism": "missing completely at random: a uniformly random subset of exactly "
+                     "round(missing_share * n_units) units has no outcome",
+        "missing_share": _r(missing_share),
+        "n_missing": int(missing.sum()),
+        "n_measured": int((~missing).sum()),
+        "target": "the effects above are over all units, measured or not",
+    }
+    (out_dir / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
+    _rewrite_study_yaml(
+        study_path,
+        "# eocausal demo study with missing outcomes (outcome imputation); truth in truth.json.\n",
+        analysis={"outcome_imputation": True},
+    )
+    return study_path
+
+
+def write_hidden_confounder_study(
+    out_dir: Path,
+    hidden: bool = True,
+    n_units: int = 1500,
+    seed: int = 0,
+    scene: Path | None = None,
+    chip_size_px: int = 64,
+    process: HiddenConfounderProcess | None = None,
+) -> Path:
+    """The demo study drawn from :class:`HiddenConfounderProcess`: a confounder that no image shows.
+
+    ``hidden=True`` leaves it out of the survey too (nothing the analysis can adjust for captures
+    it); ``hidden=False`` reveals it as the survey covariate ``deprivation_index`` (nothing is
+    hidden). The same seed gives the same units, confounder and draws either way. ``truth.json``
+    holds the effects and, under ``hidden_confounder``, the confounder's actual strengths over
+    the imageable units (:meth:`HiddenConfounderProcess.strengths`)."""
+    out_dir = Path(out_dir)
+    process = process or HiddenConfounderProcess()
+    study_path = write_demo_study(out_dir, n_units=n_units, seed=seed, scene=scene, chip_size_px=chip_size_px)
+    truth_units = pd.read_csv(out_dir / "truth_units.csv", dtype={"unit_id": str})
+    z = truth_units["confounder_std"].to_numpy(dtype=float)
+    draws = process.draw(z, np.random.default_rng(np.random.SeedSequence([seed, 0x41DE])))
+    treatment = draws["treatment"].to_numpy()
+    outcome = np.round(draws["outcome"].to_numpy(), 4)
+    tau = draws["tau"].to_numpy()
+
+    villages = pd.read_csv(out_dir / "villages.csv", dtype=str, keep_default_na=False)
+    villages[COLUMNS["treatment"]] = treatment
+    villages[COLUMNS["outcome"]] = _fmt(outcome, 4)
+    villages[COLUMNS["proxy"]] = _fmt(np.round(draws["market_access"].to_numpy(), 2), 2)
+    villages[COLUMNS["unrelated"]] = draws["household_size"].to_numpy()
+    if not hidden:
+        villages[HIDDEN_CONFOUNDER_COLUMN] = _fmt(draws["hidden_confounder"].to_numpy(), 4)
+    villages.to_csv(out_dir / "villages.csv", index=False, lineterminator="\n")
+
+    for col, digits in (("propensity", 6), ("tau", 6), ("y0", 6), ("y1", 6), ("hidden_confounder", 6)):
+        truth_units[col] = _fmt(draws[col], digits)
+    truth_units["treatment"] = treatment
+    truth_units.to_csv(out_dir / "truth_units.csv", index=False, lineterminator="\n")
+
+    imageable = truth_units["imageable"].to_numpy(dtype=int) == 1
+
+    def effects(mask: np.ndarray) -> dict:
+        treated, control = mask & (treatment == 1), mask & (treatment == 0)
+        naive = outcome[treated].mean() - outcome[control].mean()
+        return {"n": int(mask.sum()), "n_treated": int(treated.sum()), "ate": _r(tau[mask].mean()),
+                "att": _r(tau[treated].mean()), "naive_difference_in_means": _r(naive),
+                "naive_bias": _r(naive - tau[mask].mean())}
+
+    truth = json.loads((out_dir / "truth.json").read_text(encoding="utf-8"))
+    everyone = effects(np.ones(len(z), dtype=bool))
+    truth.update({k: everyone[k] for k in ("ate", "att", "n_treated", "naive_difference_in_means", "naive_bias")})
+    truth["imageable"].update(effects(imageable))
+    truth["process"] = {k: _r(v) for k, v in asdict(process).items()}
+    truth["diagnostics"].update({
+        "propensity_min": _r(draws["propensity"].min(), 6),
+        "propensity_max": _r(draws["propensity"].max(), 6),
+    })
+    truth["hidden_confounder"] = {
+        "definition": "local deprivation u ~ N(0, 1), independent of the image confounder; it raises "
+                      "the chance of treatment and lowers the outcome, and no image shows it",
+        "visible": not hidden,
+        "survey_column": None if hidden else HIDDEN_CONFOUNDER_COLUMN,
+        "strengths_over_imageable_units": {k: _r(v, 6) for k, v in process.strengths(z[imageable]).items()},
+    }
+    (out_dir / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
+    covariates = [COLUMNS["proxy"], COLUMNS["unrelated"]] + ([] if hidden else [HIDDEN_CONFOUNDER_COLUMN])
+    _rewrite_study_yaml(
+        study_path,
+        "# eocausal demo study with a confounder the image does not show "
+        f"({'hidden' if hidden else f'revealed as {HIDDEN_CONFOUNDER_COLUMN}'}); truth in truth.json.\n",
+        survey={"covariates": covariates},
+    )
+    return study_path
+
+
+# --------------------------------------------------------------------------------------------
+# Monte Carlo: outcome imputation coverage, and robustness values against a hidden confounder.
+# Design-based: the units and their image features are fixed; each replication redraws the
+# covariates, treatment, outcomes (and which outcomes are missing) with its own seed.
+
+
+def _standardise(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    sd = values.std()
+    return (values - values.mean()) / (sd if sd > 0 else 1.0)
+
+
+def _survey_features(draws: pd.DataFrame, image_features: np.ndarray, extra=()) -> np.ndarray:
+    columns = [_standardise(draws["market_access"]), _standardise(draws["household_size"]), *extra]
+    return np.column_stack([*columns, np.asarray(image_features, dtype=float)])
+
+
+def imputation_monte_carlo(
+    confounder_std: np.ndarray,
+    image_features: np.ndarray,
+    n_replications: int,
+    missing_share: float = 0.7,
+    estimators=("aipw", "dml"),
+    randomised: bool = False,
+    folds: int = 5,
+    seed: int = 0,
+    log=None,
+) -> pd.DataFrame:
+    """Per replication and estimator: the estimate with every outcome measured (``all_measured``),
+    on the measured units only (``measured``), and on all units with the imputed outcomes
+    corrected (``imputed_corrected``) or plugged in (``imputed_plugin``); each row has its CI and
+    whether it covers the truth (the ATE, or for DML its variance-weighted target).
+
+    Features: the two survey covariates and ``image_features`` (e.g. the embedding's principal
+    components). ``randomised``: treatment is a fair coin (a trial) instead of the demo's
+    image-targeted assignment.
+    """
+    from eocausal.estimate.ate import estimate_effects
+    from eocausal.estimate.imputation import CORRECTED, MEASURED, PLUGIN, impute_outcomes
+
+    process = DemoProcess()
+    if randomised:
+        from dataclasses import replace
+
+        process = replace(process, propensity_intercept=0.0, propensity_slope=0.0)
+    z = np.asarray(confounder_std, dtype=float)
+    rows = []
+    for rep in range(n_replications):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1A7E, rep]))
+        draws = process.draw(z, rng)
+        X = _survey_features(draws, image_features)
+        d = draws["treatment"].to_numpy()
+        y = draws["outcome"].to_numpy()
+        missing = missing_outcomes(len(y), missing_share, rng)
+        imputed = impute_outcomes(np.where(missing, np.nan, y), d, X, folds=folds, seed=rep)
+        tau = draws["tau"].to_numpy()
+        truth = {e: (plm_effect(draws["propensity"], tau) if e == "dml" else float(tau.mean())) for e in estimators}
+        runs = {
+            "all_measured": (y, d, X),
+            MEASURED: (y[~missing], d[~missing], X[~missing]),
+            CORRECTED: (imputed.corrected, d, X),
+            PLUGIN: (imputed.filled, d, X),
+        }
+        for source, (y_s, d_s, X_s) in runs.items():
+            results = estimate_effects(y_s, d_s, X_s, estimators=tuple(estimators), folds=folds, seed=rep)
+            for estimator, res in results.items():
+                rows.append({
+                    "replication": rep, "estimator": estimator, "outcome_source": source,
+                    "estimate": res.estimate, "std_error": res.std_error, "ci_low": res.ci_low,
+                    "ci_high": res.ci_high, "truth": truth[estimator],
+                    "covers": bool(res.ci_low <= truth[estimator] <= res.ci_high),
+                    "n_measured": int((~missing).sum()), "power": json.dumps(imputed.diagnostics["power"]),
+                })
+        if log and (rep + 1) % 10 == 0:
+            log(f"imputation Monte Carlo: {rep + 1}/{n_replications} replications")
+    return pd.DataFrame(rows)
+
+
+def coverage_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Bias, SD, mean SE, RMSE, 95% CI coverage (with its Monte Carlo SE) and CI width per
+    estimator x outcome source."""
+    order = {"all_measured": 0, "measured": 1, "imputed_corrected": 2, "imputed_plugin": 3}
+    rows = []
+    for (estimator, source), g in results.groupby(["estimator", "outcome_source"], sort=False):
+        error = g["estimate"] - g["truth"]
+        coverage = float(g["covers"].mean())
+        rows.append({
+            "estimator": estimator, "outcome_source": source, "replications": len(g),
+            "bias": float(error.mean()), "sd": float(g["estimate"].std(ddof=1)),
+            "mean_se": float(g["std_error"].mean()), "rmse": float(np.sqrt(np.mean(error**2))),
+            "coverage": coverage, "coverage_mc_se": float(np.sqrt(coverage * (1 - coverage) / len(g))),
+            "mean_ci_width": float((g["ci_high"] - g["ci_low"]).mean()),
+        })
+    table = pd.DataFrame(rows)
+    return table.sort_values(["estimator", "outcome_source"], key=lambda c: c.map(order) if c.name == "outcome_source" else c).reset_index(drop=True)
+
+
+def sensitivity_monte_carlo(
+    confounder_std: np.ndarray,
+    image_features: np.ndarray,
+    n_replications: int,
+    process: HiddenConfounderProcess | None = None,
+    estimators=("aipw", "dml"),
+    folds: int = 5,
+    seed: int = 0,
+    log=None,
+) -> tuple[pd.DataFrame, dict]:
+    """Per replication, world and estimator: the robustness values when the confounder is hidden
+    (features: survey covariates + image) and when nothing is hidden (the confounder added as a
+    covariate), beside its actual strengths, and whether the bounds at those strengths cover
+    the truth. Returns the rows and the strengths."""
+    from eocausal.estimate.sensitivity import (
+        bounds, robustness_value, robustness_value_alpha, sensitivity_for_effects,
+    )
+
+    process = process or HiddenConfounderProcess()
+    z = np.asarray(confounder_std, dtype=float)
+    strengths = process.strengths(z)
+    truth = {"aipw": strengths["ate"], "dml": strengths["plm_effect_long"]}
+    r2_treatment = {"aipw": strengths["riesz_gain"], "dml": strengths["r2_treatment"]}
+    rows = []
+    for rep in range(n_replications):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x41DE, rep]))
+        draws = process.draw(z, rng)
+        d = draws["treatment"].to_numpy()
+        y = draws["outcome"].to_numpy()
+        worlds = {
+            "hidden": _survey_features(draws, image_features),
+            "nothing_hidden": _survey_features(draws, image_features, extra=[draws["hidden_confounder"].to_numpy()]),
+        }
+        for world, X in worlds.items():
+            stats = sensitivity_for_effects(y, d, X, tuple(estimators), folds=folds, seed=rep)
+            for estimator, s in stats.items():
+                rv = robustness_value(s)
+                at_actual = bounds(s, strengths["r2_outcome"], r2_treatment[estimator])
+                rows.append({
+                    "replication": rep, "world": world, "estimator": estimator, "estimate": s.theta,
+                    "std_error": s.std_error, "truth": truth[estimator],
+                    "robustness_value": rv, "robustness_value_alpha": robustness_value_alpha(s),
+                    "r2_outcome": strengths["r2_outcome"], "r2_treatment": r2_treatment[estimator],
+                    "rv_below_both": bool(rv < min(strengths["r2_outcome"], r2_treatment[estimator])),
+                    "rv_above_both": bool(rv > max(strengths["r2_outcome"], r2_treatment[estimator])),
+                    "bounds_at_actual_cover_truth": bool(
+                        float(at_actual["ci_lower"]) <= truth[estimator] <= float(at_actual["ci_upper"])
+                    ),
+                    "bounds_at_actual_include_zero": bool(float(at_actual["theta_lower"]) <= 0 <= float(at_actual["theta_upper"])),
+                })
+        if log and (rep + 1) % 10 == 0:
+            log(f"sensitivity Monte Carlo: {rep + 1}/{n_replications} replications")
+    return pd.DataFrame(rows), strengths
+
+
+def robustness_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per world x estimator: mean estimate and truth, median RV / RV_alpha, the confounder's
+    actual strengths, and the shares of replications where RV is below / above both."""
+    rows = []
+    for (world, estimator), g in results.groupby(["world", "estimator"], sort=False):
+        rows.append({
+            "world": world, "estimator": estimator, "replications": len(g),
+            "mean_estimate": float(g["estimate"].mean()), "truth": float(g["truth"].iloc[0]),
+            "median_rv": float(g["robustness_value"].median()),
+            "median_rv_alpha": float(g["robustness_value_alpha"].median()),
+            "r2_outcome": float(g["r2_outcome"].iloc[0]), "r2_treatment": float(g["r2_treatment"].iloc[0]),
+            "share_rv_below_both": float(g["rv_below_both"].mean()),
+            "share_rv_above_both": float(g["rv_above_both"].mean()),
+            "share_bounds_at_actual_cover_truth": float(g["bounds_at_actual_cover_truth"].mean()),
+        })
+    return pd.DataFrame(rows)

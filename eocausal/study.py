@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from eocausal.imagery.ee_collections import COLLECTIONS
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
@@ -49,6 +52,36 @@ class SurveySpec(_Strict):
         return self
 
 
+class PeriodSpec(_Strict):
+    """One imagery period: a composite over [start, end) (end exclusive, as Earth Engine's filterDate)."""
+
+    name: str
+    start: date
+    end: date
+
+    @field_validator("name")
+    @classmethod
+    def _safe_period_name(cls, v: str) -> str:
+        # Period names become partition keys and file names.
+        if not _NAME_RE.match(v):
+            raise ValueError("period name must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PeriodSpec":
+        if self.end <= self.start:
+            raise ValueError(f"period {self.name!r}: end {self.end} must be after start {self.start}")
+        return self
+
+
+def _year_period(value):
+    """A bare year (2019 or "2019") is shorthand for that calendar year."""
+    if isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"\d{4}", value)):
+        year = int(value)
+        return {"name": str(year), "start": date(year, 1, 1), "end": date(year + 1, 1, 1)}
+    return value
+
+
 class ImagerySpec(_Strict):
     source: Literal["geotiff", "earthengine"] = "geotiff"
     path: str | None = None
@@ -61,11 +94,80 @@ class ImagerySpec(_Strict):
     nodata: float | None = None
     bands: list[int] | None = None  # 1-based band indexes; None = all bands
 
+    # -- source: earthengine (see eocausal.imagery.earthengine) --------------------------------
+    collection: str = "landsat8_9_sr"  # a name in eocausal.imagery.ee_collections.COLLECTIONS
+    band_names: list[str] | None = None  # the collection's band names; None = its defaults
+    # Composite periods: a list of {name, start, end} (or bare years), or start/end for one.
+    periods: list[PeriodSpec] = Field(default_factory=list)
+    start: date | None = None
+    end: date | None = None
+    # The period whose chips feed the analysis; None = the first (a pre-treatment baseline).
+    analysis_period: str | None = None
+    scale_m: float | None = Field(None, gt=0)  # pixel size; None = the collection's native size
+    crs: str = "utm"  # "utm" = each unit's own UTM zone; else a CRS code such as "EPSG:32721"
+    max_concurrency: int = Field(32, ge=1, le=40)  # Earth Engine allows 40 concurrent requests
+    max_requests_per_second: float = Field(50.0, gt=0, le=100)  # the per-project quota is 100
+    max_attempts: int = Field(10, ge=1, le=30)  # per chip, on rate limits and transient errors
+    request_timeout_s: float = Field(120.0, gt=0)
+    high_volume: bool = False  # use the high-volume endpoint (for many small automated requests)
+    project: str | None = None  # Google Cloud project; None = from the environment/credentials
+
+    @field_validator("periods", mode="before")
+    @classmethod
+    def _year_shorthand(cls, v):
+        return [_year_period(p) for p in v] if isinstance(v, list) else v
+
+    @field_validator("analysis_period", mode="before")
+    @classmethod
+    def _year_name(cls, v):
+        return str(v) if isinstance(v, int) else v  # `analysis_period: 2019` names the period "2019"
+
     @model_validator(mode="after")
     def _path_for_geotiff(self) -> "ImagerySpec":
         if self.source == "geotiff" and not self.path:
             raise ValueError("imagery.path is required when imagery.source is 'geotiff'")
         return self
+
+    @model_validator(mode="after")
+    def _earthengine_settings(self) -> "ImagerySpec":
+        if self.source != "earthengine":
+            return self
+        if self.collection not in COLLECTIONS:
+            raise ValueError(f"unknown imagery.collection {self.collection!r}; known: {sorted(COLLECTIONS)}")
+        known = COLLECTIONS[self.collection].bands
+        unknown = [b for b in self.band_names or [] if b not in known]
+        if unknown or (self.band_names is not None and not self.band_names):
+            raise ValueError(f"imagery.band_names {self.band_names} not all in {self.collection}'s bands {list(known)}")
+        if self.periods and (self.start or self.end):
+            raise ValueError("give imagery.periods or imagery.start/end, not both")
+        if not self.periods and not (self.start and self.end):
+            raise ValueError("imagery.source 'earthengine' needs imagery.periods, or imagery.start and imagery.end")
+        periods = self.resolved_periods()
+        names = [p.name for p in periods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"imagery.periods names repeated: {names}")
+        if self.analysis_period is not None and self.analysis_period not in names:
+            raise ValueError(f"imagery.analysis_period {self.analysis_period!r} is not one of the periods {names}")
+        return self
+
+    def resolved_periods(self) -> list[PeriodSpec]:
+        """The study's periods, in study order (start/end make one period named start_end)."""
+        if self.periods:
+            return list(self.periods)
+        if self.start and self.end:
+            return [PeriodSpec(name=f"{self.start:%Y%m%d}_{self.end:%Y%m%d}", start=self.start, end=self.end)]
+        return []
+
+    def period(self, name: str | None = None) -> PeriodSpec:
+        """A period by name; None = the analysis period."""
+        periods = self.resolved_periods()
+        if not periods:
+            raise StudyError("the study names no imagery periods")
+        wanted = name if name is not None else (self.analysis_period or periods[0].name)
+        for p in periods:
+            if p.name == wanted:
+                return p
+        raise StudyError(f"no imagery period named {wanted!r}; periods: {[p.name for p in periods]}")
 
 
 class EmbeddingSpec(_Strict):
@@ -75,6 +177,27 @@ class EmbeddingSpec(_Strict):
     patch_size: int = Field(3, ge=1, le=15)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=1)
+    # Compute dtype: auto = bfloat16 where the hardware multiplies it natively (tensor cores,
+    # AVX512-BF16, AMX), else float32. bf16 features agree with float32 ones to ~1e-3 (relative).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # RCF: "both" adds MOSAIKS' negative branch relu(-(z - bias)); n_features counts both branches.
+    branches: Literal["positive", "both"] = "positive"
+    bias: float = 0.0  # RCF ReLU threshold
+    pool_grid: int = Field(1, ge=1, le=8)  # RCF: average over a g x g grid of cells (1 = whole chip)
+    # method backbone: architecture and a local weights file (torchvision/timm state_dict;
+    # relative to the study file; never downloaded). n_features is then the backbone's width.
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "vit_b_16"] = "resnet18"
+    weights: str | None = None
+    input_size_px: int | None = Field(None, ge=16, le=1024)  # resize chips for the backbone
+    rgb_bands: list[int] | None = None  # which chip bands get the RGB weights (else: repeated)
+    # Principal components fitted once on all embedded units and stored with the embeddings.
+    pca_components: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _backbone_needs_weights(self) -> "EmbeddingSpec":
+        if self.method == "backbone" and not self.weights:
+            raise ValueError("embedding.method 'backbone' needs embedding.weights (a local weights file)")
+        return self
 
 
 class AnalysisSpec(_Strict):
@@ -92,6 +215,18 @@ class AnalysisSpec(_Strict):
     image_components: int = Field(64, ge=1)
     # Spatially blocked folds: units are grouped into square blocks of this size (km).
     spatial_block_km: float | None = Field(None, gt=0)
+    # The outcome may be missing for some units: predict it from the image (+ covariates) and
+    # report corrected (prediction-powered) and plug-in estimates beside the labelled-only ones.
+    # Off, a missing outcome is an error of the survey suite.
+    outcome_imputation: bool = False
+    # Why outcomes are missing: "by_arm" = at random within each treatment arm; "features" = at
+    # random given treatment, covariates and image (a cross-fitted model of being labelled).
+    outcome_labelling: Literal["by_arm", "features"] = "by_arm"
+    # Drop units whose cross-fitted propensity is outside [trim, 1 - trim] (the estimand becomes
+    # the effect on the units kept; the share trimmed is in the diagnostics). None: no trimming.
+    propensity_trim: float | None = Field(None, gt=0.0, lt=0.5)
+    # Repeated cross-fitting: the median over this many independent fold splits.
+    cross_fit_repetitions: int = Field(1, ge=1, le=100)
 
     @field_validator("estimators", "feature_sets")
     @classmethod
@@ -103,12 +238,68 @@ class AnalysisSpec(_Strict):
         return v
 
 
+class TransportSpec(_Strict):
+    """Where the image CATE model is applied beyond the study's units (a grid of cells)."""
+
+    enabled: bool = True
+    # [west, south, east, north] in WGS84 degrees; None = the imagery's footprint (GeoTIFF sources).
+    bbox: list[float] | None = None
+    cells: int = Field(250, ge=1, le=100_000)  # about this many square cells (each one chip to embed)
+
+    @field_validator("bbox")
+    @classmethod
+    def _box(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if len(v) != 4:
+            raise ValueError("bbox must be [west, south, east, north]")
+        west, south, east, north = v
+        if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+            raise ValueError("bbox must be [west, south, east, north] in degrees, west < east, south < north")
+        return v
+
+
+class HeterogeneitySpec(_Strict):
+    """Where the effect differs and why (DESIGN §6): DR-learner CATE, effect clusters, RATE,
+    transport and saliency. ``heterogeneity: false`` in a study file turns it all off."""
+
+    enabled: bool = True
+    # Final-stage features of the DR-learner; its nuisances always adjust for every confounder.
+    feature_sets: list[Literal["tabular", "image", "tabular+image"]] = Field(
+        default_factory=lambda: ["tabular", "image", "tabular+image"]
+    )
+    learner: Literal["linear", "boosting"] = "linear"  # final stage
+    rate_bootstrap: int = Field(200, ge=2, le=10_000)
+    # Effect clusters: K, or "auto" = chosen by cross-validated held-out fit over 1..max_clusters.
+    clusters: int | Literal["auto"] = 2
+    max_clusters: int = Field(4, ge=2, le=10)
+    cluster_penalty: float = Field(0.1, ge=0.0)
+    # Saliency panels: this many most and this many least likely treated units.
+    saliency_units: int = Field(3, ge=1, le=20)
+    transport: TransportSpec = Field(default_factory=TransportSpec)
+
+    @field_validator("clusters")
+    @classmethod
+    def _k(cls, v):
+        if v != "auto" and not (1 <= int(v) <= 10):
+            raise ValueError("clusters must be 1..10 or 'auto'")
+        return v
+
+    @field_validator("feature_sets")
+    @classmethod
+    def _sets(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"name at least one feature set, each once: {v}")
+        return v
+
+
 class Study(_Strict):
     name: str
     survey: SurveySpec
     imagery: ImagerySpec
     embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    heterogeneity: HeterogeneitySpec = Field(default_factory=HeterogeneitySpec)
     # The folder holding study.yaml; set by load_study, not by the file.
     root: Path = Field(default=Path("."), exclude=True)
 
@@ -118,6 +309,12 @@ class Study(_Strict):
         if not _NAME_RE.match(v):
             raise ValueError("name must be 1-64 characters of letters, digits, '_', '.', '-'")
         return v
+
+    @field_validator("heterogeneity", mode="before")
+    @classmethod
+    def _heterogeneity_switch(cls, v):
+        # `heterogeneity: true/false` is shorthand for the defaults, on or off.
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _tabular_needs_covariates(self) -> "Study":
@@ -144,7 +341,13 @@ class Study(_Strict):
     def imagery_path(self) -> Path:
         if self.imagery.path is None:
             raise StudyError("imagery.path is not set")
-        return self.resolve(self.imagery.path)
+        path = self.resolve(self.imagery.path)
+        if path.is_dir():
+            # The folder's files are read too: a link among them must not lead outside either.
+            for entry in path.iterdir():
+                if entry.is_symlink():
+                    self.resolve(str(entry.relative_to(self.root.resolve())))
+        return path
 
     def spec_hash(self, *parts: str) -> str:
         """A stable hash of parts of the spec (e.g. 'analysis'), for versioning."""

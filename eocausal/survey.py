@@ -106,14 +106,18 @@ def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, lis
     return df, parse_failures
 
 
-def load_survey(path: Path, spec: SurveySpec) -> tuple[pd.DataFrame, QualityReport]:
+def load_survey(
+    path: Path, spec: SurveySpec, outcome_may_be_missing: bool = False
+) -> tuple[pd.DataFrame, QualityReport]:
     """Read, canonicalise and validate; raise DataQualityError naming every failed rule.
 
+    ``outcome_may_be_missing`` (the study's ``analysis.outcome_imputation``): an empty outcome is
+    allowed and counted in ``report.observations``; a non-finite one is still an error.
     Nothing is written here: the caller writes the canonical table only after this returns.
     """
     df, parse_failures = canonicalise(read_survey_table(path), spec)
     covariates = [covariate_column(c) for c in spec.covariates]
-    report = validate_survey(df, covariates)
+    report = validate_survey(df, covariates, outcome_may_be_missing=outcome_may_be_missing)
     report.failures = parse_failures + report.failures
     if not report.success:
         raise DataQualityError(report)

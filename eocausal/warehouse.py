@@ -3,6 +3,11 @@
 dbt writes ``warehouse.duckdb``; after a successful refresh, :func:`publish` checkpoints it and
 swaps a copy into place with ``os.replace``. A consumer that opened the old copy keeps reading it;
 the next one opens the new copy; nobody sees a half-written state or blocks the writer.
+
+The copy holds the ``marts`` schema only. Staging and intermediate models are views over the live
+Parquet lake: in a copy they would show the lake as it is at query time (a refresh in progress,
+or a survey that a later check rejected) rather than what was published, and they would break
+when the working folder moves.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from eocausal.faults import crash_point
+from eocausal.study import StudyError
+
 
 def publish(warehouse_path: Path, published_path: Path) -> Path:
     warehouse_path, published_path = Path(warehouse_path), Path(published_path)
@@ -24,15 +32,76 @@ def publish(warehouse_path: Path, published_path: Path) -> Path:
     with duckdb.connect(str(warehouse_path)) as con:
         con.execute("CHECKPOINT")
     published_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".publish.", suffix=".duckdb", dir=published_path.parent)
+    _remove_dead_copies(published_path.parent)
+    # The pid in the name tells a later publish whether the copy's writer is gone.
+    fd, tmp = tempfile.mkstemp(prefix=f"{_COPY_PREFIX}{os.getpid()}.", suffix=".duckdb", dir=published_path.parent)
     os.close(fd)
     try:
         shutil.copyfile(warehouse_path, tmp)
+        _keep_only_published_schemas(Path(tmp))
+        crash_point("publish.copied")  # fault tests: copy made, not yet swapped in
         os.replace(tmp, published_path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".wal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return published_path
+
+
+PUBLISHED_SCHEMAS = ("marts",)
+_COPY_PREFIX = ".publish."
+
+
+def quote_identifier(name: str) -> str:
+    """A DuckDB identifier in double quotes (embedded quotes doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _keep_only_published_schemas(db_path: Path) -> None:
+    with duckdb.connect(str(db_path)) as con:
+        schemas = [r[0] for r in con.execute(
+            "select schema_name from duckdb_schemas() where database_name = current_database() and not internal"
+        ).fetchall()]
+        for schema in schemas:
+            if schema not in PUBLISHED_SCHEMAS and schema != "main":
+                con.execute(f"DROP SCHEMA {quote_identifier(schema)} CASCADE")
+        con.execute("CHECKPOINT")
+
+
+def _remove_dead_copies(folder: Path) -> None:
+    """Delete copies left by a publish that was killed before its swap (its process is gone)."""
+    for entry in folder.glob(f"{_COPY_PREFIX}*"):
+        pid = entry.name[len(_COPY_PREFIX):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WarehousePathError(StudyError):
+    """A working folder that cannot hold a warehouse (reported like a study error by the CLI)."""
+
+
+def check_sql_safe_path(path: Path) -> Path:
+    """Reject a path that cannot be embedded in SQL text as a quoted literal.
+
+    dbt-duckdb reads the lake through SQL (``read_parquet('<lake>/...')``), so the working
+    folder's path becomes part of a statement: a quote or a control character in it would end
+    the literal early (a broken statement at best, injected SQL at worst).
+    """
+    text = str(path)
+    bad = sorted({c for c in text if c in "'\"`;" or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise WarehousePathError(f"working folder path {text!r} contains characters not allowed in warehouse paths: {bad}")
+    return path
 
 
 def query(db_path: Path, sql: str, params: list | None = None) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Image embeddings: random convolutional features (MOSAIKS-style) and their reduction.
+"""Image embeddings: random convolutional features (MOSAIKS-style), pretrained backbones from
+local weights, and their reduction.
 
 ``EmbeddingError`` lives here so that :mod:`eocausal.embed.reduce` (numpy + scikit-learn only)
 can be imported without loading torch; :mod:`eocausal.embed.rcf` re-exports it.
@@ -16,6 +17,7 @@ class EmbeddingError(ValueError):
 
 _LAZY = {
     "RCFEmbedder": "eocausal.embed.rcf",
+    "BackboneEmbedder": "eocausal.embed.backbone",
     "fit_pca": "eocausal.embed.reduce",
     "PCAReduction": "eocausal.embed.reduce",
     "validate_embeddings": "eocausal.embed.reduce",

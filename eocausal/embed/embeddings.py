@@ -1,7 +1,13 @@
 """The embedding stage: embed every usable chip, cached by content (chips + method).
 
-The cache key hashes the ordered chip keys and the embedder's configuration, so a re-run on the
-same chips costs one file read, and any change to chips or method computes afresh.
+The cache key hashes the ordered chip keys, the embedder's configuration (with the compute dtype
+resolved, and a backbone's weights by content), so a re-run on the same chips costs one file read,
+and any change to chips or method computes afresh.
+
+Memory is bounded by the output, not by the chips: the embedder is fitted on a seeded sample of
+at most ``FIT_CHIPS`` chips, then the chips stream from the chip cache ``LOAD_CHIPS`` at a time.
+A PCA of the features (``embedding.pca_components``) is fitted once here and stored beside them,
+under the same version, for the estimators that want reduced image features.
 """
 
 from __future__ import annotations
@@ -9,19 +15,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.rcf import RCF_ALGORITHM_VERSION
+from eocausal.embed import EmbeddingError
+from eocausal.embed.reduce import PCAReduction, fit_pca
 from eocausal.imagery.chips import load_chips
 from eocausal.study import EmbeddingSpec
 from eocausal.versioning import json_version
 
 # Bump when the embedding code changes what it computes.
-CODE_VERSION = "rcf-1"
+# (embed-2: fast RCF path with a dtype setting, branches/pool grid, backbones, stored PCA.)
+CODE_VERSION = "embed-2"
+
+# Chips the embedder is fitted on (a seeded sample when there are more): band statistics use at
+# most 1M pixels and filters at most 100k patches, which a couple of thousand chips cover.
+FIT_CHIPS = 2048
+# Chips read from the chip cache per streamed batch.
+LOAD_CHIPS = 512
 
 
 @dataclass
@@ -32,39 +47,152 @@ class Embeddings:
     method: str
     from_cache: bool
     device: str | None
+    dtype: str | None = None  # compute dtype ("float32" / "bfloat16")
+    pca: PCAReduction | None = None  # fitted on the finite rows; stored with the version
 
 
-def _embedder(spec: EmbeddingSpec):
-    if spec.method != "rcf":
-        raise ValueError(f"embedding.method {spec.method!r} is not available in this build (use 'rcf')")
-    from eocausal.embed.rcf import RCFEmbedder
-    return RCFEmbedder(
-        n_features=spec.n_features, patch_size=spec.patch_size, seed=spec.seed,
-        device=spec.device, batch_size=spec.batch_size,
-    )
+def make_embedder(spec: EmbeddingSpec, weights_path: Path | None = None):
+    """The embedder a study's embedding spec describes (not fitted)."""
+    if spec.method == "rcf":
+        from eocausal.embed.rcf import RCFEmbedder
+
+        return RCFEmbedder(
+            n_features=spec.n_features, patch_size=spec.patch_size, seed=spec.seed,
+            device=spec.device, batch_size=spec.batch_size, dtype=spec.dtype,
+            branches=spec.branches, bias=spec.bias, pool_grid=spec.pool_grid,
+        )
+    if spec.method == "backbone":
+        from eocausal.embed.backbone import FEATURE_WIDTHS, BackboneEmbedder
+
+        if weights_path is None:
+            if not spec.weights:
+                raise EmbeddingError("embedding.method 'backbone' needs embedding.weights")
+            weights_path = Path(spec.weights)
+        width = FEATURE_WIDTHS[spec.backbone]
+        if "n_features" in spec.model_fields_set and spec.n_features != width:
+            raise EmbeddingError(
+                f"embedding.n_features {spec.n_features} does not match {spec.backbone}, whose "
+                f"features are {width} wide: leave n_features out for a backbone"
+            )
+        return BackboneEmbedder(
+            spec.backbone, weights_path, device=spec.device, dtype=spec.dtype,
+            batch_size=spec.batch_size, input_size_px=spec.input_size_px,
+            rgb_bands=spec.rgb_bands, seed=spec.seed,
+        )
+    raise EmbeddingError(f"embedding.method {spec.method!r} is not known (use 'rcf' or 'backbone')")
 
 
-def compute_embeddings(chip_index: pd.DataFrame, chip_cache: Path, cache_dir: Path, spec: EmbeddingSpec) -> Embeddings:
+def embedding_version(usable: pd.DataFrame, embedder, spec: EmbeddingSpec) -> str:
+    # Device and batch size change nothing beyond float tolerance: they stay out of the key. The
+    # dtype does change the features (bf16 vs float32, ~1e-3): its resolved value is in the key.
+    config = {k: v for k, v in embedder.config().items() if k not in ("device", "batch_size", "dtype")}
+    if spec.method == "rcf":
+        from eocausal.embed.rcf import RCF_ALGORITHM_VERSION as algorithm
+    else:
+        from eocausal.embed.backbone import BACKBONE_ALGORITHM_VERSION as algorithm
+    return json_version({
+        "code": CODE_VERSION, "algorithm": algorithm, "method": spec.method, "config": config,
+        "dtype": embedder.dtype_, "pca_components": spec.pca_components,
+        "chips": usable["chip_key"].tolist(),
+    })
+
+
+def _fit_sample(usable: pd.DataFrame, seed: int) -> pd.DataFrame:
+    if len(usable) <= FIT_CHIPS:
+        return usable
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF17]))
+    return usable.iloc[np.sort(rng.choice(len(usable), FIT_CHIPS, replace=False))]
+
+
+def _chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(usable), LOAD_CHIPS):
+        yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache)
+
+
+def fit_feature_pca(features: np.ndarray, n_components: int, seed: int) -> PCAReduction | None:
+    finite = np.isfinite(features).all(axis=1)
+    if finite.sum() < 2:
+        return None
+    return fit_pca(features[finite], n_components, seed=seed)
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".emb.", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json_atomic(obj, path: Path) -> Path:
+    path = Path(path)
+    _write_atomic(path, lambda fh: fh.write(json.dumps(obj).encode()))
+    return path
+
+
+def _pca_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".pca.json")
+
+
+def compute_embeddings(
+    chip_index: pd.DataFrame,
+    chip_cache: Path,
+    cache_dir: Path,
+    spec: EmbeddingSpec,
+    *,
+    weights_path: Path | None = None,
+) -> Embeddings:
+    """Embeddings of the ``status == 'ok'`` chips, from the cache when the same chips and method
+    were embedded before. ``weights_path``: a backbone's weights file, resolved by the caller
+    (study paths are relative to the study file)."""
     usable = chip_index[chip_index["status"] == "ok"]
     unit_ids = usable["unit_id"].astype(str).tolist()
-    embedder = _embedder(spec)
-    # Device and batch size change nothing beyond float tolerance: they stay out of the key.
-    config = {k: v for k, v in embedder.config().items() if k not in ("device", "batch_size")}
-    version = json_version({
-        "code": CODE_VERSION, "algorithm": RCF_ALGORITHM_VERSION, "method": spec.method,
-        "config": config, "chips": usable["chip_key"].tolist(),
-    })
+    embedder = make_embedder(spec, weights_path)
+    version = embedding_version(usable, embedder, spec)
     path = Path(cache_dir) / f"{version}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as cached:
             if cached["unit_ids"].tolist() == unit_ids:
-                return Embeddings(unit_ids, cached["features"], version, spec.method, True, None)
-    chips, valid = load_chips(chip_index, chip_cache)
-    features = embedder.fit_transform(chips, valid).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".emb.", suffix=".npz", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, unit_ids=np.array(unit_ids), features=features,
-                 config=np.array(json.dumps(embedder.config())))
-    os.replace(tmp, path)
-    return Embeddings(unit_ids, features, version, spec.method, False, embedder.device_)
+                features = cached["features"]
+                pca = _load_or_refit_pca(path, features, spec)
+                return Embeddings(unit_ids, features, version, spec.method, True, None, embedder.dtype_, pca)
+    if not unit_ids:
+        raise EmbeddingError("no usable chips to embed (every unit was excluded at chip extraction)")
+
+    chips, valid = load_chips(_fit_sample(usable, spec.seed), chip_cache)
+    embedder.fit(chips, valid)
+    del chips, valid
+    features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
+    start = 0
+    for block in embedder.transform_stream(_chip_batches(usable, chip_cache)):
+        features[start : start + len(block)] = block
+        start += len(block)
+
+    _write_atomic(path, lambda fh: np.savez(
+        fh, unit_ids=np.array(unit_ids), features=features,
+        config=np.array(json.dumps(embedder.config())),
+    ))
+    pca = fit_feature_pca(features, spec.pca_components, spec.seed)
+    if pca is not None:
+        _write_atomic(_pca_path(path), lambda fh: fh.write(json.dumps(pca.to_dict()).encode()))
+    return Embeddings(unit_ids, features, version, spec.method, False, embedder.device_, embedder.dtype_, pca)
+
+
+def _load_or_refit_pca(path: Path, features: np.ndarray, spec: EmbeddingSpec) -> PCAReduction | None:
+    pca_path = _pca_path(path)
+    if pca_path.exists():
+        try:
+            return PCAReduction.from_dict(json.loads(pca_path.read_text()))
+        except (EmbeddingError, ValueError):
+            pass  # damaged: fit it again below
+    pca = fit_feature_pca(features, spec.pca_components, spec.seed)
+    if pca is not None:
+        _write_atomic(pca_path, lambda fh: fh.write(json.dumps(pca.to_dict()).encode()))
+    return pca

@@ -8,41 +8,71 @@ fit
     2. Random ``patch_size x patch_size x C`` patches of the normalised chips, drawn (seeded)
        only where the whole patch is valid. Each patch is mean-centred and scaled to unit L2 norm;
        the patch covariance gives a ZCA whitening matrix ``Z = V diag((E + zca_bias)^-1/2) V^T``.
-    3. ``n_features`` of the patches become the filters ``w = p Z Z^T``, exactly as the paper code
+    3. ``n_filters`` of the patches become the filters ``w = p Z Z^T``, exactly as the paper code
        does. Since ``Z`` is symmetric, ``w . x = (Z p) . (Z x)``: correlating *unwhitened* chips
        with these filters equals correlating whitened chips with whitened patches, which is what
        Coates & Ng's features are defined on, without ever whitening the chips themselves.
 
 transform
-    Normalise, zero the invalid pixels, ``conv2d`` (no padding), ``relu(z - bias)``, and average
-    over the output positions whose whole receptive field is valid, so nodata never leaks into a
-    feature. Only the positive branch is kept: at ``bias = 0`` the paper's negative branch is
-    ``relu(-z) = relu(z) - z``, a linear function of the positive branch and the mean patch, so it
-    would add at most ``C * patch_size**2`` new directions for twice the cost.
+    Normalise, zero the invalid pixels, correlate with the filters (no padding), ``relu(z - bias)``,
+    and average over the output positions whose whole receptive field is valid, so nodata never
+    leaks into a feature. ``pool_grid = g`` averages over each cell of a g x g grid of the output
+    positions instead of the whole chip (MOSAIKS' ``pool_size`` smaller than the image).
 
-One consequence of mean-centred filters worth knowing: the features do not see a shift of all
-bands by the same (normalised) amount; brightness reaches them through contrast (texture scales
-with brightness in reflectance data) and through differences between bands.
+    ``branches = "both"`` adds the paper's negative branch ``relu(-(z - bias))``. Because
+    ``relu(u) - relu(-u) = u``, its pooled value is ``pos - (w . mean_patch - bias)``: it is computed
+    from the positive branch and the mean patch, never by a second pass over the activations. It
+    adds at most ``C * patch_size**2`` new linear directions (the paper's 8,192 features have rank
+    <= 4,096 + 27), but it does let linear models see each band's mean level, which mean-centred
+    filters alone see only through contrast. At ``bias = 0`` it is exactly the paper's
+    ``relu(-z)``; for ``bias != 0`` it is torchgeo's convention (``relu(-(z + b))`` with b = -bias).
+
+Two implementations compute the same pooled features:
+
+- ``impl="fast"`` (default): im2col patches in the compute dtype, ``patches @ filters.T`` as one
+  matrix multiply per tile of positions with the ReLU fused into it (oneDNN post-op on CPU), summed
+  over positions with float32 accumulation. Tiles are sized so that the activations stay in the L2
+  cache on CPU, and in a bounded slice of device memory on CUDA; nothing of the size of all the
+  activations is ever held. With ``dtype = bfloat16`` the multiply runs on bf16 matrix units
+  (AVX512-BF16/AMX, tensor cores) with float32 accumulation.
+- ``impl="reference"``: a plain float32 ``torch.nn.functional.conv2d``, ``relu`` and masked mean,
+  both branches computed explicitly. Slow and simple: the fast path is tested against it.
+
+One consequence of mean-centred filters worth knowing: the positive features do not see a shift of
+all bands by the same (normalised) amount; brightness reaches them through contrast (texture
+scales with brightness in reflectance data) and through differences between bands.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eocausal.embed import EmbeddingError
+from eocausal.embed import EmbeddingError, rcf_triton
+from eocausal.embed.devices import (
+    HostStaging,
+    cpu_cache_bytes,
+    cuda_batch_chips,
+    dtype_name,
+    ieee_float32,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = ["EmbeddingError", "RCFEmbedder", "RCF_ALGORITHM_VERSION"]
 
 # Bump when a change alters the features for the same config: it belongs in embedding cache keys.
-RCF_ALGORITHM_VERSION = "1"
+RCF_ALGORITHM_VERSION = "2"
+
+BRANCHES = ("positive", "both")
+IMPLEMENTATIONS = ("fast", "reference")
 
 # Band statistics come from at most this many valid pixels (a seeded sample): plenty for a median
 # and an IQR, and bounded in time and memory however many chips there are.
@@ -53,50 +83,11 @@ _FLAT_PATCH_NORM = 1e-6
 # Chips per block while building masks and sampling in fit; patches per block while normalising.
 _CHIP_BLOCK = 1024
 _PATCH_BLOCK = 16384
-# Upper bound for one chunk of conv activations (chips x filters x positions x 4 bytes). On CPU a
-# chunk that stays in cache is fastest, and many filters per conv call beat many chips with few
-# filters (measured here: one 3x64x64 chip x ~270 filters per call ran ~5x faster than 64 chips x
-# 8 filters at the same size). A GPU wants large kernels.
-_ACTIVATION_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise EmbeddingError(
-            f"device {device!r} is not understood; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-        ) from exc
-    if resolved.type not in ("cpu", "cuda"):
-        raise EmbeddingError(f"device {device!r}: only 'cpu' and 'cuda' devices are supported")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EmbeddingError(f"device {device!r} was requested but CUDA is not available here")
-    return str(resolved)
-
-
-@contextlib.contextmanager
-def _ieee_float32(device: torch.device) -> Iterator[None]:
-    """Full float32 convolutions on CUDA (cuDNN uses TF32 by default), so CPU and GPU agree."""
-    if device.type != "cuda":
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = saved
-    else:  # torch before the fp32_precision API
-        saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = saved
+# Reference path: upper bound for one chunk of conv activations (chips x filters x positions x 4 B).
+_REFERENCE_ACTIVATION_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
+# Fast path on CUDA: activations of one matrix multiply (rows x filters x dtype size). Large enough
+# to fill an H100-class device, small next to its memory.
+_CUDA_ACTIVATION_BYTES = 512 << 20
 
 
 def _check_chips(chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,14 +196,61 @@ def _zca_matrix(covariance: np.ndarray, zca_bias: float) -> np.ndarray:
     return (eigenvectors * (eigenvalues + zca_bias) ** -0.5) @ eigenvectors.T
 
 
+def _grid_cells(n_rows: int, n_cols: int, grid: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) of the cells of a grid x grid split of the output positions."""
+    rows = np.linspace(0, n_rows, grid + 1).round().astype(int)
+    cols = np.linspace(0, n_cols, grid + 1).round().astype(int)
+    return [
+        (int(rows[a]), int(rows[a + 1]), int(cols[b]), int(cols[b + 1]))
+        for a in range(grid)
+        for b in range(grid)
+    ]
+
+
+_MKLDNN_RELU_LINEAR = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _relu_linear(
+    patches: torch.Tensor, weights: torch.Tensor, shift: torch.Tensor | None, packed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """relu(patches @ weights.T + shift), [M, D] x [F, D] -> [M, F], in the inputs' dtype with
+    float32 accumulation. On CPU the ReLU is a oneDNN post-op of the multiply, so the activations
+    are written once and never re-read before pooling; ``packed`` is ``weights`` already reordered
+    into oneDNN's blocked layout (saves a reorder per call)."""
+    global _MKLDNN_RELU_LINEAR
+    if patches.device.type == "cpu" and _MKLDNN_RELU_LINEAR:
+        try:
+            return torch.ops.mkldnn._linear_pointwise(
+                patches, packed if packed is not None else weights, shift, "relu", [], ""
+            )
+        except (RuntimeError, NotImplementedError):  # a build without the fused op: plain path
+            _MKLDNN_RELU_LINEAR = False
+    return F.linear(patches, weights, shift).relu_()
+
+
+def _pack_for_onednn(weights: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The filter matrix in oneDNN's blocked layout for multiplies of about ``rows`` rows, or None
+    where this torch build cannot (the plain matrix then works, a little slower)."""
+    if weights.device.type != "cpu" or not _MKLDNN_RELU_LINEAR:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weights, rows)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
 class RCFEmbedder:
     """Random convolutional features (MOSAIKS-style) with a scikit-learn-like API.
 
     ``fit`` learns the band statistics and filters from chips (float [N, C, H, W], raw values of
     any scale) and their valid-pixel mask (bool [N, H, W]); ``transform`` returns float32
-    [N, n_features]. Learned state ends in ``_``: ``band_center_``, ``band_scale_``,
-    ``raw_filters_`` (normalised patches before whitening), ``zca_``, ``filters_`` (conv weights).
-    NaN/inf pixels count as invalid.
+    [N, n_features]; ``transform_stream`` does the same for an iterable of (chips, valid) batches,
+    so chips that do not fit in memory stream through. Learned state ends in ``_``:
+    ``band_center_``, ``band_scale_``, ``raw_filters_`` (normalised patches before whitening),
+    ``zca_``, ``filters_`` (conv weights). NaN/inf pixels count as invalid.
+
+    ``n_features`` is the output width: ``n_filters * pool_grid**2`` for ``branches="positive"``,
+    twice that for ``"both"``. Feature columns are ordered (branch, grid cell, filter).
     """
 
     def __init__(
@@ -225,12 +263,17 @@ class RCFEmbedder:
         n_patch_samples: int = 100_000,
         zca_bias: float = 1e-3,
         bias: float = 0.0,
+        dtype: str = "auto",
+        branches: str = "positive",
+        pool_grid: int = 1,
+        impl: str = "fast",
     ) -> None:
         for name, value in (
             ("n_features", n_features),
             ("patch_size", patch_size),
             ("batch_size", batch_size),
             ("n_patch_samples", n_patch_samples),
+            ("pool_grid", pool_grid),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise EmbeddingError(f"{name} must be a positive integer, got {value!r}")
@@ -238,6 +281,16 @@ class RCFEmbedder:
             raise EmbeddingError(f"zca_bias must be a finite number > 0, got {zca_bias!r}")
         if not (isinstance(bias, numbers.Real) and math.isfinite(bias)):
             raise EmbeddingError(f"bias must be a finite number, got {bias!r}")
+        if branches not in BRANCHES:
+            raise EmbeddingError(f"branches must be one of {BRANCHES}, got {branches!r}")
+        if impl not in IMPLEMENTATIONS:
+            raise EmbeddingError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        per_filter = (2 if branches == "both" else 1) * int(pool_grid) ** 2
+        if n_features % per_filter:
+            raise EmbeddingError(
+                f"n_features={n_features} must be a multiple of {per_filter} (branches={branches!r} "
+                f"x pool_grid {pool_grid}x{pool_grid} cells): each filter gives {per_filter} features"
+            )
         self.n_features = int(n_features)
         self.patch_size = int(patch_size)
         self.seed = int(seed)
@@ -246,7 +299,12 @@ class RCFEmbedder:
         self.n_patch_samples = int(n_patch_samples)
         self.zca_bias = float(zca_bias)
         self.bias = float(bias)
-        _resolve_device(self.device)  # fail at construction on a bad device, not mid-pipeline
+        self.dtype = str(dtype)
+        self.branches = str(branches)
+        self.pool_grid = int(pool_grid)
+        self.impl = str(impl)
+        # Fail at construction on a bad device or dtype, not mid-pipeline.
+        resolve_dtype(self.dtype, resolve_device(self.device))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -263,12 +321,28 @@ class RCFEmbedder:
             "n_patch_samples": self.n_patch_samples,
             "zca_bias": self.zca_bias,
             "bias": self.bias,
+            "dtype": self.dtype,
+            "branches": self.branches,
+            "pool_grid": self.pool_grid,
+            "impl": self.impl,
         }
+
+    @property
+    def n_filters(self) -> int:
+        return self.n_features // ((2 if self.branches == "both" else 1) * self.pool_grid**2)
 
     @property
     def device_(self) -> str:
         """The device transform runs on ('auto' resolved on this machine)."""
-        return _resolve_device(self.device)
+        return str(resolve_device(self.device))
+
+    @property
+    def dtype_(self) -> str:
+        """The compute dtype transform uses ('auto' resolved for the device). The reference
+        implementation always computes in float32."""
+        if self.impl == "reference":
+            return "float32"
+        return dtype_name(resolve_dtype(self.dtype, resolve_device(self.device)))
 
     def _check_size(self, chips: np.ndarray) -> None:
         h, w = chips.shape[2:]
@@ -276,11 +350,18 @@ class RCFEmbedder:
             raise EmbeddingError(
                 f"chips are {h}x{w} px, smaller than patch_size {self.patch_size}"
             )
+        out = min(h, w) - self.patch_size + 1
+        if self.pool_grid > out:
+            raise EmbeddingError(
+                f"pool_grid {self.pool_grid} needs at least {self.pool_grid} output positions per "
+                f"side; {h}x{w} px chips with patch_size {self.patch_size} have {out}"
+            )
 
     def fit(self, chips: np.ndarray, valid: np.ndarray) -> "RCFEmbedder":
         chips, valid = _check_chips(chips, valid)
         self._check_size(chips)
         n_bands, k = chips.shape[1], self.patch_size
+        n_filters = self.n_filters
         if n_bands * k * k < 2:
             raise EmbeddingError(
                 "patch_size 1 on single-band chips gives one-value patches, which mean-centring "
@@ -306,7 +387,7 @@ class RCFEmbedder:
                 f"no fully-valid {k}x{k} patch in any chip: every window touches nodata or NaN, "
                 "so there is nothing to draw filters from"
             )
-        n_draw = min(n_candidates, max(self.n_patch_samples, self.n_features))
+        n_draw = min(n_candidates, max(self.n_patch_samples, n_filters))
         where = np.unravel_index(_sample_true(patch_ok, n_draw, rng_patches), patch_ok.shape)
         windows = np.lib.stride_tricks.sliding_window_view(chips, (k, k), axis=(2, 3))
 
@@ -329,97 +410,354 @@ class RCFEmbedder:
         covariance /= len(textured)
         zca = _zca_matrix(covariance, self.zca_bias)
 
-        replace = len(textured) < self.n_features
+        replace = len(textured) < n_filters
         if replace:
             warnings.warn(
                 f"only {len(textured)} usable {k}x{k} patches (fully valid, not flat; "
-                f"{n_candidates} fully-valid windows in all) for n_features={self.n_features}: "
+                f"{n_candidates} fully-valid windows in all) for {n_filters} filters: "
                 "filters are drawn with replacement, so some features are duplicates",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        chosen = textured[rng_select.choice(len(textured), self.n_features, replace=replace)]
+        chosen = textured[rng_select.choice(len(textured), n_filters, replace=replace)]
         raw, _ = _normalized_patches(windows, tuple(ix[chosen] for ix in where), center, scale)
 
+        self.__dict__.pop("_transform_state", None)
         self.n_bands_ = n_bands
         self.band_center_ = center
         self.band_scale_ = scale
         self.patch_covariance_ = covariance
         self.zca_ = zca
-        self.raw_filters_ = raw.reshape(self.n_features, n_bands, k, k)
+        self.raw_filters_ = raw.reshape(n_filters, n_bands, k, k)
         whitened = raw @ zca @ zca.T
-        self.filters_ = whitened.astype(np.float32).reshape(self.n_features, n_bands, k, k)
+        self.filters_ = whitened.astype(np.float32).reshape(n_filters, n_bands, k, k)
         self.n_patch_candidates_ = n_candidates
         self.n_patches_sampled_ = len(textured)
         return self
 
+    # --- transform ------------------------------------------------------------------------------
+
     def transform(self, chips: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """float32 [N, n_features] for chips [N, C, H, W] and their valid mask [N, H, W]."""
+        chips, valid = _check_chips(chips, valid)
+        features = np.empty((len(chips), self.n_features), dtype=np.float32)
+        start = 0
+        for block in self.transform_stream([(chips, valid)], _stacklevel=3):
+            features[start : start + len(block)] = block
+            start += len(block)
+        return features
+
+    def transform_stream(
+        self, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, _stacklevel: int = 2
+    ) -> Iterator[np.ndarray]:
+        """Features for each (chips, valid) batch of an iterable, one float32 array per batch.
+
+        Memory stays bounded by the batch the caller hands in plus one compute step (``batch_size``
+        chips; on CUDA as many as fill a share of the free device memory), never by the stream's
+        length. Chips without a fully-valid window get NaN features and one warning at the end.
+        """
         if not hasattr(self, "filters_"):
             raise EmbeddingError("this RCFEmbedder is not fitted yet: call fit first")
-        chips, valid = _check_chips(chips, valid)
-        if chips.shape[1] != self.n_bands_:
-            raise EmbeddingError(
-                f"chips have {chips.shape[1]} bands but the embedder was fitted on {self.n_bands_}"
-            )
-        self._check_size(chips)
-        n, _, h, w = chips.shape
-        k, n_filters = self.patch_size, self.n_features
-        n_positions = (h - k + 1) * (w - k + 1)
-
-        device = torch.device(self.device_)
-        weights = torch.from_numpy(self.filters_).to(device)
-        center = torch.as_tensor(self.band_center_, dtype=torch.float32, device=device)
-        scale = torch.as_tensor(self.band_scale_, dtype=torch.float32, device=device)
-        center, scale = center.view(1, -1, 1, 1), scale.view(1, -1, 1, 1)
-        # Activation chunks: as many filters per conv call as fit the budget, then as many chips.
-        budget = _ACTIVATION_BYTES[device.type]
-        filter_chunk = min(n_filters, max(1, budget // (4 * n_positions)))
-        chip_group = max(1, budget // (4 * n_positions * filter_chunk))
-
-        features = np.empty((n, n_filters), dtype=np.float32)
+        device = resolve_device(self.device)
+        dtype = torch.float32 if self.impl == "reference" else resolve_dtype(self.dtype, device)
+        # The device-side filters (and their oneDNN packing) are reused across calls with the same
+        # settings: small batches should not pay for them every time.
+        key = (str(device), dtype, id(self.filters_), self.bias, self.branches, self.pool_grid,
+               self.impl, self.batch_size, self.patch_size)
+        cached = getattr(self, "_transform_state", None)
+        if cached is not None and cached[0] == key:
+            state = cached[1]
+        else:
+            state = _TransformState(self, device, dtype)
+            self._transform_state = (key, state)
         no_valid_field: list[int] = []
-        with torch.no_grad(), _ieee_float32(device):
-            for start in range(0, n, self.batch_size):
-                stop = min(start + self.batch_size, n)
-                batch = np.ascontiguousarray(chips[start:stop], dtype=np.float32)
-                x = torch.from_numpy(batch).to(device)
-                # Not in place: on CPU the tensor shares memory with the caller's mask.
-                pixel_ok = torch.from_numpy(valid[start:stop]).to(device) & torch.isfinite(x).all(1)
-                # Invalid pixels become 0 (the band median); windows touching them are not pooled.
-                x = torch.where(pixel_ok.unsqueeze(1), (x - center) / scale, 0.0)
-                field_ok = _receptive_field_valid(pixel_ok, k).reshape(stop - start, 1, n_positions)
-                all_valid = bool(field_ok.all())
-                field = field_ok.to(torch.float32)
-                n_fields = field.sum(dim=2)  # [B, 1]
-
-                pooled = torch.empty(stop - start, n_filters, device=device)
-                for g0 in range(0, stop - start, chip_group):
-                    g1 = min(g0 + chip_group, stop - start)
-                    for f0 in range(0, n_filters, filter_chunk):
-                        f1 = min(f0 + filter_chunk, n_filters)
-                        z = F.conv2d(x[g0:g1], weights[f0:f1])
-                        z = z.reshape(g1 - g0, f1 - f0, n_positions)
-                        if self.bias:
-                            z.sub_(self.bias)
-                        z.relu_()
-                        if not all_valid:
-                            z.mul_(field[g0:g1])
-                        pooled[g0:g1, f0:f1] = z.sum(dim=2)
-                pooled /= n_fields  # 0/0 -> NaN for a chip without a valid window (reported below)
-                features[start:stop] = pooled.cpu().numpy()
-                empty = torch.nonzero(n_fields[:, 0] == 0).flatten().tolist()
-                no_valid_field.extend(start + i for i in empty)
-
-        if no_valid_field:
-            shown = ", ".join(map(str, no_valid_field[:10]))
-            more = f" and {len(no_valid_field) - 10} more" if len(no_valid_field) > 10 else ""
-            warnings.warn(
-                f"{len(no_valid_field)} chip(s) have no fully-valid {k}x{k} window, so their "
-                f"features are NaN (chip indexes {shown}{more})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return features
+        seen = 0
+        try:
+            for chips, valid in batches:
+                chips, valid = _check_chips(chips, valid)
+                if chips.shape[1] != self.n_bands_:
+                    raise EmbeddingError(
+                        f"chips have {chips.shape[1]} bands but the embedder was fitted on "
+                        f"{self.n_bands_}"
+                    )
+                self._check_size(chips)
+                out = np.empty((len(chips), self.n_features), dtype=np.float32)
+                step = state.step_chips(chips.shape)
+                for start in range(0, len(chips), step):
+                    stop = min(start + step, len(chips))
+                    out[start:stop], empty = state.embed(chips[start:stop], valid[start:stop])
+                    no_valid_field.extend(seen + start + i for i in empty)
+                seen += len(chips)
+                yield out
+        finally:
+            if no_valid_field:
+                shown = ", ".join(map(str, no_valid_field[:10]))
+                more = f" and {len(no_valid_field) - 10} more" if len(no_valid_field) > 10 else ""
+                cells = "window" if self.pool_grid == 1 else "window in some grid cell"
+                warnings.warn(
+                    f"{len(no_valid_field)} chip(s) have no fully-valid {self.patch_size}x"
+                    f"{self.patch_size} {cells}, so (some of) their features are NaN "
+                    f"(chip indexes {shown}{more})",
+                    RuntimeWarning,
+                    stacklevel=_stacklevel,
+                )
 
     def fit_transform(self, chips: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return self.fit(chips, valid).transform(chips, valid)
+
+    def __getstate__(self) -> dict:
+        # Pickles (e.g. the transport stage's cached embedder) hold the fitted state, not device
+        # buffers.
+        state = dict(self.__dict__)
+        state.pop("_transform_state", None)
+        return state
+
+    def flops_per_chip(self, height: int, width: int) -> int:
+        """Multiply-adds x 2 of the correlation for one chip: the work both implementations do
+        (the reference does it once; the negative branch costs no extra multiply-adds)."""
+        k = self.patch_size
+        n_bands = getattr(self, "n_bands_", None)
+        if n_bands is None:
+            raise EmbeddingError("flops_per_chip needs a fitted embedder (the band count)")
+        return 2 * (height - k + 1) * (width - k + 1) * self.n_filters * n_bands * k * k
+
+
+def _im2col(xh: torch.Tensor, cell: tuple[int, int, int, int], k: int) -> torch.Tensor:
+    """[B, rows, cols, k, k, C] patches of a cell's windows from NHWC chips, in k copies of
+    contiguous k*C runs (twice as fast as one 6-d strided copy of the window view)."""
+    r0, r1, c0, c1 = cell
+    n_chips, _, _, n_bands = xh.shape
+    out = torch.empty(n_chips, r1 - r0, c1 - c0, k, k, n_bands, dtype=xh.dtype, device=xh.device)
+    s = xh.stride()
+    for di in range(k):
+        offset = xh.storage_offset() + (r0 + di) * s[1] + c0 * s[2]
+        out[:, :, :, di] = xh.as_strided((n_chips, r1 - r0, c1 - c0, k, n_bands), (s[0], s[1], s[2], s[2], s[3]), offset)
+    return out
+
+
+def _masked_patch_sum(xh: torch.Tensor, field_ok: torch.Tensor, cell: tuple[int, int, int, int], k: int) -> torch.Tensor:
+    """float32 [B, k*k*C]: the sum of the patches of a cell's valid windows, without im2col."""
+    r0, r1, c0, c1 = cell
+    ok = field_ok[:, r0:r1, c0:c1].unsqueeze(-1).to(torch.float32)
+    parts = [
+        (xh[:, r0 + di : r1 + di, c0 + dj : c1 + dj, :].to(torch.float32) * ok).sum(dim=(1, 2))
+        for di in range(k)
+        for dj in range(k)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+# Per device: whether the fused Triton kernel passed its check against the torch path.
+_FUSED_KERNEL_OK: dict[str, bool] = {}
+
+
+def _check_fused_kernel(device: torch.device) -> bool:
+    """Run the fused kernel once on a small case with nodata, a bias and a 2x2 grid, and compare
+    it with the torch path; any error or mismatch disables it for this device, with a warning."""
+    key = str(device)
+    if key not in _FUSED_KERNEL_OK:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            n, h, w, c, k, f = 3, 13, 11, 5, 3, 40
+            xh = torch.randn(n, h, w, c, generator=gen).to(device, torch.bfloat16)
+            field_ok = torch.rand(n, h - k + 1, w - k + 1, generator=gen).to(device) > 0.2
+            weights = torch.randn(f, k * k * c, generator=gen).to(device, torch.bfloat16)
+            shift = torch.full((f,), -0.3, device=device, dtype=torch.bfloat16)
+            cells = _grid_cells(h - k + 1, w - k + 1, 2)
+            got = rcf_triton.rcf_pool_sums(xh, field_ok, weights, shift, cells, k)
+            s = xh.stride()
+            windows = xh.as_strided((n, h - k + 1, w - k + 1, k, k, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
+            z = F.linear(windows.reshape(-1, k * k * c).float(), weights.float(), shift.float()).relu()
+            z = z.reshape(n, h - k + 1, w - k + 1, f) * field_ok.unsqueeze(-1)
+            want = torch.stack([z[:, r0:r1, c0:c1].sum(dim=(1, 2)) for r0, r1, c0, c1 in cells], 1)
+            scale = want.abs().max().clamp_min(1e-6)
+            ok = bool(((got - want).abs().max() / scale) < 2e-2)
+            if not ok:
+                warnings.warn(f"the fused RCF kernel disagrees with the torch path on {device}: "
+                              "using the torch path", RuntimeWarning, stacklevel=4)
+        except Exception as exc:  # compile errors, driver or Triton version problems
+            ok = False
+            warnings.warn(f"the fused RCF kernel is not usable on {device} ({type(exc).__name__}: {exc}); "
+                          "using the torch path", RuntimeWarning, stacklevel=4)
+        _FUSED_KERNEL_OK[key] = ok
+    return _FUSED_KERNEL_OK[key]
+
+
+class _TransformState:
+    """Per-stream device state: filters in the compute layout, staging buffers, step sizes."""
+
+    def __init__(self, emb: RCFEmbedder, device: torch.device, dtype: torch.dtype) -> None:
+        self.emb = emb
+        self.device = device
+        self.dtype = dtype
+        self.stage_chips = HostStaging(device)
+        self.stage_masks = HostStaging(device)
+        filters = torch.from_numpy(emb.filters_)
+        self.conv_weights = filters.to(device)  # [F, C, k, k] float32, reference path
+        # Fast path: [F, k*k*C], matching NHWC im2col rows ordered (row offset, col offset, band).
+        self.matrix = filters.permute(0, 2, 3, 1).reshape(len(filters), -1).to(device, dtype)
+        self.matrix_f32 = self.matrix.float()  # the same (rounded) weights, for the mean-patch term
+        # The bias enters the multiply as a per-filter shift, rounded to the compute dtype; the
+        # pooled correction below uses the same rounded value so that masked rows cancel exactly.
+        self.shift = None
+        self.bias_used = 0.0
+        if emb.bias:
+            self.shift = torch.full((len(filters),), -emb.bias, dtype=dtype, device=device)
+            self.bias_used = -float(self.shift[0])
+        self.packed = _pack_for_onednn(self.matrix, self.rows_per_multiply()) if emb.impl == "fast" else None
+        self.center = torch.as_tensor(emb.band_center_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = torch.as_tensor(emb.band_scale_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._step = None
+
+    def step_chips(self, shape: tuple[int, ...]) -> int:
+        if self._step is None:
+            self._step = self.emb.batch_size
+            if self.device.type == "cuda":
+                _, c, h, w = shape
+                k = self.emb.patch_size
+                positions = (h - k + 1) * (w - k + 1)
+                elt = torch.finfo(self.dtype).bits // 8
+                per_chip = 4 * c * h * w * 3 + positions * c * k * k * elt + positions * 8
+                self._step = cuda_batch_chips(self.device, per_chip, self.emb.batch_size)
+        return self._step
+
+    def use_fused_kernel(self) -> bool:
+        """The fused Triton kernel: bf16 on CUDA when Triton is present and passed its check.
+        ``EOCAUSAL_RCF_FUSED=interpret`` with ``TRITON_INTERPRET=1`` runs it on CPU (tests);
+        ``EOCAUSAL_RCF_FUSED=0`` turns it off."""
+        setting = os.environ.get("EOCAUSAL_RCF_FUSED", "auto")
+        if setting == "0" or not rcf_triton.AVAILABLE or self.dtype != torch.bfloat16:
+            return False
+        if self.device.type == "cpu":
+            return setting == "interpret" and rcf_triton.interpreting()
+        return _check_fused_kernel(self.device)
+
+    def rows_per_multiply(self) -> int:
+        """Rows (positions) per matrix multiply: CPU, the activations of one multiply fill about
+        each core's L2 per thread (fewer, larger calls: per-call overhead matters at this size);
+        CUDA, a bounded slice of device memory."""
+        elt = torch.finfo(self.dtype).bits // 8
+        row_bytes = self.emb.n_filters * elt
+        if self.device.type == "cuda":
+            return max(1024, _CUDA_ACTIVATION_BYTES // row_bytes)
+        per_thread = max(64, cpu_cache_bytes() // row_bytes)
+        return per_thread * max(1, torch.get_num_threads())
+
+    def embed(self, chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        emb, device = self.emb, self.device
+        k = emb.patch_size
+        with torch.no_grad(), ieee_float32(device):
+            x = self.stage_chips(np.ascontiguousarray(chips, dtype=np.float32))
+            pixel_ok = self.stage_masks(np.ascontiguousarray(valid))
+            # Not in place: on CPU the tensor shares memory with the caller's mask.
+            pixel_ok = pixel_ok & torch.isfinite(x).all(1)
+            # Invalid pixels become 0 (the band median); windows touching them are not pooled.
+            x = torch.where(pixel_ok.unsqueeze(1), (x - self.center) / self.scale, 0.0)
+            if bool(pixel_ok.all()):  # the common case: no nodata, every window counts
+                out_shape = (x.shape[0], x.shape[2] - k + 1, x.shape[3] - k + 1)
+                field_ok = torch.ones(out_shape, dtype=torch.bool, device=device)
+            else:
+                field_ok = _receptive_field_valid(pixel_ok, k)  # [B, H', W']
+            cells = _grid_cells(field_ok.shape[1], field_ok.shape[2], emb.pool_grid)
+            if emb.impl == "reference":
+                pooled, counts = self._reference(x, field_ok, cells)
+            else:
+                pooled, counts = self._fast(x, field_ok, cells)
+            features = pooled.reshape(len(chips), -1).cpu().numpy()
+            empty = torch.nonzero((counts == 0).any(dim=1)).flatten().tolist()
+        return features, empty
+
+    # Both return pooled [B, branches, cells, F] float32 and valid-window counts [B, cells].
+
+    def _fast(self, x: torch.Tensor, field_ok: torch.Tensor, cells) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.emb
+        k, n_filters = emb.patch_size, emb.n_filters
+        n_chips, n_bands = x.shape[:2]
+        both = emb.branches == "both"
+        all_valid = bool(field_ok.all())
+        # NHWC in the compute dtype: a window's k x k x C patch is k runs of k*C contiguous values.
+        xh = x.permute(0, 2, 3, 1).to(self.dtype).contiguous()
+        depth = k * k * n_bands
+        rows = self.rows_per_multiply()
+
+        pooled = torch.empty(n_chips, 2 if both else 1, len(cells), n_filters, device=x.device)
+        counts = torch.empty(n_chips, len(cells), device=x.device)
+        fused_sums = None
+        if self.use_fused_kernel():
+            # One fused kernel for all cells: masked windows contribute exactly 0 there.
+            fused_sums = rcf_triton.rcf_pool_sums(xh, field_ok, self.matrix, self.shift, cells, k)
+        for c, (r0, r1, c0, c1) in enumerate(cells):
+            per_chip = (r1 - r0) * (c1 - c0)
+            ok = field_ok[:, r0:r1, c0:c1].reshape(n_chips, per_chip)
+            n_valid = ok.sum(dim=1, dtype=torch.float32)
+            counts[:, c] = n_valid
+            if fused_sums is not None:
+                pos = fused_sums[:, c] / n_valid[:, None]
+                pooled[:, 0, c] = pos
+                if both:
+                    patch_sum = _masked_patch_sum(xh, field_ok, (r0, r1, c0, c1), k)
+                    mean_z = (patch_sum @ self.matrix_f32.T) / n_valid[:, None]
+                    pooled[:, 1, c] = pos - (mean_z - self.bias_used)
+                continue
+            patches = _im2col(xh, (r0, r1, c0, c1), k).view(n_chips * per_chip, depth)
+            if not all_valid:
+                patches.mul_(ok.reshape(-1, 1).to(self.dtype))  # masked windows: zero rows, z = 0
+            # Each multiply's activations are summed over positions right away, while they are
+            # still in cache. The sum accumulates in float32 inside torch's reduction and rounds
+            # once per tile to the compute dtype (asking for a float32 result would first copy
+            # the whole tile to float32, costing a third of the multiply); tiles are then added
+            # in float32. Tiles split a chip evenly, so there is one tile shape per cell.
+            tiles = -(-per_chip // rows)
+            tile = -(-per_chip // tiles)
+            partial = torch.empty(n_chips, tiles, n_filters, dtype=self.dtype, device=x.device)
+            if tiles == 1:
+                group = max(1, rows // per_chip)
+                for b0 in range(0, n_chips, group):
+                    b1 = min(b0 + group, n_chips)
+                    z = _relu_linear(patches[b0 * per_chip : b1 * per_chip], self.matrix, self.shift, self.packed)
+                    torch.sum(z.view(b1 - b0, per_chip, n_filters), 1, out=partial[b0:b1, 0])
+            else:
+                for b in range(n_chips):
+                    for t in range(tiles):
+                        p0 = b * per_chip + t * tile
+                        p1 = b * per_chip + min((t + 1) * tile, per_chip)
+                        z = _relu_linear(patches[p0:p1], self.matrix, self.shift, self.packed)
+                        torch.sum(z, 0, out=partial[b, t])
+            sums = partial.sum(1, dtype=torch.float32)
+            if self.shift is not None:
+                # A zeroed (masked) row gave relu(shift): take those back out of the sums.
+                sums -= (per_chip - n_valid)[:, None] * max(-self.bias_used, 0.0)
+            pos = sums / n_valid[:, None]  # 0/0 -> NaN for a cell without a valid window (reported)
+            pooled[:, 0, c] = pos
+            if both:
+                # relu(-(z - b)) = relu(z - b) - (z - b): its mean is pos - (w . mean patch - b).
+                patch_sum = patches.view(n_chips, per_chip, depth).sum(1, dtype=torch.float32)
+                mean_z = (patch_sum @ self.matrix_f32.T) / n_valid[:, None]
+                pooled[:, 1, c] = pos - (mean_z - self.bias_used)
+        return pooled, counts
+
+    def _reference(self, x: torch.Tensor, field_ok: torch.Tensor, cells) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.emb
+        n_filters = emb.n_filters
+        n_chips = x.shape[0]
+        both = emb.branches == "both"
+        n_positions = field_ok.shape[1] * field_ok.shape[2]
+        field = field_ok.unsqueeze(1).to(torch.float32)  # [B, 1, H', W']
+        budget = _REFERENCE_ACTIVATION_BYTES[self.device.type]
+        filter_chunk = min(n_filters, max(1, budget // (4 * n_positions)))
+        chip_group = max(1, budget // (4 * n_positions * filter_chunk))
+        pooled = torch.empty(n_chips, 2 if both else 1, len(cells), n_filters, device=x.device)
+        counts = torch.stack([field[:, 0, r0:r1, c0:c1].sum(dim=(1, 2)) for r0, r1, c0, c1 in cells], 1)
+        for g0 in range(0, n_chips, chip_group):
+            g1 = min(g0 + chip_group, n_chips)
+            for f0 in range(0, n_filters, filter_chunk):
+                f1 = min(f0 + filter_chunk, n_filters)
+                z = F.conv2d(x[g0:g1], self.conv_weights[f0:f1]) - emb.bias
+                branches = [F.relu(z) * field[g0:g1]]
+                if both:
+                    branches.append(F.relu(-z) * field[g0:g1])
+                for br, act in enumerate(branches):
+                    for c, (r0, r1, c0, c1) in enumerate(cells):
+                        pooled[g0:g1, br, c, f0:f1] = act[:, :, r0:r1, c0:c1].sum(dim=(2, 3))
+        pooled /= counts[:, None, :, None]  # 0/0 -> NaN for a cell without a valid window
+        return pooled, counts

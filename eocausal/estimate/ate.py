@@ -1,15 +1,24 @@
 """Average treatment effects with cross-fitted nuisance models (DESIGN §6).
 
-One entry point, :func:`estimate_effect`, for four estimators:
+Entry points: :func:`estimate_effect` (one estimator) and :func:`estimate_effects` (several
+estimators on the same cross-fitted nuisance fits: identical results, each nuisance fitted
+once), for
 
 - ``difference_in_means``: ignores X; influence-function (Neyman) standard error.
 - ``ipw``: Hajek (normalised) inverse-propensity weighting with cross-fitted propensities.
-- ``aipw``: doubly robust, psi = mu1 - mu0 + D(Y - mu1)/e - (1 - D)(Y - mu0)/(1 - e).
+- ``aipw``: doubly robust, psi = mu1 - mu0 + D(Y - mu1)/e - (1 - D)(Y - mu0)/(1 - e); the ATT
+  has its own Neyman-orthogonal score, which needs no treated-arm outcome model.
 - ``dml``: partially linear model, theta = sum r_D r_Y / sum r_D^2 on cross-fitted residuals.
 
 Every estimate is the mean of a score, and its standard error comes from the score's influence
 function: sd / sqrt(n), or with ``groups`` the cluster-robust version (influence summed within
 clusters), and then a t critical value with G - 1 degrees of freedom.
+
+Options: propensity clipping (``clip``, always on) and trimming (``trim``: units whose
+cross-fitted propensity lies outside [trim, 1 - trim] are dropped, which changes the estimand to
+the effect on the units kept; the share is reported); repeated cross-fitting (``repetitions``:
+the median over independent fold splits, with the SE rule of Chernozhukov et al. 2018, §3.4);
+nuisance predictions supplied by the caller (``predictions``) instead of fitted ones.
 """
 
 from __future__ import annotations
@@ -25,13 +34,19 @@ from threadpoolctl import threadpool_limits
 
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import LEARNERS, NuisanceSpec, cross_fit_outcome, cross_fit_propensity
+from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
-OPTIONS = ("learner", "pca_components", "pca_columns")
+OPTIONS = ("learner", "pca_components", "pca_columns", "solver", "predictions")
+# Keys of the ``predictions`` option, and the nuisance function each one stands for.
+PREDICTION_KEYS = {"propensity": "e_raw", "outcome_control": "mu0", "outcome_treated": "mu1", "outcome": "l"}
 # Leading principal components of the reduced (image) block that get a balance row too.
 BALANCE_COMPONENTS = 5
+REPEATED_CROSS_FITTING_RULE = (
+    "estimate = median over splits; SE = sqrt(median(SE_s^2 + (estimate_s - estimate)^2)) "
+    "(Chernozhukov et al. 2018, sec. 3.4)"
+)
 
 
 @dataclass
@@ -42,7 +57,7 @@ class EffectResult:
     std_error: float
     ci_low: float
     ci_high: float
-    n: int
+    n: int  # units the estimate averages over (after trimming, if any)
     diagnostics: dict = field(default_factory=dict)  # JSON-serialisable
 
     def to_dict(self) -> dict:
@@ -62,6 +77,8 @@ def estimate_effect(
     alpha: float = 0.05,
     feature_names=None,
     balance_columns=None,
+    trim: float | None = None,
+    repetitions: int = 1,
     **opts,
 ) -> EffectResult:
     """Estimate the ATE or ATT of binary ``d`` on ``y``, adjusting for features ``X``.
@@ -73,26 +90,75 @@ def estimate_effect(
     - ``groups``: cluster labels (e.g. villages, or :func:`spatial_blocks` ids): folds never
       split a cluster, and the standard error is cluster-robust.
     - ``clip``: propensities are clipped to [clip, 1 - clip]; the share clipped is reported.
+    - ``trim``: drop units whose cross-fitted propensity lies outside [trim, 1 - trim] (Crump et
+      al. 2009) before averaging the score. The estimand becomes the effect on the units kept,
+      ``n`` counts them, and ``diagnostics["trimming"]`` reports the share trimmed, by arm.
+      Not applied by ``difference_in_means``, which fits no propensity.
+    - ``repetitions``: cross-fit on this many independent fold splits and report the median
+      (split 0 is the single-split estimate; the diagnostics returned are split 0's, plus the
+      per-split estimates under ``diagnostics["repeated_cross_fitting"]``).
     - ``balance_columns``: names (or indexes) of the columns to report balance rows for.
-    - ``opts``: ``learner`` ("linear" | "boosting"), ``pca_components`` and ``pca_columns``
-      (reduce those columns, e.g. an image embedding, to principal components inside each fold).
+    - ``opts``: ``learner`` ("linear" | "boosting"); ``pca_components`` and ``pca_columns``
+      (reduce those columns, e.g. an image embedding, to principal components inside each fold);
+      ``solver`` ("fast" | "sklearn": how the linear learner is fitted; same statistics);
+      ``predictions``: a dict of out-of-fold nuisance predictions to use instead of fitting any
+      (``propensity``, ``outcome_control``, ``outcome_treated``, ``outcome``, as the estimator
+      needs); X, if given, then only serves the balance diagnostics.
+    """
+    results = estimate_effects(
+        y, d, X, estimators=(estimator,), estimand=estimand, folds=folds, seed=seed, groups=groups,
+        clip=clip, alpha=alpha, feature_names=feature_names, balance_columns=balance_columns,
+        trim=trim, repetitions=repetitions, **opts,
+    )
+    return results[estimator]
+
+
+def estimate_effects(
+    y,
+    d,
+    X=None,
+    estimators=ESTIMATORS,
+    estimand: str = "ATE",
+    folds: int = 5,
+    seed: int = 0,
+    groups=None,
+    clip: float = 0.01,
+    alpha: float = 0.05,
+    feature_names=None,
+    balance_columns=None,
+    trim: float | None = None,
+    repetitions: int = 1,
+    **opts,
+) -> dict[str, EffectResult]:
+    """:func:`estimate_effect` for several estimators at once, as a dict keyed by estimator.
+
+    The folds and nuisance models are exactly those each single call would fit, so every
+    result equals its single call; the propensity, which ipw, aipw and dml share, is fitted once.
     """
     # One BLAS/OpenMP thread: the nuisance matrices are small enough that threads mostly contend
     # (parallelism belongs to partitions and specs), and a fixed thread count keeps floating-point
     # reductions, hence estimates, bit-identical on machines with different numbers of cores.
     with threadpool_limits(limits=1):
-        return _estimate_effect(
-            y, d, X, estimator, estimand, folds, seed, groups, clip, alpha, feature_names, balance_columns, opts
+        return _estimate_effects(
+            y, d, X, tuple(estimators), estimand, folds, seed, groups, clip, alpha, feature_names,
+            balance_columns, trim, repetitions, opts,
         )
 
 
-def _estimate_effect(
-    y, d, X, estimator, estimand, folds, seed, groups, clip, alpha, feature_names, balance_columns, opts
-) -> EffectResult:
+def _estimate_effects(
+    y, d, X, estimators, estimand, folds, seed, groups, clip, alpha, feature_names, balance_columns,
+    trim, repetitions, opts,
+) -> dict[str, EffectResult]:
     unknown = sorted(set(opts) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; known options are {list(OPTIONS)}")
-    _check_choices(estimator, estimand, folds, clip, alpha)
+    if not estimators or isinstance(estimators, str):
+        raise ValueError(f"estimators must be a non-empty list of names from {ESTIMATORS}")
+    if len(set(estimators)) != len(estimators):
+        raise ValueError(f"estimators repeated: {list(estimators)}")
+    for estimator in estimators:
+        _check_choices(estimator, estimand, folds, clip, alpha)
+    _check_trim_and_repetitions(trim, repetitions)
     y, d = _validate_outcome_treatment(y, d)
     n = len(y)
     X, names = _validate_features(X, n, feature_names)
@@ -103,31 +169,115 @@ def _estimate_effect(
         seed=seed,
         pca_components=opts.get("pca_components"),
         pca_columns=None if pca_columns is None else tuple(_column_indexes(pca_columns, names, "pca_columns")),
+        solver=opts.get("solver", "fast"),
     )
     report_columns = (
         None if balance_columns is None else _column_indexes(balance_columns, names, "balance_columns")
     )
+    needs = set().union(*(_needs(e, estimand) for e in estimators))
 
     n_treated = int(d.sum())
-    info = {
+    base = {
         "n_treated": n_treated,
         "n_control": n - n_treated,
         "clip": float(clip),
         "alpha": float(alpha),
         "n_features": 0 if X is None else int(X.shape[1]),
     }
-    if X is None:
-        nuisance = _constant_nuisance(y, d)
-        info.update(
-            cross_fitted=False,
-            folds=None,
-            nuisance="constant (no features): every estimator equals the difference in means",
-        )
+    supplied = opts.get("predictions")
+    if supplied is not None:
+        if repetitions != 1:
+            raise ValueError(
+                "repetitions > 1 re-splits the cross-fitting; with supplied predictions there is "
+                "nothing to re-split: use repetitions=1"
+            )
+        splits = [_supplied_nuisance(supplied, y, d, needs, clip)]
+    elif X is None:
+        # Constant nuisances are the same on every split: one split is all there is.
+        splits = [(_constant_nuisance(y, d), {"base": {
+            "cross_fitted": False,
+            "folds": None,
+            "nuisance": "constant (no features): every estimator equals the difference in means",
+        }})]
     else:
-        nuisance, fit_info = _cross_fitted_nuisance(
-            y, d, X, estimator, estimand, folds, seed, groups, clip, spec
+        splits = [
+            _cross_fitted_nuisance(y, d, X, needs, folds, _split_seed(seed, s), groups, clip, spec)
+            for s in range(repetitions)
+        ]
+
+    results = {}
+    for estimator in estimators:
+        per_split = [
+            _estimate_on_split(
+                estimator, estimand, y, d, X, groups, nuisance, pieces, base, trim, alpha, names,
+                report_columns, spec,
+            )
+            for nuisance, pieces in splits
+        ]
+        results[estimator] = _combine_splits(estimator, estimand, per_split, seed)
+    return results
+
+
+def _needs(estimator: str, estimand: str) -> set[str]:
+    """The nuisance functions an estimator's score uses."""
+    if estimator == "ipw":
+        return {"e"}
+    if estimator == "aipw":
+        return {"e", "mu0"} | ({"mu1"} if estimand == "ATE" else set())  # the ATT score needs no mu1
+    if estimator == "dml":
+        return {"e", "l"}
+    return set()
+
+
+def _split_seed(seed: int, repetition: int) -> int:
+    # Split 0 uses the seed itself, so repetitions=1 is exactly the single-split estimate.
+    if repetition == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), repetition]).generate_state(1)[0])
+
+
+def _estimate_on_split(
+    estimator, estimand, y, d, X, groups, nuisance, pieces, base, trim, alpha, names, report_columns, spec,
+) -> dict:
+    """One estimator on one split's nuisances: estimate, SE, critical value, n and diagnostics."""
+    info = dict(base)
+    info.update(pieces["base"])
+    uses_propensity = "e" in _needs(estimator, estimand)
+    if uses_propensity:
+        for key in ("propensity", "propensity_model"):
+            if key in pieces:
+                info[key] = pieces[key]
+    if estimator == "aipw":
+        arms = ["control"] + (["treated"] if estimand == "ATE" else [])
+        fits = [pieces.get(f"outcome_{arm}") for arm in arms]
+        if all(fit is not None for fit in fits):
+            info["outcome_r2"] = {arm: fit["r2"] for arm, fit in zip(arms, fits)}
+            if all("penalties" in fit for fit in fits):
+                info["outcome_model"] = {"penalty_by_fold": {arm: fit["penalties"] for arm, fit in zip(arms, fits)}}
+    elif estimator == "dml" and "outcome_all" in pieces:
+        info["outcome_r2"] = {"all": pieces["outcome_all"]["r2"]}
+        if "penalties" in pieces["outcome_all"]:
+            info["outcome_model"] = {"penalty_by_fold": {"all": pieces["outcome_all"]["penalties"]}}
+
+    keep = None
+    if uses_propensity and "e_raw" in nuisance:
+        keep, info["trimming"] = _trimming(nuisance["e_raw"], d, trim)
+    elif trim is not None:
+        reason = (
+            "difference_in_means fits no propensity" if estimator == "difference_in_means"
+            else "no features: the propensity is the constant treated share"
         )
-        info.update(fit_info)
+        info["trimming"] = {"threshold": float(trim), "applied": False, "reason": reason}
+    if keep is not None and not keep.all():
+        y, d = y[keep], d[keep]
+        X = None if X is None else X[keep]
+        nuisance = {k: v[keep] for k, v in nuisance.items()}
+        if groups is not None:
+            groups = np.unique(groups[keep], return_inverse=True)[1].ravel()
+            if groups.max() + 1 < 2:
+                raise ValueError(
+                    f"after trimming at {trim} fewer than 2 clusters remain: no cluster-robust SE"
+                )
 
     estimate, influence = _SCORES[estimator](y, d, nuisance, estimand)
     std_error, n_clusters = _standard_error(influence, groups)
@@ -137,10 +287,36 @@ def _estimate_effect(
         critical = stats.t.ppf(1 - alpha / 2, df=n_clusters - 1)
         info["n_clusters"] = n_clusters
     info["critical_value"] = float(critical)
-
     if X is not None:
-        info.update(_weighting_diagnostics(X, d, nuisance, estimand, names, report_columns, spec))
+        weights_from = nuisance if uses_propensity else {}
+        info.update(_weighting_diagnostics(X, d, weights_from, estimand, names, report_columns, spec))
+    return {
+        "estimate": float(estimate), "std_error": float(std_error), "critical": float(critical),
+        "n": int(len(y)), "info": info,
+    }
 
+
+def _combine_splits(estimator: str, estimand: str, per_split: list[dict], seed: int) -> EffectResult:
+    first = per_split[0]
+    info = first["info"]
+    estimate, std_error = first["estimate"], first["std_error"]
+    if len(per_split) > 1:
+        estimates = np.array([s["estimate"] for s in per_split])
+        std_errors = np.array([s["std_error"] for s in per_split])
+        estimate = float(np.median(estimates))
+        # The split-to-split spread enters the SE, so a split-sensitive estimate is not overstated.
+        std_error = float(np.sqrt(np.median(std_errors**2 + (estimates - estimate) ** 2)))
+        info = dict(info)
+        info["repeated_cross_fitting"] = {
+            "repetitions": len(per_split),
+            "fold_seeds": [_split_seed(seed, s) for s in range(len(per_split))],
+            "estimates": estimates.tolist(),
+            "std_errors": std_errors.tolist(),
+            "n_by_split": [s["n"] for s in per_split],
+            "rule": REPEATED_CROSS_FITTING_RULE,
+            "diagnostics_from": "split 0",
+        }
+    critical = first["critical"]
     return EffectResult(
         estimand=estimand,
         estimator=estimator,
@@ -148,9 +324,36 @@ def _estimate_effect(
         std_error=float(std_error),
         ci_low=float(estimate - critical * std_error),
         ci_high=float(estimate + critical * std_error),
-        n=n,
+        n=first["n"],
         diagnostics=diag.jsonable(info),
     )
+
+
+def _trimming(e_raw: np.ndarray, d: np.ndarray, trim: float | None) -> tuple[np.ndarray | None, dict]:
+    """Which units to keep, and the report; trim None keeps all and reports a zero share."""
+    if trim is None:
+        return None, {"threshold": None, "n_trimmed": 0, "share_trimmed": 0.0}
+    keep = (e_raw >= trim) & (e_raw <= 1.0 - trim)
+    report = {
+        "threshold": float(trim),
+        "applied": True,
+        "rule": f"units with cross-fitted propensity outside [{trim}, {1 - trim}] dropped",
+        "n_input": int(len(d)),
+        "n_trimmed": int((~keep).sum()),
+        "share_trimmed": float((~keep).mean()),
+        "n_trimmed_by_arm": {},
+        "share_trimmed_by_arm": {},
+    }
+    for arm, mask in (("treated", d == 1), ("control", d == 0)):
+        report["n_trimmed_by_arm"][arm] = int((~keep & mask).sum())
+        report["share_trimmed_by_arm"][arm] = float((~keep[mask]).mean())
+    kept_treated, kept_control = int((keep & (d == 1)).sum()), int((keep & (d == 0)).sum())
+    if kept_treated < 2 or kept_control < 2:
+        raise ValueError(
+            f"trimming at {trim} leaves {kept_treated} treated and {kept_control} control units; "
+            "both arms need at least 2: lower trim, or improve overlap"
+        )
+    return keep, report
 
 
 # --- input validation -----------------------------------------------------------------------
@@ -172,6 +375,14 @@ def _check_choices(estimator, estimand, folds, clip, alpha) -> None:
         raise ValueError(f"clip must lie in (0, 0.5), got {clip!r}")
     if not (0.0 < alpha < 1.0):
         raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+
+
+def _check_trim_and_repetitions(trim, repetitions) -> None:
+    if trim is not None:
+        if isinstance(trim, bool) or not isinstance(trim, (int, float, np.floating)) or not (0.0 < trim < 0.5):
+            raise ValueError(f"trim must be None or a number in (0, 0.5), got {trim!r}")
+    if isinstance(repetitions, bool) or not isinstance(repetitions, (int, np.integer)) or repetitions < 1:
+        raise ValueError(f"repetitions must be an integer >= 1, got {repetitions!r}")
 
 
 def _one_dimensional(values, name: str) -> np.ndarray:
@@ -310,8 +521,9 @@ def _constant_nuisance(y: np.ndarray, d: np.ndarray) -> dict:
     }
 
 
-def _cross_fitted_nuisance(y, d, X, estimator, estimand, folds, seed, groups, clip, spec) -> tuple[dict, dict]:
-    fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
+def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec) -> tuple[dict, dict]:
+    """Out-of-fold predictions of the nuisances in ``needs``, and their fit diagnostics."""
+    fold_ids = make_folds(len(y), folds, fold_seed, stratify=d, groups=groups)
     for k in range(folds):
         train = fold_ids != k
         if d[train].min() == d[train].max():
@@ -320,7 +532,7 @@ def _cross_fitted_nuisance(y, d, X, estimator, estimand, folds, seed, groups, cl
                 f"{'treated' if d[train][0] == 1 else 'control'} units; use fewer folds or more "
                 "clusters with both treated and control units"
             )
-    info = {
+    base = {
         "cross_fitted": True,
         "folds": int(folds),
         "fold_sizes": np.bincount(fold_ids, minlength=folds).tolist(),
@@ -329,40 +541,69 @@ def _cross_fitted_nuisance(y, d, X, estimator, estimand, folds, seed, groups, cl
         ),
         "learner": spec.learner,
     }
+    if spec.learner == "linear":
+        base["solver"] = spec.solver
     if spec.pca_components is not None:
-        info["pca_components"] = int(spec.pca_components)
+        base["pca_components"] = int(spec.pca_components)
     nuisance: dict = {}
-    if estimator == "difference_in_means":
-        return nuisance, info
+    pieces: dict = {"base": base}
+    if "e" in needs:
+        e_raw, log = cross_fit_propensity(X, d, fold_ids, spec)
+        nuisance["e_raw"] = e_raw
+        nuisance["e"] = np.clip(e_raw, clip, 1.0 - clip)
+        pieces["propensity"] = diag.propensity_overlap(e_raw, d, clip)
+        pieces["propensity_model"] = {
+            "penalty_by_fold": log.penalties,
+            "convergence_warnings": log.convergence_warnings,
+        }
+    for name, arm, fit_on in (("mu0", "control", d == 0), ("mu1", "treated", d == 1), ("l", "all", None)):
+        if name not in needs:
+            continue
+        predicted, log = cross_fit_outcome(X, y, fold_ids, spec, fit_on=fit_on)
+        nuisance[name] = predicted
+        observed = slice(None) if fit_on is None else fit_on
+        pieces[f"outcome_{arm}"] = {
+            "r2": diag.out_of_fold_r2(y[observed], predicted[observed]),
+            "penalties": log.penalties,
+        }
+    return nuisance, pieces
 
-    e_raw, log = cross_fit_propensity(X, d, fold_ids, spec)
-    nuisance["e_raw"] = e_raw
-    nuisance["e"] = np.clip(e_raw, clip, 1.0 - clip)
-    info["propensity"] = diag.propensity_overlap(e_raw, d, clip)
-    info["propensity_model"] = {
-        "penalty_by_fold": log.penalties,
-        "convergence_warnings": log.convergence_warnings,
-    }
 
-    if estimator == "aipw":
-        r2 = {}
-        mu0, log0 = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 0)
-        nuisance["mu0"] = mu0
-        r2["control"] = diag.out_of_fold_r2(y[d == 0], mu0[d == 0])
-        penalties = {"control": log0.penalties}
-        if estimand == "ATE":  # the ATT score needs no treated-arm outcome model
-            mu1, log1 = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 1)
-            nuisance["mu1"] = mu1
-            r2["treated"] = diag.out_of_fold_r2(y[d == 1], mu1[d == 1])
-            penalties["treated"] = log1.penalties
-        info["outcome_r2"] = r2
-        info["outcome_model"] = {"penalty_by_fold": penalties}
-    elif estimator == "dml":
-        l_hat, log_l = cross_fit_outcome(X, y, fold_ids, spec)
-        nuisance["l"] = l_hat
-        info["outcome_r2"] = {"all": diag.out_of_fold_r2(y, l_hat)}
-        info["outcome_model"] = {"penalty_by_fold": {"all": log_l.penalties}}
-    return nuisance, info
+def _supplied_nuisance(supplied, y, d, needs, clip) -> tuple[dict, dict]:
+    """Nuisances from the caller's out-of-fold predictions (``predictions`` option)."""
+    if not isinstance(supplied, dict):
+        raise ValueError(f"predictions must be a dict with keys from {list(PREDICTION_KEYS)}")
+    unknown = sorted(set(supplied) - set(PREDICTION_KEYS))
+    if unknown:
+        raise ValueError(f"predictions: unknown key(s) {unknown}; known keys are {list(PREDICTION_KEYS)}")
+    wanted = {"e": "propensity", "mu0": "outcome_control", "mu1": "outcome_treated", "l": "outcome"}
+    missing = sorted(wanted[name] for name in needs if wanted[name] not in supplied)
+    if missing:
+        raise ValueError(f"predictions: the estimator(s) asked for also need {missing}")
+    n = len(y)
+    nuisance: dict = {}
+    for key, values in supplied.items():
+        values = _one_dimensional(values, f"predictions[{key!r}]").astype(float)
+        if len(values) != n:
+            raise ValueError(f"predictions[{key!r}] has {len(values)} values for {n} units")
+        if not np.isfinite(values).all():
+            raise ValueError(f"predictions[{key!r}] must be finite")
+        nuisance[PREDICTION_KEYS[key]] = values
+    pieces: dict = {"base": {
+        "cross_fitted": False,
+        "folds": None,
+        "nuisance": "supplied by the caller (taken to be out-of-fold predictions)",
+    }}
+    if "e_raw" in nuisance:
+        e_raw = nuisance["e_raw"]
+        if (e_raw < 0).any() or (e_raw > 1).any():
+            raise ValueError("predictions['propensity'] must lie in [0, 1]")
+        nuisance["e"] = np.clip(e_raw, clip, 1.0 - clip)
+        pieces["propensity"] = diag.propensity_overlap(e_raw, d, clip)
+    for name, arm, observed in (("mu0", "control", d == 0), ("mu1", "treated", d == 1), ("l", "all", slice(None))):
+        if name in nuisance:
+            pieces[f"outcome_{arm}"] = {"r2": diag.out_of_fold_r2(y[observed], nuisance[name][observed])}
+    return nuisance, pieces
 
 
 # --- scores: each returns (estimate, influence function values) --------------------------------

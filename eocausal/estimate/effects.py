@@ -4,6 +4,12 @@ Feature sets (DESIGN §6): ``none``; ``tabular`` = the survey covariates X; ``im
 principal components of the image embedding φ(I); ``tabular+image`` = [X, φ(I)]. The PCA is
 unsupervised (it never sees treatment or outcome), so fitting it once on all analysis units
 keeps cross-fitting valid.
+
+With ``analysis.outcome_imputation`` each spec is estimated three times (``outcome_source``):
+on the units with a measured outcome, and on all units with the imputed outcomes corrected
+(prediction-powered, valid inference) and plugged in (naive, for comparison); see
+:mod:`eocausal.estimate.imputation`. AIPW and DML ATE rows carry robustness values to an
+unobserved confounder (:mod:`eocausal.estimate.sensitivity`).
 """
 
 from __future__ import annotations
@@ -19,17 +25,26 @@ from eocausal.embed.reduce import fit_pca
 from eocausal.estimate.ate import EffectResult, estimate_effect
 from eocausal.estimate.diagnostics import overlap_ok
 from eocausal.estimate.folds import spatial_blocks
+from eocausal.estimate.imputation import CORRECTED, MEASURED, PLUGIN, ImputedOutcomes, annotate, impute_outcomes
+from eocausal.estimate.sensitivity import SENSITIVITY_ESTIMATORS, sensitivity_for_effects
+from eocausal.estimate.sensitivity import summary as sensitivity_summary
 from eocausal.lake import embedding_matrix
 from eocausal.study import AnalysisSpec
 from eocausal.versioning import estimate_version
 
 # Bump when estimator code changes what it computes: it enters every estimate version.
-CODE_VERSION = "effects-1"
+# (effects-2: outcome imputation and the sensitivity columns; effects-3: on imputed outcomes
+# the sensitivity's r_y is read against the measured outcomes.)
+CODE_VERSION = "effects-3"
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",
     "ci_low", "ci_high", "n", "n_treated", "n_control", "n_features", "code_version", "survey_version",
     "embeddings_version", "analysis_spec", "diagnostics", "computed_at",
+    # outcome imputation: which outcomes the row used, and how many of its units had one measured
+    "outcome_source", "n_outcome_observed",
+    # sensitivity to an unobserved confounder (AIPW/DML ATE rows; NULL elsewhere)
+    "robustness_value", "robustness_value_alpha", "sensitivity",
 ]
 
 
@@ -63,6 +78,32 @@ def feature_sets(units: pd.DataFrame, covariates: list[str], analysis: AnalysisS
     return out
 
 
+def imputation_features(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec) -> tuple[np.ndarray, list[str]]:
+    """Z for the outcome-imputation model: the covariates and the image components, as the
+    ``tabular+image`` feature set has them."""
+    spec = analysis.model_copy(update={"feature_sets": ["tabular+image"]})
+    return feature_sets(units, covariates, spec)["tabular+image"]
+
+
+def impute_study_outcomes(
+    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec
+) -> ImputedOutcomes:
+    """Cross-fitted image (+ tabular) predictions of the outcome and the corrected pseudo-outcomes,
+    for every analysis unit (NaN outcome = not measured)."""
+    Z, _ = imputation_features(units, covariates, analysis)
+    return impute_outcomes(
+        units["outcome"].to_numpy(dtype=float), units["treatment"].to_numpy(dtype=int), Z,
+        folds=analysis.folds, seed=analysis.seed, groups=_groups(units, analysis),
+        labelling=analysis.outcome_labelling, clip=analysis.propensity_clip,
+    )
+
+
+def _groups(units: pd.DataFrame, analysis: AnalysisSpec):
+    if not analysis.spatial_block_km:
+        return None
+    return spatial_blocks(units["lat"].to_numpy(), units["lon"].to_numpy(), analysis.spatial_block_km)
+
+
 def analysis_version(
     analysis: AnalysisSpec, survey_version: str, embeddings_version: str
 ) -> str:
@@ -82,39 +123,99 @@ def estimate_study(
     survey_version: str,
     embeddings_version: str,
     estimands: tuple[str, ...] = ("ATE",),
+    imputed: ImputedOutcomes | None = None,
 ) -> StudyEstimates:
-    """Run every estimator x feature set on the analysis units (canonical columns + embedding)."""
+    """Run every estimator x feature set on the analysis units (canonical columns + embedding).
+
+    ``imputed``: the study's imputed outcomes, aligned with ``units`` (with outcome imputation
+    on; computed here when not given).
+    """
     version = analysis_version(analysis, survey_version, embeddings_version)
     y = units["outcome"].to_numpy(dtype=float)
-    d = units["treatment"].to_numpy(dtype=int)
-    groups = None
-    if analysis.spatial_block_km:
-        groups = spatial_blocks(units["lat"].to_numpy(), units["lon"].to_numpy(), analysis.spatial_block_km)
+    d_all = units["treatment"].to_numpy(dtype=int)
+    groups_all = _groups(units, analysis)
     computed_at = datetime.now(timezone.utc).replace(microsecond=0)
     spec_json = json.dumps(analysis.model_dump(mode="json"), sort_keys=True)
+    everyone = np.ones(len(units), dtype=bool)
+    # outcome source -> (the units it covers, their outcomes)
+    sources = {MEASURED: (everyone, y)}
+    if analysis.outcome_imputation:
+        if imputed is None:
+            imputed = impute_study_outcomes(units, covariates, analysis)
+        sources = {
+            MEASURED: (imputed.labelled, y),
+            CORRECTED: (everyone, imputed.corrected),
+            PLUGIN: (everyone, imputed.filled),
+        }
     rows, results = [], []
-    for fs, (X, names) in feature_sets(units, covariates, analysis).items():
-        for estimand in estimands:
-            for estimator in analysis.estimators:
-                res = estimate_effect(
-                    y, d, X, estimator=estimator, estimand=estimand, folds=analysis.folds,
-                    seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
-                    feature_names=names or None,
-                )
-                results.append(res)
-                rows.append({
-                    "study": study_name, "estimate_version": version, "estimand": estimand,
-                    "estimator": estimator, "feature_set": fs, "estimate": res.estimate,
-                    "std_error": res.std_error, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                    "n": res.n, "n_treated": int(d.sum()), "n_control": int((1 - d).sum()),
-                    "n_features": 0 if X is None else int(X.shape[1]), "code_version": CODE_VERSION,
-                    "survey_version": survey_version, "embeddings_version": embeddings_version,
-                    "analysis_spec": spec_json,
-                    "diagnostics": json.dumps(res.diagnostics, sort_keys=True, default=float),
-                    "computed_at": computed_at,
-                })
+    all_feature_sets = feature_sets(units, covariates, analysis)
+    for source, (keep, outcome) in sources.items():
+        y_s, d = outcome[keep], d_all[keep]
+        groups = None if groups_all is None else groups_all[keep]
+        n_observed = int(np.isfinite(y[keep]).sum())
+        for fs, (X_all, names) in all_feature_sets.items():
+            X = None if X_all is None else X_all[keep]
+            for estimand in estimands:
+                fitted = {}
+                for estimator in analysis.estimators:
+                    res = estimate_effect(
+                        y_s, d, X, estimator=estimator, estimand=estimand, folds=analysis.folds,
+                        seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
+                        feature_names=names or None, trim=analysis.propensity_trim,
+                        repetitions=analysis.cross_fit_repetitions,
+                    )
+                    if imputed is not None:
+                        annotate(res, source, imputed)
+                    fitted[estimator] = res
+                # On the corrected pseudo-outcome, r_y is read against the measured outcomes.
+                measured = (y[keep], 1.0 / imputed.labelling_propensity[keep]) if source == CORRECTED else None
+                sensitivity = _sensitivity(y_s, d, X, groups, analysis, estimand, source, fitted, measured)
+                for estimator, res in fitted.items():
+                    results.append(res)
+                    sens = sensitivity.get(estimator)
+                    rows.append({
+                        "study": study_name, "estimate_version": version, "estimand": estimand,
+                        "estimator": estimator, "feature_set": fs, "estimate": res.estimate,
+                        "std_error": res.std_error, "ci_low": res.ci_low, "ci_high": res.ci_high,
+                        "n": res.n, "n_treated": int(d.sum()), "n_control": int((1 - d).sum()),
+                        "n_features": 0 if X is None else int(X.shape[1]), "code_version": CODE_VERSION,
+                        "survey_version": survey_version, "embeddings_version": embeddings_version,
+                        "analysis_spec": spec_json,
+                        "diagnostics": json.dumps(res.diagnostics, sort_keys=True, default=float),
+                        "computed_at": computed_at,
+                        "outcome_source": source, "n_outcome_observed": n_observed,
+                        "robustness_value": None if sens is None else sens["robustness_value"],
+                        "robustness_value_alpha": None if sens is None else sens["robustness_value_alpha"],
+                        "sensitivity": None if sens is None else json.dumps(sens, sort_keys=True, default=float),
+                    })
     table = pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
+    for col in ("robustness_value", "robustness_value_alpha"):
+        table[col] = table[col].astype("float64")
     return StudyEstimates(version=version, table=table, results=results)
+
+
+def _sensitivity(y, d, X, groups, analysis: AnalysisSpec, estimand: str, source: str, fitted: dict,
+                 measured: tuple | None = None) -> dict:
+    """Robustness values and bounds for the AIPW/DML ATE estimates of one spec (the plug-in's
+    standard errors are wrong, so its rows get none)."""
+    wanted = [e for e in fitted if e in SENSITIVITY_ESTIMATORS]
+    if estimand != "ATE" or source == PLUGIN or not wanted:
+        return {}
+    repeated = analysis.cross_fit_repetitions > 1
+    stats = sensitivity_for_effects(
+        y, d, X, wanted, folds=analysis.folds, seed=analysis.seed, groups=groups,
+        clip=analysis.propensity_clip, trim=analysis.propensity_trim,
+        # Under repeated cross-fitting the estimate is a median over splits; the bounds are the
+        # first split's, which is said instead of flagged as a mismatch.
+        reported_estimates=None if repeated else {e: fitted[e].estimate for e in wanted},
+        measured_outcome=None if measured is None else measured[0],
+        measured_weight=None if measured is None else measured[1],
+    )
+    if repeated:
+        for s in stats.values():
+            s.notes.append(f"bounds from the first of {analysis.cross_fit_repetitions} cross-fitting splits; "
+                           "the reported estimate is the median over splits")
+    return {e: sensitivity_summary(s) for e, s in stats.items()}
 
 
 def overlap_report(table: pd.DataFrame) -> dict[str, dict]:
@@ -136,14 +237,29 @@ def estimates_markdown(table: pd.DataFrame, truth: float | None = None) -> str:
     """The estimates as a markdown table (Dagster metadata, CLI output)."""
     head = "| estimand | estimator | feature set | estimate | SE | 95% CI |"
     sep = "|---|---|---|---:|---:|---|"
+    # Optional columns: the outcome source (only when imputation made more than one), and the
+    # robustness values (only when some row has them; tables from before they existed have none).
+    sources = table["outcome_source"].fillna(MEASURED) if "outcome_source" in table else None
+    show_source = sources is not None and (sources != MEASURED).any()
+    show_rv = "robustness_value" in table and table["robustness_value"].notna().any()
+    if show_source:
+        head = head.replace("| estimate |", "| outcome | estimate |")
+        sep = sep.replace("|---|---:|---:|---|", "|---|---|---:|---:|---|")
     if truth is not None:
         head += " bias | covers truth |"
         sep += "---:|---|"
+    if show_rv:
+        head += " RV | RV_alpha |"
+        sep += "---:|---:|"
     lines = [head, sep]
-    for r in table.itertuples():
-        line = (f"| {r.estimand} | {r.estimator} | {r.feature_set} | {r.estimate:.3f} | "
+    for i, r in enumerate(table.itertuples()):
+        source = f" {sources.iloc[i]} |" if show_source else ""
+        line = (f"| {r.estimand} | {r.estimator} | {r.feature_set} |{source} {r.estimate:.3f} | "
                 f"{r.std_error:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] |")
         if truth is not None:
             line += f" {r.estimate - truth:+.3f} | {'yes' if r.ci_low <= truth <= r.ci_high else 'no'} |"
+        if show_rv:
+            rv, rv_a = r.robustness_value, r.robustness_value_alpha
+            line += " – | – |" if pd.isna(rv) else f" {rv:.3f} | {rv_a:.3f} |"
         lines.append(line)
     return "\n".join(lines)

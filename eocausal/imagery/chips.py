@@ -11,7 +11,16 @@ Cache layout: ``cache_dir/<key[:2]>/<key>.npz`` with arrays
   Landsat DNs), else float32;
 - ``valid``: bool [H, W];
 - ``source_file``: the file the chip came from;
-- ``outside``: True for a unit outside every file's footprint (then data/valid are empty).
+- ``outside``: True for a unit outside every file's footprint (then data/valid are empty);
+- ``cloud_share``: share of observations flagged cloud/shadow, NaN where not known (may be absent
+  in caches written before it existed).
+
+Sources other than local GeoTIFFs (see :mod:`eocausal.imagery.sources`) plug in here: a
+streaming source (Earth Engine) hands over chips as they arrive and each is stored at once, so a
+run killed midway keeps every finished chip. A unit a source fails to image (a
+:class:`~eocausal.imagery.sources.ChipFailure`) is recorded with reason ``fetch_failed`` and is
+not cached, so a re-run asks for it again. Temp files left by killed writers are removed by the
+next run (at once when their writer process on this host is gone, else after a day).
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal.faults import crash_point
 from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
+from eocausal.imagery.sources import ChipFailure, ChipSource
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +48,11 @@ STATUS_OK = "ok"
 STATUS_EXCLUDED = "excluded"
 REASON_OUTSIDE = "outside_coverage"
 REASON_NODATA = "nodata_share_above_max"
+REASON_FETCH_FAILED = "fetch_failed"
+REASONS = (REASON_OUTSIDE, REASON_NODATA, REASON_FETCH_FAILED)
 
-INDEX_COLUMNS = ["unit_id", "chip_key", "status", "reason", "valid_share", "source_file"]
+# cloud_share: NaN where the source does not know; detail: why a fetch failed, else None.
+INDEX_COLUMNS = ["unit_id", "chip_key", "status", "reason", "valid_share", "source_file", "cloud_share", "detail"]
 _CACHE_FORMAT = 1
 _READ_BATCH = 256  # chips read per batch: 256 x 3 x 64 x 64 float32 is 12 MB
 
@@ -47,6 +63,7 @@ class ChipExtraction:
     # Counted per distinct chip (units with identical coordinates share one).
     n_cached: int  # chips served from the cache
     n_extracted: int  # chips read from the imagery this time
+    n_failed: int = 0  # chips the source failed to deliver (recorded, not cached)
 
 
 def chip_key(source_fingerprint: str, size_px: int, lat: float, lon: float) -> str:
@@ -76,7 +93,11 @@ def _compact(data: np.ndarray) -> np.ndarray:
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that readers see either nothing or the whole file, even if killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+    # The writer's host and pid in the temp name let a later run tell a dead writer's leftover
+    # from a live writer's file (see _sweep_stale_temp_files).
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.stem[:16]}.{_HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez_compressed(fh, **arrays)
@@ -87,6 +108,49 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_STALE_TEMP_SECONDS = 24 * 3600
+
+
+def _writer_alive(host_tag: str, pid_text: str) -> bool:
+    """Whether a temp file's writer may still be running (unknown hosts: assume so)."""
+    if host_tag != _HOST_TAG or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists
+        return True
+    return True
+
+
+def _sweep_stale_temp_files(cache_dir: Path) -> int:
+    """Remove temp files of killed writers: of a dead process on this host, or older than a day."""
+    removed = 0
+    if not cache_dir.is_dir():
+        return 0
+    now = time.time()
+    for shard in os.scandir(cache_dir):
+        if not (shard.is_dir() and len(shard.name) == 2):
+            continue
+        for entry in os.scandir(shard.path):
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            parts = entry.name.split(".")  # '', stem, host, pid, random, 'tmp'
+            try:
+                stale = now - entry.stat().st_mtime > _STALE_TEMP_SECONDS
+            except FileNotFoundError:
+                continue
+            if stale or (len(parts) >= 6 and not _writer_alive(parts[2], parts[3])):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def _store(path: Path, chip: Chip | None) -> None:
@@ -104,6 +168,8 @@ def _store(path: Path, chip: Chip | None) -> None:
             "source_file": np.array(chip.source_file),
             "outside": np.array(False),
         }
+    cloud_share = getattr(chip, "cloud_share", None)
+    arrays["cloud_share"] = np.array(np.nan if cloud_share is None else float(cloud_share))
     _write_atomic(path, arrays)
 
 
@@ -119,17 +185,18 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, str, bool]:
     return data, valid, source_file, outside
 
 
-def _load_verdict(path: Path, size_px: int) -> tuple[float, str | None, bool]:
-    """(valid_share, source_file, outside) of a cached chip, without decompressing its pixels."""
+def _load_verdict(path: Path, size_px: int) -> tuple[float, str | None, bool, float]:
+    """(valid_share, source_file, outside, cloud_share) of a cached chip, without decompressing its pixels."""
     with np.load(path, allow_pickle=False) as z:
         outside = bool(z["outside"])
+        cloud_share = float(z["cloud_share"]) if "cloud_share" in z.files else float("nan")
         if outside:
-            return 0.0, None, True
+            return 0.0, None, True, float("nan")
         valid = z["valid"]
         source_file = str(z["source_file"])
     if valid.shape != (size_px, size_px):
         raise ValueError(f"mask shape {valid.shape}, expected {(size_px, size_px)}")
-    return float(valid.astype(bool).mean()), source_file or None, False
+    return float(valid.astype(bool).mean()), source_file or None, False, cloud_share
 
 
 _LOAD_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
@@ -137,7 +204,7 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 
 def extract_chips(
     units: pd.DataFrame,
-    source: GeoTiffSource,
+    source: GeoTiffSource | ChipSource,
     size_px: int,
     cache_dir: Path,
     max_nodata_share: float,
@@ -161,11 +228,13 @@ def extract_chips(
         raise ValueError(f"{len(bad)} units have missing or non-finite coordinates: {bad[:10]}")
 
     cache_dir = Path(cache_dir)
+    _sweep_stale_temp_files(cache_dir)
     fingerprint = source.fingerprint()
     keys = [chip_key(fingerprint, size_px, la, lo) for la, lo in zip(lats, lons)]
 
     # Pass 1: what the cache already holds (one entry per key; units may share coordinates).
-    verdicts: dict[str, tuple[float, str | None, bool]] = {}  # key -> (valid_share, file, outside)
+    # key -> (valid_share, file, outside, cloud_share)
+    verdicts: dict[str, tuple[float, str | None, bool, float]] = {}
     n_cached = 0
     to_read: dict[str, tuple[float, float]] = {}
     for key, la, lo in zip(keys, lats, lons):
@@ -182,29 +251,52 @@ def extract_chips(
                 continue
         to_read[key] = (lo, la)
 
-    # Pass 2: read the rest from the imagery in batches (each file opened once per batch), and
-    # store each batch at once: memory stays bounded, and a killed run keeps what it finished.
-    pending = list(to_read.items())
+    # Pass 2: read the rest from the imagery and store each chip at once: memory stays bounded,
+    # and a killed run keeps what it finished. Failures are recorded, never cached.
+    failures: dict[str, ChipFailure] = {}
+    for key, chip in _read_pending(source, list(to_read.items()), size_px):
+        if isinstance(chip, ChipFailure):
+            failures[key] = chip
+            continue
+        _store(chip_path(cache_dir, key), chip)
+        crash_point("chips.stored")  # fault tests: a crash with the cache half written
+        if chip is None:
+            verdicts[key] = (0.0, None, True, float("nan"))
+        else:
+            cloud = float("nan") if chip.cloud_share is None else float(chip.cloud_share)
+            verdicts[key] = (float(chip.valid.mean()), chip.source_file, False, cloud)
+
+    rows = []
+    nan = float("nan")
+    for unit_id, key in zip(unit_ids, keys):
+        if key in failures:
+            failure = failures[key]
+            rows.append((unit_id, None, STATUS_EXCLUDED, failure.reason, 0.0, None, nan, failure.detail))
+            continue
+        valid_share, source_file, outside, cloud_share = verdicts[key]
+        if outside:
+            rows.append((unit_id, None, STATUS_EXCLUDED, REASON_OUTSIDE, 0.0, None, nan, None))
+        elif 1.0 - valid_share > max_nodata_share + 1e-12:
+            rows.append((unit_id, key, STATUS_EXCLUDED, REASON_NODATA, valid_share, source_file, cloud_share, None))
+        else:
+            rows.append((unit_id, key, STATUS_OK, None, valid_share, source_file, cloud_share, None))
+    return ChipExtraction(
+        index=_index_frame(rows), n_cached=n_cached, n_extracted=len(to_read) - len(failures),
+        n_failed=len(failures),
+    )
+
+
+def _read_pending(source, pending: list[tuple[str, tuple[float, float]]], size_px: int):
+    """(key, chip | None | ChipFailure) for every pending chip, as the source delivers them."""
+    if hasattr(source, "iter_chips"):
+        for i, chip in source.iter_chips([point for _, point in pending], size_px):
+            yield pending[i][0], chip
+        return
+    # Local sources: batches, each file opened once per batch.
     for start in range(0, len(pending), _READ_BATCH):
         batch = pending[start : start + _READ_BATCH]
         chips = source.read_chips([point for _, point in batch], size_px)
-        for (key, _), chip in zip(batch, chips):
-            _store(chip_path(cache_dir, key), chip)
-            if chip is None:
-                verdicts[key] = (0.0, None, True)
-            else:
-                verdicts[key] = (float(chip.valid.mean()), chip.source_file, False)
-
-    rows = []
-    for unit_id, key in zip(unit_ids, keys):
-        valid_share, source_file, outside = verdicts[key]
-        if outside:
-            rows.append((unit_id, None, STATUS_EXCLUDED, REASON_OUTSIDE, 0.0, None))
-        elif 1.0 - valid_share > max_nodata_share + 1e-12:
-            rows.append((unit_id, key, STATUS_EXCLUDED, REASON_NODATA, valid_share, source_file))
-        else:
-            rows.append((unit_id, key, STATUS_OK, None, valid_share, source_file))
-    return ChipExtraction(index=_index_frame(rows), n_cached=n_cached, n_extracted=len(to_read))
+        yield from ((key, chip) for (key, _), chip in zip(batch, chips))
 
 
 def _index_frame(rows: list[tuple]) -> pd.DataFrame:
@@ -212,7 +304,7 @@ def _index_frame(rows: list[tuple]) -> pd.DataFrame:
     frame = {}
     for name, values in zip(INDEX_COLUMNS, columns):
         # Object dtype keeps None as None under both pandas 2 and 3.
-        dtype = float if name == "valid_share" else object
+        dtype = float if name in ("valid_share", "cloud_share") else object
         frame[name] = pd.Series(list(values), dtype=dtype)
     return pd.DataFrame(frame)
 

@@ -13,6 +13,14 @@ Validity of a pixel, in order of precedence:
    many real scenes (e.g. Landsat Level-1 products exported without a nodata tag).
 
 NaN is always invalid. Pixels outside the raster are invalid. Invalid pixels read as 0.
+
+A folder may also hold one-file-per-band scenes (Landsat's ``<scene>_SR_B2.TIF`` ...); they are
+stacked into one scene each (see :mod:`eocausal.imagery.bandfiles`), and a scene's
+``<scene>_QA_PIXEL.TIF`` gives each chip a cloud share (of its valid pixels).
+
+Reading is windowed (only the tiles under the chips are decompressed, which suits Cloud
+Optimized GeoTIFFs): chips close to each other are cut from one read of the window around them,
+and windows are visited in row-major order so that each tile is decompressed about once.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import math
 import threading
 import time
 import warnings
-from contextlib import ExitStack
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,6 +43,8 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
+
+from eocausal.imagery.bandfiles import BandFileError, BandFileScene, BandStack, cloudy_from_qa_pixel, group_band_files
 
 # Bump when the way chips are read changes, so content-addressed caches built on
 # :meth:`GeoTiffSource.fingerprint` are invalidated.
@@ -52,6 +62,8 @@ class Chip:
     data: np.ndarray  # float32 [C, H, W]; scale/offset applied; invalid pixels are 0
     valid: np.ndarray  # bool [H, W]
     source_file: str  # file name (relative to the source folder) the chip was read from
+    # Share of the chip's observations flagged cloud or cloud shadow; None where not known.
+    cloud_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class _FileInfo:
     mask_mode: str  # 'nodata' | 'internal_mask' | 'zero_fill'
     scales: tuple[float, ...]
     offsets: tuple[float, ...]
+    band_files: tuple[Path, ...] = ()  # a one-file-per-band scene: one file per read band
+    qa_file: Path | None = None  # its Landsat QA_PIXEL file (cloud share), if any
 
 
 def valid_mask(raw: np.ndarray, nodata: Sequence[float | None] | None) -> np.ndarray:
@@ -121,6 +135,19 @@ def _content_sha256(path: Path) -> str:
     return value
 
 
+# A bucket of nearby chips is read as one window when that window is at most this many times
+# the chips' own area; else chip by chip.
+_REGION_MAX_AREA_RATIO = 4
+
+
+def _cloud_share(cloudy: np.ndarray | None, valid: np.ndarray) -> float | None:
+    """Share of a chip's valid pixels flagged cloud/shadow; None without a QA band or valid pixel."""
+    if cloudy is None:
+        return None
+    n_valid = int(valid.sum())
+    return float((cloudy & valid).sum() / n_valid) if n_valid else None
+
+
 def _find_tiffs(path: Path) -> list[Path]:
     if not path.exists():
         raise ImageryError(f"imagery path not found: {path}")
@@ -159,7 +186,13 @@ class GeoTiffSource:
             raise ImageryError(f"{self.path}: 'bands' is empty; give 1-based band indexes or None")
         files = _find_tiffs(self.path)
         root = self.path if self.path.is_dir() else self.path.parent
-        self._files = tuple(self._read_header(f, f.relative_to(root).as_posix()) for f in files)
+        try:
+            plain, scenes = group_band_files(files, self.bands) if self.path.is_dir() else (files, [])
+        except BandFileError as exc:
+            raise ImageryError(f"{self.path}: {exc}") from exc
+        infos = [self._read_header(f, f.relative_to(root).as_posix()) for f in plain]
+        infos += [self._read_scene_header(scene) for scene in scenes]
+        self._files = tuple(sorted(infos, key=lambda info: info.name))
         counts = {len(f.band_indexes) for f in self._files}
         if len(counts) > 1:
             detail = ", ".join(f"{f.name}: {len(f.band_indexes)}" for f in self._files)
@@ -216,6 +249,57 @@ class GeoTiffSource:
         except RasterioError as exc:
             raise ImageryError(f"{path}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
 
+    def _read_scene_header(self, scene: BandFileScene) -> _FileInfo:
+        """Header of a one-file-per-band scene: every band file (and QA file) on one grid."""
+        grid = None
+        nodata: list[float | None] = []
+        scales: list[float] = []
+        offsets: list[float] = []
+        for f, product_scaling in zip(scene.band_files, scene.product_scaling):
+            try:
+                with _open_quietly(f) as src:
+                    if src.driver != "GTiff" or src.crs is None or src.transform.is_identity:
+                        raise ImageryError(f"{f}: not a georeferenced GeoTIFF")
+                    this = (src.crs.to_wkt(), src.transform, src.width, src.height)
+                    if grid is not None and (this[0] != grid[0] or not this[1].almost_equals(grid[1])
+                                             or this[2:] != grid[2:]):
+                        raise ImageryError(
+                            f"{f}: band file on a different grid ({src.width}x{src.height} px, {src.res} m) "
+                            f"from {scene.band_files[0].name}; a scene's bands must share one grid"
+                        )
+                    grid = grid or this
+                    nodata.append(self.nodata if self.nodata is not None else src.nodatavals[0])
+                    scale, offset = float(src.scales[0]), float(src.offsets[0])
+                    if (scale, offset) == (1.0, 0.0) and product_scaling is not None:
+                        scale, offset = product_scaling  # the product's documented scaling
+                    scales.append(scale)
+                    offsets.append(offset)
+            except RasterioError as exc:
+                raise ImageryError(f"{f}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
+        assert grid is not None
+        if scene.qa_file is not None:
+            try:
+                with _open_quietly(scene.qa_file) as qa:
+                    if (qa.width, qa.height) != grid[2:] or not qa.transform.almost_equals(grid[1]):
+                        raise ImageryError(f"{scene.qa_file}: QA_PIXEL file on a different grid from the bands")
+            except RasterioError as exc:
+                raise ImageryError(f"{scene.qa_file}: cannot open as a GeoTIFF: {exc}") from exc
+        return _FileInfo(
+            path=scene.band_files[0],
+            name=scene.name,
+            crs_wkt=grid[0],
+            transform=grid[1],
+            width=grid[2],
+            height=grid[3],
+            band_indexes=tuple(range(1, len(scene.band_files) + 1)),
+            nodata=tuple(nodata),
+            mask_mode="nodata" if any(v is not None for v in nodata) else "zero_fill",
+            scales=tuple(scales),
+            offsets=tuple(offsets),
+            band_files=scene.band_files,
+            qa_file=scene.qa_file,
+        )
+
     # -- metadata -----------------------------------------------------------------------------
 
     @property
@@ -237,12 +321,16 @@ class GeoTiffSource:
         config = {"reader": READER_VERSION, "nodata": self.nodata, "bands": self.bands}
         digest.update(json.dumps(config, sort_keys=True).encode())
         for info in self._files:
-            try:
-                size = info.path.stat().st_size
-                content = _content_sha256(info.path)
-            except OSError as exc:
-                raise ImageryError(f"{info.path}: cannot read the file to fingerprint it: {exc}") from exc
-            digest.update(f"\n{info.name}\0{size}\0{content}".encode())
+            members = info.band_files + ((info.qa_file,) if info.qa_file else ()) if info.band_files else (info.path,)
+            for path in members:
+                try:
+                    size = path.stat().st_size
+                    content = _content_sha256(path)
+                except OSError as exc:
+                    raise ImageryError(f"{path}: cannot read the file to fingerprint it: {exc}") from exc
+                # A plain file hashes as before; a scene's member files are named individually.
+                name = info.name if not info.band_files else f"{info.name}/{path.name}"
+                digest.update(f"\n{name}\0{size}\0{content}".encode())
         return digest.hexdigest()
 
     # -- reading ------------------------------------------------------------------------------
@@ -266,34 +354,65 @@ class GeoTiffSource:
             return []
         lons = [p[0] for p in points]
         lats = [p[1] for p in points]
-        # Pixel (row, col) of every point in every file; None where the file does not cover it.
-        pixels = [self._pixels_in_file(info, lons, lats) for info in self._files]
-        chips: list[Chip | None] = []
-        with ExitStack() as stack:
-            opened: dict[int, rasterio.io.DatasetReader] = {}
-
-            def dataset(i: int):
-                if i not in opened:
-                    opened[i] = stack.enter_context(self._open(self._files[i]))
-                return opened[i]
-
-            for k in range(len(points)):
-                best: Chip | None = None
-                best_valid = -1
-                for i, info in enumerate(self._files):
-                    pixel = pixels[i][k]
-                    if pixel is None:
-                        continue
-                    chip = self._read_window(dataset(i), info, pixel, size_px)
+        chips: list[Chip | None] = [None] * len(points)
+        best_valid = [-1] * len(points)
+        # File by file (each opened once), keeping for each point the chip with most valid
+        # pixels; files are visited in name order and only a strictly better chip replaces, so
+        # ties go to the first file by name.
+        for info in self._files:
+            # Pixel (row, col) of every point in this file; None where the file does not cover it.
+            pixels = self._pixels_in_file(info, lons, lats)
+            covered = [(k, pixel) for k, pixel in enumerate(pixels) if pixel is not None]
+            if not covered:
+                continue
+            with self._open(info) as src:
+                for k, chip in self._read_windows(src, info, covered, size_px):
                     n_valid = int(chip.valid.sum())
-                    if n_valid > best_valid:
-                        best, best_valid = chip, n_valid
-                chips.append(best)
+                    if n_valid > best_valid[k]:
+                        chips[k], best_valid[k] = chip, n_valid
         return chips
+
+    @classmethod
+    def _read_windows(cls, src, info: _FileInfo, covered: list[tuple[int, tuple[int, int]]], size_px: int):
+        """(point index, chip) for chips centred on the given pixels of one open file.
+
+        Chips are bucketed by position; a bucket whose chips are dense enough is read as one
+        window and sliced (one GDAL call instead of many), others chip by chip. Buckets go in
+        row-major order, so neighbouring reads reuse GDAL's cache of decompressed tiles.
+        """
+        half = size_px // 2
+        bucket_px = max(4 * size_px, 256)
+        buckets: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
+        for k, (row, col) in covered:
+            row0, col0 = row - half, col - half
+            buckets[(row0 // bucket_px, col0 // bucket_px)].append((k, row0, col0))
+        for key in sorted(buckets):
+            members = buckets[key]
+            r_lo = min(m[1] for m in members)
+            c_lo = min(m[2] for m in members)
+            n_rows = max(m[1] for m in members) + size_px - r_lo
+            n_cols = max(m[2] for m in members) + size_px - c_lo
+            if len(members) > 1 and n_rows * n_cols <= _REGION_MAX_AREA_RATIO * len(members) * size_px**2:
+                data, valid, cloudy = cls._read_arrays(src, info, r_lo, c_lo, n_rows, n_cols)
+                for k, row0, col0 in members:
+                    rs = slice(row0 - r_lo, row0 - r_lo + size_px)
+                    cs = slice(col0 - c_lo, col0 - c_lo + size_px)
+                    chip_valid = valid[rs, cs].copy()
+                    yield k, Chip(
+                        data=data[:, rs, cs].copy(),
+                        valid=chip_valid,
+                        source_file=info.name,
+                        cloud_share=_cloud_share(None if cloudy is None else cloudy[rs, cs], chip_valid),
+                    )
+            else:
+                for k, row0, col0 in sorted(members, key=lambda m: (m[1], m[2])):
+                    yield k, cls._read_block(src, info, row0, col0, size_px, size_px)
 
     @staticmethod
     def _open(info: _FileInfo):
         try:
+            if info.band_files:
+                return BandStack(info.band_files, info.qa_file)
             return rasterio.open(info.path)
         except RasterioError as exc:
             raise ImageryError(f"{info.path}: cannot open: {exc}") from exc
@@ -335,8 +454,16 @@ class GeoTiffSource:
         col0 = pixel[1] - size_px // 2
         return cls._read_block(src, info, row0, col0, size_px, size_px)
 
+    @classmethod
+    def _read_block(cls, src, info: _FileInfo, row0: int, col0: int, n_rows: int, n_cols: int) -> Chip:
+        data, valid, cloudy = cls._read_arrays(src, info, row0, col0, n_rows, n_cols)
+        return Chip(data=data, valid=valid, source_file=info.name, cloud_share=_cloud_share(cloudy, valid))
+
     @staticmethod
-    def _read_block(src, info: _FileInfo, row0: int, col0: int, n_rows: int, n_cols: int) -> Chip:
+    def _read_arrays(
+        src, info: _FileInfo, row0: int, col0: int, n_rows: int, n_cols: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(data float32 [C,H,W], valid bool [H,W], cloudy bool [H,W] or None) of a block."""
         # Read only the part inside the raster and pad: cheaper and more predictable than a
         # GDAL boundless read, and the padding is marked invalid.
         r_lo, r_hi = max(row0, 0), min(row0 + n_rows, info.height)
@@ -372,7 +499,15 @@ class GeoTiffSource:
         rs, cs = slice(r_lo - row0, r_hi - row0), slice(c_lo - col0, c_hi - col0)
         data[:, rs, cs] = values
         valid[rs, cs] = inner_valid
-        return Chip(data=data, valid=valid, source_file=info.name)
+        cloudy = None
+        if info.qa_file is not None:
+            try:
+                qa = src.read_qa(window=window)
+            except RasterioError as exc:
+                raise ImageryError(f"{info.qa_file}: cannot read QA pixels: {exc}") from exc
+            cloudy = np.zeros((n_rows, n_cols), dtype=bool)
+            cloudy[rs, cs] = cloudy_from_qa_pixel(qa)[0]
+        return data, valid, cloudy
 
     def __repr__(self) -> str:
         return f"GeoTiffSource({str(self.path)!r}, files={len(self._files)}, bands={self.n_bands})"

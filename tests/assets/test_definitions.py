@@ -13,7 +13,9 @@ def test_definitions_load_and_graph_is_wired():
     parents = lambda k: {p.to_user_string() for p in graph.get(dg.AssetKey.from_user_string(k)).parent_keys}
     assert parents("staging/stg_survey") == {"survey"}
     assert parents("staging/stg_image_embeddings") == {"image_embeddings"}
-    assert parents("effect_estimates") == {"marts/analysis_units"}
+    assert parents("effect_estimates") == {"marts/analysis_units", "imputed_outcomes"}
+    assert parents("imputed_outcomes") == {"marts/analysis_units"}
+    assert parents("effect_sensitivity") == {"effect_estimates"}
     assert parents("staging/stg_effect_estimates") == {"effect_estimates"}
     assert defs.resolve_job_def(STUDY_JOB) is not None
 

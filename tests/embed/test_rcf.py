@@ -37,7 +37,8 @@ def normalise(emb: RCFEmbedder, chips: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("bias", [0.0, 0.5])
 def test_transform_matches_plain_conv_relu_mean(bias):
     chips = textured_chips(12)
-    emb = RCFEmbedder(n_features=32, seed=3, bias=bias, device="cpu").fit(chips, all_valid(chips))
+    emb = RCFEmbedder(n_features=32, seed=3, bias=bias, device="cpu", dtype="float32")
+    emb.fit(chips, all_valid(chips))
 
     # Band statistics: median and IQR over all (valid) pixels, computed here independently.
     pixels = chips.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
@@ -142,7 +143,7 @@ def test_nodata_block_pools_only_valid_receptive_fields():
     valid[0, 3:8, 4:10] = False  # a nodata block
     chips[0, :, 3:8, 4:10] = -9999.0  # a nodata fill value that must not leak into anything
     chips[1, 2, 5, 6] = np.nan  # NaN in one band, mask says valid: treated as invalid
-    emb = RCFEmbedder(n_features=16, seed=0).fit(chips, valid)
+    emb = RCFEmbedder(n_features=16, seed=0, dtype="float32").fit(chips, valid)
     assert emb.band_center_.min() > 0  # fill values were not in the band statistics
     features = emb.transform(chips, valid)
     assert np.isfinite(features).all()
@@ -292,7 +293,7 @@ def test_bad_inputs():
 def test_config_round_trips_and_device_resolves():
     emb = RCFEmbedder(
         n_features=12, patch_size=5, seed=4, batch_size=8, n_patch_samples=500,
-        zca_bias=0.01, bias=0.2,
+        zca_bias=0.01, bias=0.2, dtype="float32", branches="both", pool_grid=1, impl="reference",
     )
     config = json.loads(json.dumps(emb.config()))
     assert config == emb.config()
@@ -314,7 +315,7 @@ def test_cpu_and_cuda_agree():
     chips = textured_chips(16)
     valid = all_valid(chips)
     valid[0, 4:9, 4:9] = False
-    emb = RCFEmbedder(n_features=64, device="cpu").fit(chips, valid)
+    emb = RCFEmbedder(n_features=64, device="cpu", dtype="float32").fit(chips, valid)
     on_cpu = emb.transform(chips, valid)
     emb.device = "cuda"
     on_cuda = emb.transform(chips, valid)

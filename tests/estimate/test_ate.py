@@ -150,9 +150,10 @@ def test_row_space_projection_leaves_the_propensity_model_unchanged():
     X = rng.standard_normal((120, 300))
     d = (rng.random(120) < 1 / (1 + np.exp(-2 * X[:, 0]))).astype(int)
     X_new = rng.standard_normal((50, 300))
+    reference = NuisanceSpec(seed=0, solver="sklearn")  # the scikit-learn pipeline it speeds up
     with threadpool_limits(limits=1):  # as estimate_effect runs it; threads only contend here
-        projected = propensity_model(NuisanceSpec(seed=0), smaller_class_count=40).fit(X, d)
-        full = propensity_model(NuisanceSpec(seed=0), smaller_class_count=40)
+        projected = propensity_model(reference, smaller_class_count=40).fit(X, d)
+        full = propensity_model(reference, smaller_class_count=40)
         full.set_params(rowspace="passthrough").fit(X, d)
     assert projected.named_steps["rowspace"].basis_.shape[1] <= 120
     assert projected.named_steps["model"].C_ == full.named_steps["model"].C_

@@ -1,4 +1,4 @@
-{{ config(materialized='incremental', incremental_strategy='append', tags=['estimates']) }}
+{{ config(materialized='incremental', incremental_strategy='append', on_schema_change='append_new_columns', tags=['estimates']) }}
 -- Append-only history: a version already stored is never rewritten or duplicated.
 select *
 from {{ ref('stg_effect_estimates') }}

@@ -1,0 +1,2 @@
+{{ config(tags=['heterogeneity']) }}
+select * from {{ source('heterogeneity_lake', 'cate_evaluation') }}

@@ -1,0 +1,2 @@
+{{ config(tags=['heterogeneity']) }}
+select * from {{ source('heterogeneity_lake', 'transport_predictions') }}

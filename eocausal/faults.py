@@ -1,0 +1,57 @@
+"""Crash points for the fault tests: inert unless a test switches one on.
+
+The fault tests (tests/faults/) kill an ``eocausal run`` process with SIGKILL at a known place
+inside a stage, then re-run it. To make "a known place" deterministic, a stage calls
+:func:`crash_point` where a crash is most interesting (chips half stored, embeddings cached but
+not yet in the lake, dbt mid-build, estimates computed but not written).
+
+Switched on by two environment variables, both required::
+
+    EOCAUSAL_CRASH_AT=<point>[@<n>]   # pause at the n-th time (default 1st) the point is reached
+    EOCAUSAL_CRASH_DIR=<folder>       # where to announce the pause
+
+At that moment the process writes ``<folder>/<point>.reached`` (its pid) and sleeps until the test
+kills its process group. Without both variables a call is one dictionary lookup and returns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+CRASH_AT_ENV = "EOCAUSAL_CRASH_AT"
+CRASH_DIR_ENV = "EOCAUSAL_CRASH_DIR"
+# If nobody kills the paused process, give up rather than hang a pipeline forever.
+_MAX_PAUSE_S = 600.0
+
+_hits: Counter[str] = Counter()
+
+
+def _target() -> tuple[str, int] | None:
+    spec = os.environ.get(CRASH_AT_ENV)
+    if not spec or not os.environ.get(CRASH_DIR_ENV):
+        return None
+    point, _, nth = spec.partition("@")
+    return point, int(nth) if nth else 1
+
+
+def crash_point(point: str) -> None:
+    """Pause here (to be killed) when the crash tests ask for this point; otherwise do nothing."""
+    target = _target()
+    if target is None or target[0] != point:
+        return
+    _hits[point] += 1
+    if _hits[point] != target[1]:
+        return
+    folder = Path(os.environ[CRASH_DIR_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f"{point}.reached"
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, marker)
+    deadline = time.monotonic() + _MAX_PAUSE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    raise RuntimeError(f"crash point {point!r} was reached but the process was not killed")

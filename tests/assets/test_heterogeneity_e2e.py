@@ -1,0 +1,91 @@
+"""End-to-end heterogeneity stages in the real graph: CATE, effect clusters, transport, saliency,
+their marts in the published warehouse, and the study report rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from assets.runner import run_study
+from eocausal.cli import main as cli_main
+from eocausal.warehouse import query
+from tests.assets.conftest import small_study
+from tests.test_report import needs_chromium, render_in_chromium, screenshot_path
+
+
+def published(outcome) -> Path:
+    return outcome.workdir / "published" / "warehouse.duckdb"
+
+
+def test_heterogeneity_assets_materialise_and_land_in_the_warehouse(e2e_run):
+    study_path, outcome = e2e_run
+    assert outcome.success, outcome.errors + outcome.failed_checks
+    meta = outcome.metadata
+    db = published(outcome)
+    units = query(db, "select count(*) as n from marts.analysis_units")["n"].iloc[0]
+    cate = query(db, "select * from marts.cate_predictions")
+    assert cate["cate_version"].nunique() == 1
+    assert cate["cate_version"].iloc[0] == meta["cate_estimates"]["cate_version"]
+    assert sorted(cate["feature_set"].unique()) == ["image", "tabular", "tabular+image"]
+    assert len(cate) == 3 * units
+    evaluation = query(db, "select * from marts.cate_evaluation")
+    metrics = set(evaluation["metric"])
+    assert {"rate_autoc", "rate_qini", "pehe"} <= metrics  # the simulated study's truth gives PEHE
+    toc = json.loads(evaluation.query("metric == 'rate_autoc'")["details"].iloc[0])
+    assert toc["normalisation"] == "grf" and toc["q"][-1] == 1.0
+    clusters = query(db, "select * from marts.effect_clusters")
+    assert len(clusters) == units and set(clusters["cluster"]) <= {0, 1}
+    assert clusters["k"].eq(2).all()
+    assert meta["effect_clusters"]["k"] == 2  # (no ARI: this simulated effect is linear, not clustered)
+    transport = query(db, "select * from marts.transport_predictions")
+    assert len(transport) == meta["transport_predictions"]["n_cells"] > 0
+    ok = transport[transport["status"] == "ok"]
+    assert len(ok) == meta["transport_predictions"]["n_predicted"] > 0
+    assert ok["cate"].notna().all() and ok["cate_std_error"].gt(0).all()
+    tif = Path(meta["transport_predictions"]["geotiff"])
+    assert tif.exists() and tif.with_name("transport_map.png").exists()
+    for key in ("panel_most_likely_treated", "panel_least_likely_treated"):
+        assert Path(meta["propensity_saliency"][key]).exists()
+
+
+def test_report_path_metadata_and_cli(e2e_run, capsys):
+    study_path, outcome = e2e_run
+    report = Path(outcome.metadata["study_report"]["path"])
+    assert report.exists()
+    assert "data:image/png;base64," in outcome.metadata["study_report"]["figures"]
+    assert cli_main(["report", str(study_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(report)
+
+
+@needs_chromium
+def test_study_report_renders_in_headless_chromium(e2e_run, tmp_path):
+    _, outcome = e2e_run
+    report = Path(outcome.metadata["study_report"]["path"])
+    shot = screenshot_path(tmp_path, "study_report.png")
+    page = render_in_chromium(report, shot, tmp_path / "profile")
+    assert page["console_errors"] == []
+    assert page["h1"] == "Study report: eocausal_demo"
+    for section in ("Data quality", "Effect estimates", "Heterogeneity (DR-learner CATE)",
+                    "Transport: predicted effects beyond the study", "Saliency: what in the image drives the models"):
+        assert section in page["h2"], section
+    # forest, overlap, balance, CATE distribution, RATE, clusters, transport map, 2 saliency panels
+    assert len(page["images"]) >= 9
+    assert all(img["w"] > 0 and img["h"] > 0 for img in page["images"])
+    assert shot.stat().st_size > 50_000
+
+
+def test_heterogeneity_off_still_publishes(tmp_path):
+    """`heterogeneity: false`: the stages write empty (typed) tables, dbt and publishing go on,
+    and the report says the analysis is off."""
+    study_path = small_study(tmp_path, n_units=120, seed=8, embedding={"n_features": 64})
+    text = study_path.read_text() + "heterogeneity: false\n"
+    study_path.write_text(text)
+    outcome = run_study(study_path)
+    assert outcome.success, outcome.errors + outcome.failed_checks
+    db = published(outcome)
+    assert query(db, "select count(*) as n from marts.cate_predictions")["n"].iloc[0] == 0
+    assert query(db, "select count(*) as n from marts.transport_predictions")["n"].iloc[0] == 0
+    assert outcome.metadata["cate_estimates"]["enabled"] is False
+    html = Path(outcome.metadata["study_report"]["path"]).read_text(encoding="utf-8")
+    assert "Heterogeneity analysis is off" in html

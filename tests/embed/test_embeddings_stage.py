@@ -1,0 +1,138 @@
+"""The embedding stage: streaming from the chip cache, the cache key, the stored PCA, backbones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import eocausal.embed.embeddings as stage
+from eocausal.embed import EmbeddingError
+from eocausal.embed.backbone import build_backbone
+from eocausal.embed.embeddings import compute_embeddings
+from eocausal.embed.rcf import RCFEmbedder
+from eocausal.imagery import chips as chips_module
+from eocausal.imagery.chips import _store, chip_path
+from eocausal.imagery.geotiff import Chip
+from eocausal.study import EmbeddingSpec
+
+from tests.embed.test_rcf import textured_chips
+
+
+@pytest.fixture
+def chip_cache(tmp_path):
+    """12 usable chips (3 bands, 16 px, one with a nodata corner) and one excluded unit."""
+    chips = textured_chips(12, bands=3, size=16, seed=11) * 10000
+    valid = np.ones((12, 16, 16), dtype=bool)
+    valid[4, :3, :3] = False
+    cache = tmp_path / "chips"
+    rows = []
+    for i in range(12):
+        key = f"{i:02d}" + "ab" * 31
+        _store(chip_path(cache, key), Chip(chips[i] * valid[i], valid[i], "scene.tif"))
+        rows.append({"unit_id": f"u{i}", "chip_key": key, "status": "ok", "reason": None})
+    rows.insert(5, {"unit_id": "gone", "chip_key": None, "status": "excluded", "reason": "outside_coverage"})
+    return pd.DataFrame(rows), cache, chips, valid
+
+
+def spec(**kw) -> EmbeddingSpec:
+    return EmbeddingSpec(**{"n_features": 16, "dtype": "float32", "pca_components": 4, **kw})
+
+
+def test_streams_in_batches_and_matches_the_embedder(chip_cache, tmp_path, monkeypatch):
+    index, cache, chips, valid = chip_cache
+    monkeypatch.setattr(stage, "LOAD_CHIPS", 5)
+    loads = []
+    real_load = chips_module.load_chips
+
+    def counting_load(idx, cache_dir):
+        loads.append(int((idx["status"] == "ok").sum()))
+        return real_load(idx, cache_dir)
+
+    monkeypatch.setattr(stage, "load_chips", counting_load)
+    emb = compute_embeddings(index, cache, tmp_path / "emb", spec())
+    assert emb.unit_ids == [f"u{i}" for i in range(12)] and not emb.from_cache
+    assert loads == [12, 5, 5, 2]  # one fit sample, then the stream
+    expected = RCFEmbedder(n_features=16, dtype="float32").fit_transform(chips, valid)
+    np.testing.assert_allclose(emb.features, expected, rtol=1e-5, atol=1e-6)
+    assert emb.dtype == "float32"
+
+
+def test_cache_hit_returns_features_and_stored_pca(chip_cache, tmp_path):
+    index, cache, *_ = chip_cache
+    first = compute_embeddings(index, cache, tmp_path / "emb", spec())
+    assert first.pca is not None and first.pca.n_components_ == 4
+    stored = list((tmp_path / "emb").glob("*.pca.json"))
+    assert [p.name for p in stored] == [f"{first.version}.pca.json"]
+    again = compute_embeddings(index, cache, tmp_path / "emb", spec(batch_size=3, device="cpu"))
+    assert again.from_cache and again.version == first.version
+    np.testing.assert_array_equal(again.features, first.features)
+    np.testing.assert_array_equal(again.pca.transform(again.features), first.pca.transform(first.features))
+    # The stored PCA is the standardised PCA of these features.
+    scores = first.pca.transform(first.features)
+    assert np.allclose(scores.mean(axis=0), 0, atol=1e-6)
+    assert np.all(np.diff(scores.var(axis=0)) <= 1e-9)  # components by decreasing variance
+
+
+def test_a_lost_pca_file_is_refitted(chip_cache, tmp_path):
+    index, cache, *_ = chip_cache
+    first = compute_embeddings(index, cache, tmp_path / "emb", spec())
+    pca_file = tmp_path / "emb" / f"{first.version}.pca.json"
+    pca_file.write_text("{broken")
+    again = compute_embeddings(index, cache, tmp_path / "emb", spec())
+    assert again.from_cache
+    np.testing.assert_allclose(again.pca.components_, first.pca.components_)
+    assert json.loads(pca_file.read_text())["format"] == "eocausal.pca/1"
+
+
+@pytest.mark.parametrize(
+    "change", [{"dtype": "bfloat16"}, {"branches": "both"}, {"pool_grid": 2}, {"bias": 0.1},
+               {"pca_components": 3}, {"seed": 1}],
+)
+def test_method_changes_make_a_new_version(chip_cache, tmp_path, change):
+    index, cache, *_ = chip_cache
+    base = compute_embeddings(index, cache, tmp_path / "emb", spec())
+    other = compute_embeddings(index, cache, tmp_path / "emb", spec(**change))
+    assert other.version != base.version and not other.from_cache
+
+
+def test_fit_sample_is_seeded_and_bounded(chip_cache, tmp_path, monkeypatch):
+    index, cache, *_ = chip_cache
+    monkeypatch.setattr(stage, "FIT_CHIPS", 4)
+    a = compute_embeddings(index, cache, tmp_path / "a", spec())
+    b = compute_embeddings(index, cache, tmp_path / "b", spec())
+    np.testing.assert_array_equal(a.features, b.features)
+    sample = stage._fit_sample(index[index["status"] == "ok"], seed=0)
+    assert len(sample) == 4 and sample.index.is_monotonic_increasing
+
+
+def test_backbone_method(chip_cache, tmp_path):
+    index, cache, *_ = chip_cache
+    weights = tmp_path / "r18.pth"
+    torch.save(build_backbone("resnet18").state_dict(), weights)
+    emb = compute_embeddings(index, cache, tmp_path / "emb",
+                             EmbeddingSpec(method="backbone", weights="r18.pth", dtype="float32", pca_components=5),
+                             weights_path=weights)
+    assert emb.features.shape == (12, 512) and np.isfinite(emb.features).all()
+    assert emb.method == "backbone" and emb.pca.n_components_ == 5
+    # Other weights, same architecture: a different version.
+    torch.manual_seed(5)
+    torch.save(build_backbone("resnet18").state_dict(), tmp_path / "other.pth")
+    other = compute_embeddings(index, cache, tmp_path / "emb",
+                               EmbeddingSpec(method="backbone", weights="other.pth", dtype="float32"),
+                               weights_path=tmp_path / "other.pth")
+    assert other.version != emb.version
+
+
+def test_backbone_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs embedding.weights"):
+        EmbeddingSpec(method="backbone")
+    with pytest.raises(EmbeddingError, match="n_features 1024 does not match resnet50"):
+        stage.make_embedder(EmbeddingSpec(method="backbone", weights="w.pth", backbone="resnet50", n_features=1024))
+    missing = EmbeddingSpec(method="backbone", weights="w.pth")
+    index = pd.DataFrame({"unit_id": ["a"], "chip_key": ["k" * 64], "status": ["ok"]})
+    with pytest.raises(EmbeddingError, match="weights file not found"):
+        compute_embeddings(index, tmp_path, tmp_path / "emb", missing, weights_path=tmp_path / "w.pth")
