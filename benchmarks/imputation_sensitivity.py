@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # Embeddings are cached outside the results (.eocausal/ is git-ignored).
     design = prepare_design(n_units=args.n_units, seed=args.seed, factors=(1,), image_components=args.components,
-                            cache_dir=out / "cache", log=log)
+                            cache_dir=ROOT / ".eocausal" / "mc_cache", log=log)
     features = design.image_features[1]
     log(f"design: {design.n_units} analysis units, {features.shape[1]} image components")
     summary = {"settings": {**design.settings, **{k: v for k, v in vars(args).items() if k != "out"}}}

@@ -147,6 +147,7 @@ def cmd_simulate(args) -> int:
     design = mc.prepare_design(
         scene=Path(args.scene) if args.scene else None, n_units=args.n_units, seed=args.seed,
         chip_size_px=args.chip_size, n_features=args.n_features, image_components=args.image_components,
+        confounder_radius_m=args.confounder_radius_m,
         factors=sorted({1, *(int(s.removeprefix("resolution_x")) for s in scenarios if s.startswith("resolution_x"))}),
         cache_dir=Path(args.out) / "cache", log=log,
     )
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chip-size", type=int, default=64, help="chip side in pixels (the demo's: 64)")
     p.add_argument("--n-features", type=int, default=1024, help="RCF embedding size (the demo's: 1024)")
     p.add_argument("--image-components", type=int, default=64, help="principal components of the embedding")
+    p.add_argument("--confounder-radius-m", type=float, default=750.0,
+                   help="radius of the built-up share that confounds (the demo's: 750 m; capped at the chip half-width)")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=cmd_simulate)
 

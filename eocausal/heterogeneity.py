@@ -112,6 +112,7 @@ def _write_json(obj, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, sort_keys=True, default=_json_default)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -691,6 +692,7 @@ def _point_latest(ws: Workspace, study: Study, html_path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=ws.reports)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(str(html_path) + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, ws.reports / f"{study.name}.latest")
 
 

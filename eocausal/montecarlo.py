@@ -132,6 +132,7 @@ def prepare_design(
     n_features: int = 1024,
     image_components: int = 64,
     wide_radius_m: float = WIDE_CONFOUNDER_RADIUS_M,
+    confounder_radius_m: float = CONFOUNDER_RADIUS_M,
     cache_dir: Path | None = None,
     device: str = "auto",
     log=None,
@@ -143,7 +144,8 @@ def prepare_design(
     them. For each resolution factor the chips are downsampled, embedded with random
     convolutional features (``n_features``, seed 0, as the demo study) and reduced to
     ``image_components`` principal components, as the effect-estimates stage does. Embeddings
-    are cached in ``cache_dir`` (if given) by their inputs.
+    are cached in ``cache_dir`` (if given) by their inputs. ``confounder_radius_m`` changes the
+    demo's 750 m (capped at the chip's half-width, as the demo caps it).
     """
     from eocausal.embed.rcf import RCFEmbedder  # torch: only when a design is built
     from eocausal.embed.reduce import fit_pca
@@ -156,7 +158,8 @@ def prepare_design(
     rows, cols = sample_unit_pixels(img.valid, n_units, chip_size_px, loc_rng)
 
     builtup, _, _ = builtup_pixels(img, BUILTUP_QUANTILE)
-    radius_px = max(1, min(int(round(CONFOUNDER_RADIUS_M / img.pixel_size_m)), chip_size_px // 2))
+    # As in the demo: never wider than the chip (the wide confounder is the exception).
+    radius_px = max(1, min(int(round(confounder_radius_m / img.pixel_size_m)), chip_size_px // 2))
     wide_radius_px = max(1, int(round(wide_radius_m / img.pixel_size_m)))
     confounder = image_confounder(builtup, img.valid, rows, cols, radius_px)
     confounder_wide = image_confounder(builtup, img.valid, rows, cols, wide_radius_px)
@@ -214,9 +217,13 @@ def _standardised(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def _embedding_key(scene_path: Path, n_units, seed, chip_size_px, factor, n_features) -> str:
+    from eocausal.embed.rcf import RCF_ALGORITHM_VERSION
+
     digest = hashlib.sha256()
     digest.update(scene_path.read_bytes())
-    digest.update(json.dumps([HARNESS_VERSION, n_units, seed, chip_size_px, factor, n_features]).encode())
+    digest.update(json.dumps(
+        [HARNESS_VERSION, RCF_ALGORITHM_VERSION, n_units, seed, chip_size_px, factor, n_features]
+    ).encode())
     return digest.hexdigest()[:24]
 
 

@@ -21,6 +21,7 @@ layer's response to a flat image keeps its scale.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterable, Iterator
@@ -501,7 +502,8 @@ def _check(chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def flops_per_image(model: nn.Module, in_channels: int, size: int) -> int:
     """Multiply-adds x 2 of convolutions and linear layers (and attention matmuls) for one input,
-    counted with forward hooks on a meta-free CPU pass of one image."""
+    counted with forward hooks on a copy of the model on the meta device (shapes only, no compute)."""
+    model = copy.deepcopy(model).to("meta")
     total = 0
 
     def conv_hook(module, inputs, output):
@@ -529,7 +531,7 @@ def flops_per_image(model: nn.Module, in_channels: int, size: int) -> int:
             handles.append(m.register_forward_hook(attention_hook))
     try:
         with torch.inference_mode():
-            model.features(torch.zeros(1, in_channels, size, size))
+            model.features(torch.zeros(1, in_channels, size, size, device="meta"))
     finally:
         for h in handles:
             h.remove()

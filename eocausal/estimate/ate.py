@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity
+from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity, gram_blocks
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
@@ -547,8 +547,9 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
         base["pca_components"] = int(spec.pca_components)
     nuisance: dict = {}
     pieces: dict = {"base": base}
+    grams = gram_blocks(X, d, fold_ids, spec) if needs else None
     if "e" in needs:
-        e_raw, log = cross_fit_propensity(X, d, fold_ids, spec)
+        e_raw, log = cross_fit_propensity(X, d, fold_ids, spec, grams)
         nuisance["e_raw"] = e_raw
         nuisance["e"] = np.clip(e_raw, clip, 1.0 - clip)
         pieces["propensity"] = diag.propensity_overlap(e_raw, d, clip)
@@ -556,10 +557,13 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             "penalty_by_fold": log.penalties,
             "convergence_warnings": log.convergence_warnings,
         }
-    for name, arm, fit_on in (("mu0", "control", d == 0), ("mu1", "treated", d == 1), ("l", "all", None)):
+    outcome_fits = (
+        ("mu0", "control", d == 0, (0,)), ("mu1", "treated", d == 1, (1,)), ("l", "all", None, (0, 1)),
+    )
+    for name, arm, fit_on, arms in outcome_fits:
         if name not in needs:
             continue
-        predicted, log = cross_fit_outcome(X, y, fold_ids, spec, fit_on=fit_on)
+        predicted, log = cross_fit_outcome(X, y, fold_ids, spec, fit_on=fit_on, grams=grams, arms=arms)
         nuisance[name] = predicted
         observed = slice(None) if fit_on is None else fit_on
         pieces[f"outcome_{arm}"] = {

@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from eocausal.estimate.linear import PenalisedLogisticCV, PenalisedRidgeCV
+from eocausal.estimate.linear import GramBlocks, PenalisedLogisticCV, PenalisedRidgeCV
 
 LEARNERS = ("linear", "boosting")
 SOLVERS = ("fast", "sklearn")
@@ -220,10 +220,15 @@ def _chosen_penalty(fitted) -> float | None:
     return None
 
 
-def _fit_logged(model, X, target, log: CrossFitLog):
+def _fit_logged(model, X, target, log: CrossFitLog, centred_gram=None):
+    fit_params = {}
+    if centred_gram is not None and isinstance(model, Pipeline) and len(model.steps) == 1 and isinstance(
+        model.named_steps["model"], (PenalisedLogisticCV, PenalisedRidgeCV)
+    ):
+        fit_params["model__centred_gram"] = centred_gram  # only on the raw columns (no PCA step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X, target)
+        model.fit(X, target, **fit_params)
     log.convergence_warnings += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     penalty = _chosen_penalty(model)
     if penalty is not None:
@@ -231,17 +236,27 @@ def _fit_logged(model, X, target, log: CrossFitLog):
     return model
 
 
+def gram_blocks(X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec) -> GramBlocks | None:
+    """Shared Gram blocks for the fast linear fits on the raw columns (p <= n), else None."""
+    usable = spec.learner == "linear" and spec.solver == "fast" and spec.pca_components is None
+    if not usable or X.shape[1] > X.shape[0] // 2:
+        return None
+    return GramBlocks(X, fold_ids, d)
+
+
 def cross_fit_propensity(
-    X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec
+    X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec, grams: GramBlocks | None = None
 ) -> tuple[np.ndarray, CrossFitLog]:
-    """Out-of-fold P(D=1 | X): each fold predicted by a model fitted on the other folds."""
+    """Out-of-fold P(D=1 | X): each fold predicted by a model fitted on the other folds.
+    ``grams`` (from :func:`gram_blocks` with the same folds) saves the fast fits' Gram products."""
     e_hat = np.empty(len(d), dtype=float)
     log = CrossFitLog()
     for k in np.unique(fold_ids):
         test = fold_ids == k
         train = ~test
         smaller = int(min(d[train].sum(), (1 - d[train]).sum()))
-        model = _fit_logged(propensity_model(spec, smaller), X[train], d[train], log)
+        gram = None if grams is None else grams.centred(int(k))
+        model = _fit_logged(propensity_model(spec, smaller), X[train], d[train], log, gram)
         e_hat[test] = model.predict_proba(X[test])[:, 1]
     return e_hat, log
 
@@ -252,15 +267,20 @@ def cross_fit_outcome(
     fold_ids: np.ndarray,
     spec: NuisanceSpec,
     fit_on: np.ndarray | None = None,
+    grams: GramBlocks | None = None,
+    arms: tuple[int, ...] = (0, 1),
 ) -> tuple[np.ndarray, CrossFitLog]:
     """Out-of-fold E[Y | X] for every unit, each model fitted on the other folds' units that are
-    in ``fit_on`` (e.g. one treatment arm, for the arm-specific AIPW outcome models)."""
+    in ``fit_on`` (e.g. one treatment arm, for the arm-specific AIPW outcome models).
+    ``grams``/``arms``: shared Gram blocks, and the arms ``fit_on`` selects (it must be exactly
+    those arms' units)."""
     fit_on = np.ones(len(y), dtype=bool) if fit_on is None else np.asarray(fit_on, dtype=bool)
     y_hat = np.empty(len(y), dtype=float)
     log = CrossFitLog()
     for k in np.unique(fold_ids):
         test = fold_ids == k
         train = ~test & fit_on
-        model = _fit_logged(outcome_model(spec, int(train.sum())), X[train], y[train], log)
+        gram = None if grams is None else grams.centred(int(k), arms)
+        model = _fit_logged(outcome_model(spec, int(train.sum())), X[train], y[train], log, gram)
         y_hat[test] = model.predict(X[test])
     return y_hat, log

@@ -293,7 +293,7 @@ def predict_grid(
 def _relation_to_units(grid: TransportGrid, cells: pd.DataFrame, unit_lonlat: np.ndarray):
     """Distance (km) from each cell centre to the nearest study unit, and whether the centre lies
     inside the units' convex hull."""
-    from scipy.spatial import Delaunay, QhullError, cKDTree
+    from scipy.spatial import ConvexHull, QhullError, cKDTree
 
     unit_lonlat = np.asarray(unit_lonlat, dtype=float).reshape(-1, 2)
     n = len(cells)
@@ -305,7 +305,11 @@ def _relation_to_units(grid: TransportGrid, cells: pd.DataFrame, unit_lonlat: np
     metres = CRS.from_wkt(grid.crs_wkt).axis_info[0].unit_conversion_factor
     distance = cKDTree(units_xy).query(cells_xy)[0] * metres / 1000.0
     try:
-        inside = Delaunay(units_xy).find_simplex(cells_xy) >= 0
+        # Inside the hull = on the inner side of every facet (vectorised; a Delaunay point
+        # location walks per point and is slow for points outside).
+        equations = ConvexHull(units_xy).equations  # [facets, 3]: normal . x + offset <= 0 inside
+        scale = np.abs(units_xy).max()
+        inside = (cells_xy @ equations[:, :2].T + equations[:, 2] <= 1e-9 * scale).all(axis=1)
     except (QhullError, ValueError):  # fewer than 3 units, or all on a line
         inside = np.zeros(n, dtype=bool)
     return distance, inside
@@ -335,6 +339,7 @@ def write_geotiff(grid: TransportGrid, table: pd.DataFrame, path: Path) -> Path:
             dst.write(bands)
             for i, name in enumerate(("cate", "cate_std_error", "effect_cluster"), start=1):
                 dst.set_band_description(i, name)
+        os.chmod(tmp, 0o644)  # a deliverable (mkstemp makes files private)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
 from assets.runner import run_study
 from eocausal.cli import main as cli_main
@@ -75,6 +76,7 @@ def test_study_report_renders_in_headless_chromium(e2e_run, tmp_path):
     assert shot.stat().st_size > 50_000
 
 
+@pytest.mark.slow  # a whole extra run of the graph
 def test_heterogeneity_off_still_publishes(tmp_path):
     """`heterogeneity: false`: the stages write empty (typed) tables, dbt and publishing go on,
     and the report says the analysis is off."""

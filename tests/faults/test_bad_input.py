@@ -160,7 +160,7 @@ def shared_workdir(ops):
 def _state(workdir: Path) -> dict:
     return {
         "published": support.file_sha256(workdir / "published" / "warehouse.duckdb"),
-        "history": support.warehouse_snapshot(workdir / "warehouse.duckdb")["effect_estimates"],
+        "history": support.estimate_history(workdir / "warehouse.duckdb"),
         "estimate_files": sorted(p.name for p in (workdir / "lake" / "effect_estimates").glob("*.parquet")),
     }
 

@@ -109,8 +109,7 @@ def test_no_duplicates_no_partial_rows_no_leftovers(chain):
     published = chain["published"]
     counts = support.version_counts(published)
     assert len(counts) == 2 and set(counts.values()) == {support.ROWS_PER_VERSION}
-    keys = support.warehouse_snapshot(published)["effect_estimates"][
-        ["study", "estimate_version", "estimand", "estimator", "feature_set"]]
+    keys = support.estimate_history(published)[["study", "estimate_version", "estimand", "estimator", "feature_set"]]
     assert not keys.duplicated().any()
     # the dead publisher's copy was cleared by the next publish; the lake has no temp files
     assert [p.name for p in published.parent.iterdir()] == ["warehouse.duckdb"]

@@ -1,0 +1,52 @@
+"""The study contract's `heterogeneity` section: defaults, the on/off shorthand, validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from eocausal.study import StudyError, load_study
+
+BASE = {
+    "name": "s",
+    "survey": {"path": "v.csv", "unit_id": "id", "lat": "lat", "lon": "lon", "treatment": "d", "outcome": "y"},
+    "imagery": {"source": "geotiff", "path": "img/"},
+    "analysis": {"feature_sets": ["none", "image"]},
+}
+
+
+def _load(tmp_path, **extra):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**BASE, **extra}))
+    return load_study(tmp_path / "study.yaml")
+
+
+def test_defaults(tmp_path):
+    het = _load(tmp_path).heterogeneity
+    assert het.enabled and het.feature_sets == ["tabular", "image", "tabular+image"]
+    assert het.clusters == 2 and het.learner == "linear" and het.rate_bootstrap == 200
+    assert het.transport.bbox is None and het.transport.cells == 250
+
+
+def test_on_off_shorthand_and_options(tmp_path):
+    assert _load(tmp_path, heterogeneity=False).heterogeneity.enabled is False
+    assert _load(tmp_path, heterogeneity=True).heterogeneity.enabled is True
+    het = _load(tmp_path, heterogeneity={"clusters": "auto", "transport": {"bbox": [10, 45, 10.5, 45.3], "cells": 50}})
+    assert het.heterogeneity.clusters == "auto"
+    assert het.heterogeneity.transport.bbox == [10, 45, 10.5, 45.3]
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"clusters": 0}, "clusters"),
+        ({"clusters": "many"}, "clusters"),
+        ({"feature_sets": []}, "feature_sets"),
+        ({"feature_sets": ["none"]}, "feature_sets"),
+        ({"transport": {"bbox": [10, 45, 9, 46]}}, "bbox"),
+        ({"transport": {"bbox": [10, 45]}}, "bbox"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_bad_sections_are_rejected(tmp_path, section, message):
+    with pytest.raises(StudyError, match=message):
+        _load(tmp_path, heterogeneity=section)
