@@ -48,7 +48,7 @@ def _report_failure(outcome) -> int:
     return 1
 
 
-def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: float | None = None) -> int:
+def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None) -> int:
     from assets.runner import run_study
     from eocausal.estimate.effects import estimates_markdown
 
@@ -66,7 +66,8 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: float | N
     print(f"units: {chips.get('n_usable', '?')} usable, {chips.get('n_excluded', '?')} excluded "
           f"{chips.get('excluded_by_reason', {})}; chips from cache: {chips.get('n_chips_from_cache', '?')}")
     if truth is not None:
-        print(f"true ATE: {truth:.3f}")
+        print(f"truth over the imageable units: ATE {truth['ATE']:.3f}, ATT {truth['ATT']:.3f}; "
+              f"dml targets the variance-weighted effect {truth['dml']:.3f}")
     print(estimates_markdown(outcome.estimates, truth=truth))
     print(f"warehouse (read-only copy): {outcome.workdir / 'published' / 'warehouse.duckdb'}")
     report = outcome.metadata.get("study_report", {}).get("path")
@@ -85,7 +86,9 @@ def cmd_demo(args) -> int:
     root = Path(args.workdir)
     study_path = write_demo_study(root / "study", n_units=args.n_units, seed=args.seed,
                                   effect_clusters=args.effect_clusters)
-    truth = json.loads((study_path.parent / "truth.json").read_text())["ate"]
+    # The analysis units are the imageable ones (the demo's nodata rule is the study's).
+    imageable = json.loads((study_path.parent / "truth.json").read_text())["imageable"]
+    truth = {"ATE": imageable["ate"], "ATT": imageable["att"], "dml": imageable["variance_weighted_effect"]}
     if not args.json:
         print(f"demo study written to {study_path}")
     return _run(study_path, None, args.json, truth=None if args.json else truth)
@@ -146,7 +149,8 @@ def cmd_simulate(args) -> int:
     print(mc.DESIGN_NOTE, file=sys.stderr)
     design = mc.prepare_design(
         scene=Path(args.scene) if args.scene else None, n_units=args.n_units, seed=args.seed,
-        chip_size_px=args.chip_size, n_features=args.n_features, image_components=args.image_components,
+        chip_size_px=args.chip_size or mc.DEMO_CHIP_SIZE_PX, n_features=args.n_features,
+        image_components=args.image_components,
         confounder_radius_m=args.confounder_radius_m,
         factors=sorted({1, *(int(s.removeprefix("resolution_x")) for s in scenarios if s.startswith("resolution_x"))}),
         cache_dir=Path(args.out) / "cache", log=log,
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1, help="replications run in parallel processes")
     p.add_argument("--scene", help="a GeoTIFF scene instead of the shipped Landsat-8 crop")
-    p.add_argument("--chip-size", type=int, default=64, help="chip side in pixels (the demo's: 64)")
+    p.add_argument("--chip-size", type=int, default=None, help="chip side in pixels (default: the demo's, 50)")
     p.add_argument("--n-features", type=int, default=1024, help="RCF embedding size (the demo's: 1024)")
     p.add_argument("--image-components", type=int, default=64, help="principal components of the embedding")
     p.add_argument("--confounder-radius-m", type=float, default=750.0,

@@ -41,6 +41,11 @@ DEMO_MAX_NODATA_SHARE = 0.2
 # built-up = brightness and local contrast both above this valid-pixel quantile of the scene.
 CONFOUNDER_RADIUS_M = 750.0
 BUILTUP_QUANTILE = 0.7
+# The demo's chip: 50 px of 30 m = the confounder's 1.5 km disk. A wider chip (64 px: the disk is
+# 48 % of it) dilutes the confounder in the pooled embedding, and the part the components miss
+# leaves a bias of ~0.36 SE that cost tabular+image AIPW 3 points of 95 % CI coverage in 200
+# Monte Carlo replications (0.915 at 64 px vs 0.945 at 50 px, measured with an effect slope 0.5).
+DEMO_CHIP_SIZE_PX = 50
 
 # User-style column names of the demo survey (the study file maps them).
 COLUMNS = {
@@ -85,9 +90,15 @@ class DemoProcess:
     outcome_market_access: float = 0.4
     outcome_household_size: float = 0.25
     effect_intercept: float = 1.0
-    effect_confounder: float = 0.5
+    effect_confounder: float = 1.0
     noise_sd: float = 1.0
     household_size_mean_extra: float = 3.5
+
+    def propensity(self, confounder_std: np.ndarray) -> np.ndarray:
+        """P(D = 1 | z) = floor + (1 - 2 floor) sigmoid(a0 + a1 z)."""
+        logit = self.propensity_intercept + self.propensity_slope * np.asarray(confounder_std, dtype=float)
+        floor = self.propensity_floor
+        return floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
 
     def draw(
         self, confounder_std: np.ndarray, rng: np.random.Generator, tau: np.ndarray | None = None
@@ -105,9 +116,7 @@ class DemoProcess:
         h_std = (household_size - (1 + self.household_size_mean_extra)) / math.sqrt(
             self.household_size_mean_extra
         )
-        logit = self.propensity_intercept + self.propensity_slope * z
-        floor = self.propensity_floor
-        propensity = floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
+        propensity = self.propensity(z)
         treatment = (rng.random(n) < propensity).astype(int)
         if tau is None:
             tau = self.effect_intercept + self.effect_confounder * z
@@ -325,7 +334,7 @@ def write_demo_study(
     n_units: int = 1500,
     seed: int = 0,
     scene: Path | None = None,
-    chip_size_px: int = 64,
+    chip_size_px: int = DEMO_CHIP_SIZE_PX,
     effect_clusters: ClusteredEffect | int | None = None,
 ) -> Path:
     """Write a semi-synthetic study on a scene (default: the shipped Landsat-8 crop).
@@ -432,6 +441,8 @@ def write_demo_study(
         truth_units["effect_cluster"] = effect_class
     truth_units.to_csv(out_dir / "truth_units.csv", index=False, lineterminator="\n")
 
+    weight = draws["propensity"].to_numpy() * (1.0 - draws["propensity"].to_numpy())  # Var(D | z)
+
     def effects(mask: np.ndarray) -> dict:
         treated = mask & (treatment == 1)
         control = mask & (treatment == 0)
@@ -441,6 +452,7 @@ def write_demo_study(
             "n_treated": int(treated.sum()),
             "ate": _r(tau[mask].mean()),
             "att": _r(tau[treated].mean()) if treated.any() else None,
+            "variance_weighted_effect": _r(np.sum(weight[mask] * tau[mask]) / np.sum(weight[mask])),
             "naive_difference_in_means": _r(naive),
             "naive_bias": _r(naive - tau[mask].mean()),
         }
@@ -457,9 +469,14 @@ def write_demo_study(
             "valid_share": _r(img.valid.mean(), 6),
         }
     truth = {
-        "estimand": "ATE: sample mean of tau_i over all units; ATT: over the treated units",
+        "estimand": (
+            "ATE: sample mean of tau_i over all units; ATT: over the treated units; "
+            "variance_weighted_effect: sum e_i (1 - e_i) tau_i / sum e_i (1 - e_i), the target of the "
+            "partially linear model (dml) when the effect varies with the propensity"
+        ),
         "ate": everyone["ate"],
         "att": everyone["att"],
+        "variance_weighted_effect": everyone["variance_weighted_effect"],
         "n_units": n_units,
         "n_treated": everyone["n_treated"],
         "naive_difference_in_means": everyone["naive_difference_in_means"],
@@ -860,7 +877,7 @@ def write_imputation_study(
     n_units: int = 1500,
     seed: int = 0,
     scene: Path | None = None,
-    chip_size_px: int = 64,
+    chip_size_px: int = DEMO_CHIP_SIZE_PX,
 ) -> Path:
     """The demo study with the outcome blanked for a known share of units, missing completely at
     random, and ``analysis.outcome_imputation: true``. ``truth.json`` keeps the full-sample
@@ -900,7 +917,7 @@ def write_hidden_confounder_study(
     n_units: int = 1500,
     seed: int = 0,
     scene: Path | None = None,
-    chip_size_px: int = 64,
+    chip_size_px: int = DEMO_CHIP_SIZE_PX,
     process: HiddenConfounderProcess | None = None,
 ) -> Path:
     """The demo study drawn from :class:`HiddenConfounderProcess`: a confounder that no image shows.

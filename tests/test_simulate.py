@@ -13,6 +13,7 @@ from affine import Affine
 
 from eocausal.imagery.geotiff import GeoTiffSource
 from eocausal.simulate import (
+    DEMO_CHIP_SIZE_PX,
     DEMO_SCENE,
     Scene,
     builtup_pixels,
@@ -83,7 +84,7 @@ def test_default_demo_is_a_valid_study(default_demo):
     study = load_study(default_demo)
     assert study.name == "eocausal_demo"
     assert study.survey.covariates == ["market_access", "household_size"]
-    assert study.imagery.chip_size_px == 64 and study.imagery.max_nodata_share == 0.2
+    assert study.imagery.chip_size_px == DEMO_CHIP_SIZE_PX == 50 and study.imagery.max_nodata_share == 0.2
     assert study.embedding.method == "rcf" and study.embedding.n_features == 1024
     assert study.analysis.estimators == ["difference_in_means", "ipw", "aipw", "dml"]
     assert study.analysis.feature_sets == ["none", "tabular", "image", "tabular+image"]
@@ -111,6 +112,11 @@ def test_default_demo_truth_makes_the_point(default_demo):
     assert truth["ate"] == pytest.approx(units["tau"].mean(), abs=1e-5)
     assert truth["att"] == pytest.approx(units.loc[d == 1, "tau"].mean(), abs=1e-5)
     assert units["tau"].std() > 0.2  # heterogeneous effect
+    # dml's target: the effect weighted by Var(D | z) = e (1 - e); below the ATE here, because the
+    # effect grows with the confounder and so does the propensity, towards its extreme.
+    w = units["propensity"] * (1 - units["propensity"])
+    assert truth["variance_weighted_effect"] == pytest.approx((w * units["tau"]).sum() / w.sum(), abs=1e-5)
+    assert truth["variance_weighted_effect"] < truth["ate"] - 0.05
 
     # The naive difference in means, from the CSV alone, is biased by a clear margin.
     naive = y[d == 1].mean() - y[d == 0].mean()

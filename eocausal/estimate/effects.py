@@ -233,8 +233,21 @@ def overlap_report(table: pd.DataFrame) -> dict[str, dict]:
     return report
 
 
-def estimates_markdown(table: pd.DataFrame, truth: float | None = None) -> str:
-    """The estimates as a markdown table (Dagster metadata, CLI output)."""
+def _row_target(truth: float | dict, estimand: str, estimator: str) -> float | None:
+    if not isinstance(truth, dict):
+        return float(truth)
+    if estimator == "dml" and estimand == "ATE" and truth.get("dml") is not None:
+        return float(truth["dml"])
+    value = truth.get(estimand)
+    return None if value is None else float(value)
+
+
+def estimates_markdown(table: pd.DataFrame, truth: float | dict | None = None) -> str:
+    """The estimates as a markdown table (Dagster metadata, CLI output).
+
+    ``truth`` (simulated studies): one number for every row, or each row's own target: a mapping
+    with ``ATE``, ``ATT`` and optionally ``dml`` (the partially linear model's variance-weighted
+    effect, which is not the ATE when the effect varies with the propensity)."""
     head = "| estimand | estimator | feature set | estimate | SE | 95% CI |"
     sep = "|---|---|---|---:|---:|---|"
     # Optional columns: the outcome source (only when imputation made more than one), and the
@@ -257,7 +270,9 @@ def estimates_markdown(table: pd.DataFrame, truth: float | None = None) -> str:
         line = (f"| {r.estimand} | {r.estimator} | {r.feature_set} |{source} {r.estimate:.3f} | "
                 f"{r.std_error:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] |")
         if truth is not None:
-            line += f" {r.estimate - truth:+.3f} | {'yes' if r.ci_low <= truth <= r.ci_high else 'no'} |"
+            target = _row_target(truth, r.estimand, r.estimator)
+            line += (" – | – |" if target is None else
+                     f" {r.estimate - target:+.3f} | {'yes' if r.ci_low <= target <= r.ci_high else 'no'} |")
         if show_rv:
             rv, rv_a = r.robustness_value, r.robustness_value_alpha
             line += " – | – |" if pd.isna(rv) else f" {rv:.3f} | {rv_a:.3f} |"

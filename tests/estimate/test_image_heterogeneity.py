@@ -20,7 +20,7 @@ from eocausal.estimate.cate import estimate_cate
 from eocausal.estimate.clusters import fit_effect_clusters, noise_variance
 from eocausal.imagery.chips import extract_chips
 from eocausal.imagery.sources import open_source
-from eocausal.simulate import ClusteredEffect, write_demo_study, write_procedural_scene
+from eocausal.simulate import DEMO_CHIP_SIZE_PX, ClusteredEffect, write_demo_study, write_procedural_scene
 from eocausal.study import load_study
 from eocausal.survey import covariate_column, load_survey
 
@@ -126,10 +126,11 @@ def test_effect_clusters_are_recovered_from_images(scene, shared_cache, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 3])
 def test_effect_clusters_on_the_landsat_demo_scene(tmp_path_factory, k):
-    """The demo's real scene, its 1500 units and 64 px chips (the figures quoted in the report)."""
+    """The demo's real scene, its 1500 units and chips (the figures quoted in the report)."""
     cache = Path(tmp_path_factory.getbasetemp()) / "landsat_cluster_cache"
     units, res, true_classes = _image_study(tmp_path_factory.mktemp(f"landsat_k{k}"), k, None, n_units=1500,
-                                            chip_size_px=64, n_features=1024, cache=cache, image_components=64)
+                                            chip_size_px=DEMO_CHIP_SIZE_PX, n_features=1024, cache=cache,
+                                            image_components=64)
     fit, ari_membership, ari_posterior = _fit_and_score(units, res, true_classes, k)
     print(f"Landsat demo scene K={k}: ARI membership {ari_membership:.3f}, posterior {ari_posterior:.3f}, mu {fit.mu}")
     assert ari_membership > {2: 0.55, 3: 0.45}[k]
@@ -142,7 +143,8 @@ def test_demo_study_rate_and_pehe(tmp_path_factory):
     image CATE finds larger effects (RATE/AUTOC CI above 0), and image+tabular features estimate
     the CATE better than tabular ones (PEHE)."""
     cache = Path(tmp_path_factory.getbasetemp()) / "landsat_demo_cache"
-    _, res, _ = _image_study(tmp_path_factory.mktemp("demo"), None, None, n_units=1500, chip_size_px=64,
+    _, res, _ = _image_study(tmp_path_factory.mktemp("demo"), None, None, n_units=1500,
+                             chip_size_px=DEMO_CHIP_SIZE_PX,
                              n_features=1024, cache=cache, feature_sets=("tabular", "image", "tabular+image"),
                              image_components=64)
     ev = res.evaluation.set_index(["feature_set", "metric"])

@@ -308,3 +308,14 @@ def test_monte_carlo_corrected_covers_at_the_nominal_rate_and_the_plug_in_does_n
     for estimator in ("difference_in_means", "aipw"):
         assert 0.92 <= table.loc[(estimator, CORRECTED), "coverage"] <= 0.985, table
         assert table.loc[(estimator, PLUGIN), "coverage"] < 0.88, table
+
+
+def test_estimates_markdown_compares_each_row_with_its_own_target():
+    table = pd.DataFrame({
+        "estimand": ["ATE", "ATE", "ATT"], "estimator": ["aipw", "dml", "aipw"], "feature_set": ["image"] * 3,
+        "estimate": [1.0, 0.8, 1.5], "std_error": [0.1] * 3,
+        "ci_low": [0.8, 0.6, 1.3], "ci_high": [1.2, 1.0, 1.7],
+    })
+    lines = estimates_markdown(table, truth={"ATE": 1.1, "ATT": 1.4, "dml": 0.9}).splitlines()[2:]
+    assert "-0.100 | yes" in lines[0] and "-0.100 | yes" in lines[1] and "+0.100 | yes" in lines[2]
+    assert "+0.000 | yes" in estimates_markdown(table, truth=1.0).splitlines()[2]
