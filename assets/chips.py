@@ -1,42 +1,60 @@
-"""Asset `image_chips`: one chip per survey unit, cut from the study's imagery and cached by content."""
+"""Asset `image_chips`: one chip per survey unit, cut from the study's imagery and cached by content.
 
-from __future__ import annotations
+Partitioned by imagery period (the study's `imagery.periods`; a GeoTIFF study has the one period
+`geotiff`): each partition fetches its own period and writes lake/image_chips/period=<name>.parquet,
+so a new period is one materialisation and the others' files are untouched. The partitions
+definition comes from the study, so the asset is built with Definitions (`build_image_chips`).
+"""
 
 import dagster as dg
 import pandas as pd
+from dagster import AssetExecutionContext
 
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.imagery.chips import extract_chips
 from eocausal.imagery.sources import open_source
-from eocausal.lake import write_frame
+from eocausal.lake import period_path, write_frame
 from eocausal.quality import too_few_usable_units, validate_chip_index
 from eocausal.versioning import frame_version
 
 
-@dg.asset(
-    group_name="imagery",
-    kinds={"python", "rasterio", "parquet"},
-    code_version="chips-2",  # 2: any imagery source; cloud_share and detail columns
-    deps=["survey"],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "chip_usability",
-            asset="image_chips",
-            blocking=True,
-            description="Every unit has a chip record; usable chips meet the nodata limit; enough units are usable.",
-        )
-    ],
-)
-def image_chips(study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+def build_image_chips(periods: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The `image_chips` asset, partitioned by the study's imagery periods."""
+
+    @dg.asset(
+        name="image_chips",
+        group_name="imagery",
+        kinds={"python", "rasterio", "parquet"},
+        code_version="chips-3",  # 2: any imagery source; cloud_share and detail columns; 3: one file per period
+        deps=["survey"],
+        partitions_def=periods,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "chip_usability",
+                asset="image_chips",
+                blocking=True,
+                description="Every unit has a chip record; usable chips meet the nodata limit; enough units are usable.",
+            )
+        ],
+    )
+    def image_chips(context: AssetExecutionContext, study: StudyResource,
+                    warehouse: WarehouseResource) -> dg.MaterializeResult:
+        return _materialise_chips(context.partition_key, study, warehouse)
+
+    return image_chips
+
+
+def _materialise_chips(period: str, study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
     spec = study.load()
+    spec.imagery.check_period_name(period)  # a partition the study no longer names is an error
     units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon"])
-    source = open_source(spec)  # geotiff, or earthengine for the analysis period
+    source = open_source(spec, period)  # the GeoTIFF files, or this period's Earth Engine composite
     extraction = extract_chips(
         units, source, spec.imagery.chip_size_px, warehouse.cache / "chips", spec.imagery.max_nodata_share
     )
-    index = extraction.index
-    path = write_frame(index, warehouse.lake / "image_chips.parquet")
+    index = extraction.index.assign(period=period)
+    path = write_frame(index, period_path(warehouse.lake, "image_chips", period))
 
     report = validate_chip_index(index, spec.imagery.max_nodata_share)
     n_ok = int((index["status"] == "ok").sum())
@@ -58,6 +76,7 @@ def image_chips(study: StudyResource, warehouse: WarehouseResource) -> dg.Materi
     return dg.MaterializeResult(
         metadata={
             **table_metadata(index, path),
+            "period": period,
             "n_usable": n_ok,
             "n_excluded": len(index) - n_ok,
             "excluded_by_reason": dg.MetadataValue.json({str(k): int(v) for k, v in excluded.items()}),

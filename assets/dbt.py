@@ -58,13 +58,17 @@ _translator = EocausalDbtTranslator()
 
 # dbt reads it (the outcome's not-null tests): "true" when the study imputes missing outcomes.
 OUTCOME_MAY_BE_MISSING_ENV = "EOCAUSAL_OUTCOME_MAY_BE_MISSING"
+# dbt reads it (the image_chips / image_embeddings sources): the imagery period the analysis uses.
+ANALYSIS_PERIOD_ENV = "EOCAUSAL_ANALYSIS_PERIOD"
 
 
 def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-           extra_env: dict[str, str] | None = None):
+           study: StudyResource, extra_env: dict[str, str] | None = None):
     # dbt-duckdb reads the lake and warehouse paths from the environment of the dbt subprocess,
-    # which dagster-dbt copies from this process.
+    # which dagster-dbt copies from this process. Every dbt step sets the same period, so dbt's
+    # parse (which renders the sources' locations) stays the same between steps.
     os.environ.update(warehouse.dbt_env())
+    os.environ[ANALYSIS_PERIOD_ENV] = study.load().imagery.analysis_period_name()
     os.environ.update(extra_env or {})
     warehouse.root_path.mkdir(parents=True, exist_ok=True)
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
@@ -86,7 +90,8 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
 def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                         study: StudyResource):
     imputes = study.load().analysis.outcome_imputation
-    yield from _build(context, dbt, warehouse, {OUTCOME_MAY_BE_MISSING_ENV: "true" if imputes else "false"})
+    yield from _build(context, dbt, warehouse, study,
+                      {OUTCOME_MAY_BE_MISSING_ENV: "true" if imputes else "false"})
 
 
 @dbt_assets(
@@ -97,8 +102,9 @@ def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, war
     dagster_dbt_translator=_translator,
     project=dbt_project,
 )
-def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
-    yield from _build(context, dbt, warehouse)
+def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                        study: StudyResource):
+    yield from _build(context, dbt, warehouse, study)
 
 
 @dbt_assets(
@@ -109,6 +115,7 @@ def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, war
     dagster_dbt_translator=_translator,
     project=dbt_project,
 )
-def dbt_heterogeneity_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource):
+def dbt_heterogeneity_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                             study: StudyResource):
     # marts.cate_predictions, cate_evaluation, effect_clusters, transport_predictions (assets/heterogeneity.py)
-    yield from _build(context, dbt, warehouse)
+    yield from _build(context, dbt, warehouse, study)

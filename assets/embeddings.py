@@ -1,48 +1,69 @@
-"""Asset `image_embeddings`: random convolutional features of every usable chip (torch; CUDA when present)."""
+"""Asset `image_embeddings`: random convolutional features of every usable chip (torch; CUDA when present).
 
-from __future__ import annotations
+Partitioned like `image_chips` (one partition per imagery period, built with Definitions by
+`build_image_embeddings`): partition P embeds lake/image_chips/period=P.parquet and writes
+lake/image_embeddings/period=P.parquet (and the PCA beside it, period=P.pca.json).
+"""
 
 import dagster as dg
 import pandas as pd
+from dagster import AssetExecutionContext
 
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.embed.embeddings import CODE_VERSION, compute_embeddings, write_json_atomic
 from eocausal.faults import crash_point
-from eocausal.lake import embeddings_table, write_table_atomic
+from eocausal.lake import embeddings_table, period_path, write_table_atomic
 from eocausal.quality import validate_embeddings
 
 
-@dg.asset(
-    group_name="imagery",
-    kinds={"python", "torch", "parquet"},
-    code_version=CODE_VERSION,
-    deps=["image_chips"],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "embeddings_valid",
-            asset="image_embeddings",
-            blocking=True,
-            description="Embeddings are finite for every unit and not constant across units.",
-        )
-    ],
-)
-def image_embeddings(study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+def build_image_embeddings(periods: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The `image_embeddings` asset, partitioned by the study's imagery periods (as `image_chips`)."""
+
+    @dg.asset(
+        name="image_embeddings",
+        group_name="imagery",
+        kinds={"python", "torch", "parquet"},
+        code_version=CODE_VERSION,
+        deps=["image_chips"],  # same partitions: period P's embeddings read period P's chips
+        partitions_def=periods,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "embeddings_valid",
+                asset="image_embeddings",
+                blocking=True,
+                description="Embeddings are finite for every unit and not constant across units.",
+            )
+        ],
+    )
+    def image_embeddings(context: AssetExecutionContext, study: StudyResource,
+                         warehouse: WarehouseResource) -> dg.MaterializeResult:
+        return _materialise_embeddings(context.partition_key, study, warehouse)
+
+    return image_embeddings
+
+
+def _materialise_embeddings(period: str, study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
     spec = study.load()
-    index = pd.read_parquet(warehouse.lake / "image_chips.parquet")
+    spec.imagery.check_period_name(period)
+    chips_path = period_path(warehouse.lake, "image_chips", period)
+    if not chips_path.is_file():
+        raise dg.Failure(description=f"image_chips has not been materialised for period {period!r} "
+                                     f"({chips_path} is missing): materialise that partition first")
+    index = pd.read_parquet(chips_path)
     weights = spec.resolve(spec.embedding.weights) if spec.embedding.weights else None
     emb = compute_embeddings(
         index, warehouse.cache / "chips", warehouse.cache / "embeddings", spec.embedding, weights_path=weights
     )
     crash_point("embeddings.computed")  # fault tests: cached but not yet in the lake
     table = embeddings_table(
-        emb.unit_ids, emb.features, embedding_version=emb.version, embedding_method=emb.method
+        emb.unit_ids, emb.features, embedding_version=emb.version, embedding_method=emb.method, period=period
     )
-    path = write_table_atomic(table, warehouse.lake / "image_embeddings.parquet")
+    path = write_table_atomic(table, period_path(warehouse.lake, "image_embeddings", period))
     # The PCA fitted once on these embeddings, under their version, for estimators that want it.
     pca_meta = {}
     if emb.pca is not None:
         write_json_atomic({"embedding_version": emb.version, "pca": emb.pca.to_dict()},
-                          warehouse.lake / "image_embeddings_pca.json")
+                          period_path(warehouse.lake, "image_embeddings", period, suffix=".pca.json"))
         pca_meta = {
             "pca_components": emb.pca.n_components_,
             "pca_explained_variance": float(emb.pca.explained_variance_ratio_.sum()),
@@ -56,8 +77,10 @@ def image_embeddings(study: StudyResource, warehouse: WarehouseResource) -> dg.M
                 dg.TableColumn("embedding", f"list<float32>[{emb.features.shape[1]}]"),
                 dg.TableColumn("embedding_version", "string"),
                 dg.TableColumn("embedding_method", "string"),
+                dg.TableColumn("period", "string"),
             ]),
             "path": dg.MetadataValue.path(str(path)),
+            "period": period,
             "n_features": int(emb.features.shape[1]),
             "from_cache": emb.from_cache,
             "device": emb.device or "cached",

@@ -159,7 +159,7 @@ def propensity_saliency(study: StudyResource, warehouse: WarehouseResource):
 def study_report(study: StudyResource, warehouse: WarehouseResource):
     spec = study.load()
     ws = _workspace(warehouse)
-    inputs = het.input_versions(ws.lake)
+    inputs = het.input_versions(ws.lake, spec)
     estimate_version = analysis_version(spec.analysis, inputs["survey"], inputs["embeddings"])
     cate = _cached_cate(spec, warehouse)
     clusters = het.run_clusters(spec, ws, cate)

@@ -10,6 +10,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.definitions import STUDY_JOB, build_definitions
+from assets.partitions import PERIOD_RUN_KEYS
 from eocausal.study import default_workdir, load_study
 from eocausal.warehouse import check_sql_safe_path, query
 
@@ -21,7 +22,9 @@ class RunOutcome:
     estimates: pd.DataFrame  # the estimate version this run produced (empty on failure)
     errors: list[str] = field(default_factory=list)
     failed_checks: list[str] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)  # asset key -> materialisation metadata (plain values)
+    # asset key -> materialisation metadata (plain values). The imagery assets' entry is their
+    # analysis-period partition's; "image_chips[<period>]" etc. hold every period's.
+    metadata: dict = field(default_factory=dict)
     log_path: Path | None = None
 
 
@@ -31,10 +34,13 @@ def _plain(value):
 
 def run_study(study_path: str | Path, workdir: str | Path | None = None,
               instance: dg.DagsterInstance | None = None, log_level: str = "WARNING") -> RunOutcome:
-    """Run the study job in this process.
+    """Run the study job in this process: every imagery period, then the analysis.
 
-    Dagster's console log is kept at `log_level`; dbt's own output, which dagster-dbt echoes to
-    stdout, goes to <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json).
+    One run per imagery period other than the analysis period materialises the survey and that
+    period's `image_chips` and `image_embeddings` partitions (cached by content: an unchanged
+    period costs little); then one run of the whole graph for the analysis period. Success means every run
+    succeeded. Dagster's console log is kept at `log_level`; dbt's own output, which dagster-dbt
+    echoes to stdout, goes to <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json).
     """
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
@@ -44,21 +50,41 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     log_path = workdir / "logs" / "last_run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    analysis_period = study.imagery.analysis_period_name()
+    other_periods = [p for p in study.imagery.period_names() if p != analysis_period]
     with (dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance)) as inst, \
             open(log_path, "w", encoding="utf-8") as log, redirect_stdout(log):
-        result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config)
+        runs = [
+            (period, job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
+                                            partition_key=period, asset_selection=list(PERIOD_RUN_KEYS)))
+            for period in other_periods
+        ]
+        result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
+                                        partition_key=analysis_period)
+        runs.append((analysis_period, result))
     errors, failed_checks, metadata = [], [], {}
-    for event in result.all_events:
+    imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
+    for period, event in ((period, e) for period, r in runs for e in r.all_events):
+        # Another period's imagery failures name the period; the rest read as they always have
+        # (a survey failure, the same in every period's run, is reported once).
+        where = "" if period == analysis_period else f"[{period}]"
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
-            errors.append(f"{event.step_key}: {_failure_text(event, err)}")
+            step = event.step_key + (where if event.step_key in imagery_steps else "")
+            errors.append(f"{step}: {_failure_text(event, err)}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
+            asset = ev.asset_key.to_user_string()
+            asset += where if asset in imagery_steps else ""
             if not ev.passed:
-                failed_checks.append(f"{ev.asset_key.to_user_string()}:{ev.check_name}: {ev.description or ''}")
+                failed_checks.append(f"{asset}:{ev.check_name}: {ev.description or ''}")
         elif event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
-            metadata[mat.asset_key.to_user_string()] = {k: _plain(v) for k, v in mat.metadata.items()}
+            key, plain = mat.asset_key.to_user_string(), {k: _plain(v) for k, v in mat.metadata.items()}
+            if mat.partition is not None:
+                metadata[f"{key}[{mat.partition}]"] = plain
+            if mat.partition in (None, analysis_period):
+                metadata[key] = plain
     estimates = pd.DataFrame()
     version = metadata.get("effect_estimates", {}).get("estimate_version")
     published = workdir / "published" / "warehouse.duckdb"
@@ -69,7 +95,9 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
             " order by estimand, feature_set, estimator",
             [study.name, version],
         )
-    return RunOutcome(bool(result.success), workdir, estimates, errors, failed_checks, metadata, log_path)
+    success = all(r.success for _, r in runs)
+    errors, failed_checks = list(dict.fromkeys(errors)), list(dict.fromkeys(failed_checks))
+    return RunOutcome(bool(success), workdir, estimates, errors, failed_checks, metadata, log_path)
 
 
 def _failure_text(event, err) -> str:

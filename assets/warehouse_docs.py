@@ -15,14 +15,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from assets.dbt import DBT_EXECUTABLE, DBT_PROJECT_DIR
+from assets.dbt import ANALYSIS_PERIOD_ENV, DBT_EXECUTABLE, DBT_PROJECT_DIR
 from eocausal.warehouse import check_sql_safe_path
 
 DOCS_FOLDER = "docs"
 
 
-def generate_docs(workdir: Path, out: Path | None = None) -> Path:
-    """Generate dbt docs for the published warehouse under ``workdir``; returns the static page."""
+def generate_docs(workdir: Path, out: Path | None = None, analysis_period: str | None = None) -> Path:
+    """Generate dbt docs for the published warehouse under ``workdir``; returns the static page.
+    ``analysis_period``: the imagery period the sources read (shown as their location)."""
     workdir = check_sql_safe_path(Path(workdir).resolve())
     published = workdir / "published" / "warehouse.duckdb"
     if not published.exists():
@@ -34,6 +35,8 @@ def generate_docs(workdir: Path, out: Path | None = None) -> Path:
         shutil.copyfile(published, copy)
         env = {**os.environ, "EOCAUSAL_WAREHOUSE": str(copy), "EOCAUSAL_LAKE": str(workdir / "lake"),
                "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        if analysis_period is not None:
+            env[ANALYSIS_PERIOD_ENV] = analysis_period
         result = subprocess.run(
             [DBT_EXECUTABLE, "docs", "generate", "--static", "--project-dir", str(DBT_PROJECT_DIR),
              "--profiles-dir", str(DBT_PROJECT_DIR), "--target-path", str(out), "--log-path", str(out / "logs")],

@@ -98,9 +98,9 @@ def cmd_docs(args) -> int:
     from assets.warehouse_docs import generate_docs
     from eocausal.study import default_workdir, load_study
 
-    load_study(args.study)
+    study = load_study(args.study)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.study)
-    page = generate_docs(workdir, Path(args.out) if args.out else None)
+    page = generate_docs(workdir, Path(args.out) if args.out else None, study.imagery.analysis_period_name())
     print(f"dbt docs for the published warehouse: {page}")
     return 0
 

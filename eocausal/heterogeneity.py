@@ -36,7 +36,7 @@ from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
 from eocausal import interpret
-from eocausal.lake import embedding_matrix, write_table_atomic
+from eocausal.lake import embedding_matrix, period_path, write_table_atomic
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
 
@@ -169,10 +169,15 @@ def load_truth(study: Study) -> Truth:
     return truth
 
 
-def input_versions(lake: Path) -> dict[str, str]:
-    """The survey's and the embeddings' data versions, as the ATE stage computes them."""
+def analysis_imagery(lake: Path, study: Study, table: str) -> Path:
+    """The lake file of ``image_chips`` or ``image_embeddings`` for the study's analysis period."""
+    return period_path(lake, table, study.imagery.analysis_period_name())
+
+
+def input_versions(lake: Path, study: Study) -> dict[str, str]:
+    """The survey's and the (analysis period's) embeddings' data versions, as the ATE stage computes them."""
     survey_version = frame_version(pd.read_parquet(lake / "survey.parquet"))
-    emb = pd.read_parquet(lake / "image_embeddings.parquet", columns=["embedding_version"])
+    emb = pd.read_parquet(analysis_imagery(lake, study, "image_embeddings"), columns=["embedding_version"])
     embeddings_version = str(emb["embedding_version"].iloc[0]) if len(emb) else ""
     return {"survey": survey_version, "embeddings": embeddings_version}
 
@@ -228,7 +233,7 @@ def _cate_paths(study: Study, ws: Workspace, version: str) -> dict[str, Path]:
 
 def load_cate(study: Study, ws: Workspace) -> CateStage | None:
     """The CATE stage's stored output for the study's current inputs, or None if not computed."""
-    version = cate_version(study, input_versions(ws.lake), load_truth(study))
+    version = cate_version(study, input_versions(ws.lake, study), load_truth(study))
     paths = _cate_paths(study, ws, version)
     if not all(p.exists() for p in paths.values()):
         return None
@@ -245,7 +250,7 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
     if cached is not None:
         return cached
     truth = load_truth(study)
-    version = cate_version(study, input_versions(ws.lake), truth)
+    version = cate_version(study, input_versions(ws.lake, study), truth)
     paths = _cate_paths(study, ws, version)
     het = study.heterogeneity
     note = ""
@@ -310,11 +315,11 @@ def cate_markdown(evaluation: pd.DataFrame) -> str:
 # --- shared: the image pipeline of the study ----------------------------------------------------
 
 
-def _unit_components(ws: Workspace, model_state: dict, unit_ids: list[str]) -> np.ndarray:
+def _unit_components(study: Study, ws: Workspace, model_state: dict, unit_ids: list[str]) -> np.ndarray:
     """Image principal components of the given units (the CATE stage's PCA on their embeddings)."""
     from eocausal.embed.reduce import PCAReduction
 
-    emb = pd.read_parquet(ws.lake / "image_embeddings.parquet", columns=["unit_id", "embedding"])
+    emb = pd.read_parquet(analysis_imagery(ws.lake, study, "image_embeddings"), columns=["unit_id", "embedding"])
     emb["unit_id"] = emb["unit_id"].astype(str)
     emb = emb.set_index("unit_id").loc[unit_ids]
     pca = PCAReduction.from_dict(model_state["pca"])
@@ -330,13 +335,14 @@ def study_embedder(study: Study, ws: Workspace):
     the embeddings' version; checked against the stored embeddings)."""
     from eocausal.embed import embeddings as embed_stage
 
-    index = pd.read_parquet(ws.lake / "image_chips.parquet")
+    index = pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips"))
     usable = index[index["status"] == "ok"]
     # The embedding stage fits on a seeded sample of the usable chips when there are many.
     fit_sample = getattr(embed_stage, "_fit_sample", None)
     fit_rows = fit_sample(usable, study.embedding.seed) if fit_sample is not None else usable
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
-    emb = pd.read_parquet(ws.lake / "image_embeddings.parquet", columns=["unit_id", "embedding", "embedding_version"])
+    emb = pd.read_parquet(analysis_imagery(ws.lake, study, "image_embeddings"),
+                          columns=["unit_id", "embedding", "embedding_version"])
     version = str(emb["embedding_version"].iloc[0])
     reference = (emb["unit_id"].astype(str).tolist()[:8], embedding_matrix(emb["embedding"].iloc[:8]))
     embedder = transport_mod.fitted_embedder(
@@ -376,7 +382,7 @@ def run_clusters(study: Study, ws: Workspace, cate: CateStage) -> ClusterStage:
     fs_init = "image" if (preds["feature_set"] == "image").any() else preds["feature_set"].iloc[0]
     units = preds[preds["feature_set"] == fs_init].reset_index(drop=True)
     unit_ids = units["unit_id"].astype(str).tolist()
-    components = _unit_components(ws, state, unit_ids)
+    components = _unit_components(study, ws, state, unit_ids)
     score = units["pseudo_outcome"].to_numpy(dtype=float)
     nu = clusters_mod.noise_variance(
         units["outcome"], units["treatment"], units["outcome_if_control"], units["outcome_if_treated"],
@@ -574,7 +580,7 @@ def run_saliency(study: Study, ws: Workspace, cate: CateStage, clusters: Cluster
 
     units = cate.predictions.drop_duplicates("unit_id").reset_index(drop=True)
     unit_ids = units["unit_id"].astype(str).tolist()
-    components = _unit_components(ws, state, unit_ids)
+    components = _unit_components(study, ws, state, unit_ids)
     head = interpret.fit_propensity_head(components, units["treatment"].to_numpy(), seed=study.analysis.seed)
     propensity = 1.0 / (1.0 + np.exp(-head.numpy_logits(components)))
     order = np.argsort(-propensity, kind="stable")
@@ -584,7 +590,7 @@ def run_saliency(study: Study, ws: Workspace, cate: CateStage, clusters: Cluster
     embedder, _ = study_embedder(study, ws)
     model = interpret.DifferentiableImageFeatures(embedder, PCAReduction.from_dict(state["pca"]))
     cluster_fit = clusters_mod.ClusterFit.from_dict(clusters.summary) if clusters.summary.get("k", 0) > 1 else None
-    index = pd.read_parquet(ws.lake / "image_chips.parquet")
+    index = pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips"))
     index["unit_id"] = index["unit_id"].astype(str)
     panels, chosen = [], {}
     import torch
@@ -635,8 +641,8 @@ def run_report(study: Study, ws: Workspace, published_db: Path, estimate_version
     from eocausal import report as report_mod
     from eocausal.warehouse import query
 
-    inputs = input_versions(ws.lake)
-    chips_version = frame_version(pd.read_parquet(ws.lake / "image_chips.parquet"))
+    inputs = input_versions(ws.lake, study)
+    chips_version = frame_version(pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips")))
     version = json_version({
         "code": report_mod.CODE_VERSION, "estimates": estimate_version, "cate": cate.version,
         "clusters": clusters.version, "transport": transport.version, "saliency": saliency.version,

@@ -16,6 +16,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+# The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
+PERIOD_TABLES = ("image_chips", "image_embeddings")
+
+
+def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -> Path:
+    """One imagery period's file of a per-period table: ``<lake>/<table>/period=<period>.parquet``.
+
+    Each period has its own file, so materialising one period never rewrites another's.
+    (Period names are checked by the study contract: letters, digits, '_', '.', '-'.)
+    """
+    if table not in PERIOD_TABLES:
+        raise ValueError(f"{table!r} is not a per-period lake table; those are {list(PERIOD_TABLES)}")
+    if not period or "/" in period or "\\" in period or period in (".", ".."):
+        raise ValueError(f"imagery period {period!r} cannot name a lake file")
+    return Path(lake) / table / f"period={period}{suffix}"
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from eocausal.simulate import (
     builtup_pixels,
     chip_valid_share,
     image_confounder,
+    plm_effect,
     read_scene,
     sample_unit_pixels,
 )
@@ -97,9 +98,7 @@ class MonteCarloDesign:
         tau = process.effect_intercept + process.effect_confounder * z
         if estimator != "dml":
             return float(np.mean(tau))
-        e = process.propensity(z)
-        w = e * (1.0 - e)
-        return float(np.sum(w * tau) / np.sum(w))
+        return plm_effect(process.propensity(z), tau)
 
 
 def unit_chips(data: np.ndarray, valid: np.ndarray, rows, cols, size_px: int) -> tuple[np.ndarray, np.ndarray]:

@@ -441,7 +441,7 @@ def write_demo_study(
         truth_units["effect_cluster"] = effect_class
     truth_units.to_csv(out_dir / "truth_units.csv", index=False, lineterminator="\n")
 
-    weight = draws["propensity"].to_numpy() * (1.0 - draws["propensity"].to_numpy())  # Var(D | z)
+    propensity = draws["propensity"].to_numpy()
 
     def effects(mask: np.ndarray) -> dict:
         treated = mask & (treatment == 1)
@@ -452,7 +452,7 @@ def write_demo_study(
             "n_treated": int(treated.sum()),
             "ate": _r(tau[mask].mean()),
             "att": _r(tau[treated].mean()) if treated.any() else None,
-            "variance_weighted_effect": _r(np.sum(weight[mask] * tau[mask]) / np.sum(weight[mask])),
+            "variance_weighted_effect": _r(plm_effect(propensity[mask], tau[mask])),
             "naive_difference_in_means": _r(naive),
             "naive_bias": _r(naive - tau[mask].mean()),
         }

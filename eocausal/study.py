@@ -25,6 +25,10 @@ FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
 # Study names become file names and warehouse values: keep them to a safe alphabet.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+# The one imagery partition of a study with local rasters (source: geotiff), which has no periods:
+# its chips and embeddings live in lake/<table>/period=geotiff.parquet, as a period's would.
+GEOTIFF_PERIOD = "geotiff"
+
 
 class StudyError(ValueError):
     """A study file that does not follow the contract."""
@@ -129,6 +133,17 @@ class ImagerySpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _periods_for_earthengine_only(self) -> "ImagerySpec":
+        if self.source != "earthengine":
+            given = [k for k in ("periods", "start", "end", "analysis_period") if getattr(self, k)]
+            if given:
+                raise ValueError(
+                    f"imagery.{'/'.join(given)} apply to source 'earthengine' only; a '{self.source}' study has "
+                    f"one imagery partition, {GEOTIFF_PERIOD!r} (its files as they are)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _earthengine_settings(self) -> "ImagerySpec":
         if self.source != "earthengine":
             return self
@@ -168,6 +183,28 @@ class ImagerySpec(_Strict):
             if p.name == wanted:
                 return p
         raise StudyError(f"no imagery period named {wanted!r}; periods: {[p.name for p in periods]}")
+
+    def period_names(self) -> list[str]:
+        """The imagery partitions, in study order: the periods' names (Earth Engine), or the one
+        partition ``geotiff`` of a study with local rasters."""
+        if self.source == "geotiff":
+            return [GEOTIFF_PERIOD]
+        return [p.name for p in self.resolved_periods()]
+
+    def analysis_period_name(self) -> str:
+        """The imagery partition whose chips and embeddings feed the analysis."""
+        if self.source == "geotiff":
+            return GEOTIFF_PERIOD
+        return self.period().name
+
+    def check_period_name(self, name: str) -> str:
+        """``name`` if it is one of this study's imagery partitions, else a StudyError naming them."""
+        names = self.period_names()
+        if name not in names:
+            raise StudyError(
+                f"no imagery period named {name!r}: a {self.source!r} study's imagery periods are {names}"
+            )
+        return name
 
 
 class EmbeddingSpec(_Strict):

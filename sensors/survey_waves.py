@@ -3,7 +3,9 @@
 Thin wiring over eocausal.waves. The cursor maps each accepted wave still in the folder to its
 stamp (mtime:size), so a file is handled once, and a wave rewritten in place counts as new.
 Every tick: a bad file goes to landing/quarantine/ with its validation report; of the good
-files, the newest becomes the study's survey and one run is requested for it.
+files, the newest becomes the study's survey and one refresh is requested for it: a run of the
+whole graph for the analysis imagery period and, for a study with several periods, a run of the
+survey, chips and embeddings of each other period (new units need chips in every period).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.partitions import period_run_requests
 from eocausal.study import load_study
 from eocausal.waves import check_wave, file_stamp, install_wave, landing_folder, new_waves, quarantine_wave
 
@@ -53,14 +56,14 @@ def build_survey_wave_sensor(study_job, study_path: str, landing: str | None = N
             install_wave(newest, study)
             context.log.info(newest.message)
             name, stamp = newest.path.name, stamps[newest.path.name]
-            run_requests.append(dg.RunRequest(
-                run_key=f"survey-wave:{name}:{stamp}",
+            run_requests += period_run_requests(
+                f"survey-wave:{name}:{stamp}", study.imagery.period_names(), study.imagery.analysis_period_name(),
                 tags={
                     "eocausal/trigger": "survey_wave",
                     "eocausal/survey_wave": name,
                     "eocausal/survey_wave_sha256": newest.sha256[:16],
                 },
-            ))
+            )
 
         # Remember accepted waves that are still in the folder (quarantined ones have left it).
         cursor = {n: s for n, s in handled.items() if (folder / n).exists()}

@@ -66,10 +66,13 @@ def earthengine_client_from_env() -> "EarthEngineClient":
 def open_source(study: "Study", period: str | None = None, ee_client: "EarthEngineClient | None" = None) -> ChipSource:
     """The chip source a study names (``imagery.source``); for Earth Engine, one period's composite.
 
-    ``period`` is a period name (None = the analysis period); ``ee_client`` overrides the
-    client chosen by :func:`earthengine_client_from_env`.
+    ``period`` is a period name (None = the analysis period); a GeoTIFF study has the one period
+    ``geotiff`` (its files as they are). An unknown name is a StudyError naming the study's
+    periods. ``ee_client`` overrides the client chosen by :func:`earthengine_client_from_env`.
     """
     spec = study.imagery
+    if period is not None:
+        spec.check_period_name(period)
     if spec.source == "geotiff":
         from eocausal.imagery.geotiff import GeoTiffSource
 

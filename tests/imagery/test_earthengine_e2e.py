@@ -43,13 +43,14 @@ def test_chip_asset_materialises_from_earthengine(ee_study, tmp_path):
     """The Dagster chip stage on an Earth Engine study (fast: no dbt); the full graph is the slow test."""
     import dagster as dg
 
-    from assets.chips import image_chips
+    from assets.chips import build_image_chips
     from assets.resources import StudyResource, WarehouseResource
     from assets.survey import survey
 
     study_path, fake = ee_study
     resources = {"study": StudyResource(study_path=str(study_path)), "warehouse": WarehouseResource(root=str(tmp_path / "w"))}
-    result = dg.materialize([survey, image_chips], resources=resources, raise_on_error=False)
+    image_chips = build_image_chips(dg.StaticPartitionsDefinition(["2020", "2021"]))
+    result = dg.materialize([survey, image_chips], resources=resources, raise_on_error=False, partition_key="2020")
 
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
@@ -57,8 +58,10 @@ def test_chip_asset_materialises_from_earthengine(ee_study, tmp_path):
     meta = result.asset_materializations_for_node("image_chips")[0].metadata
     assert meta["imagery_provenance"].value["fetch"]["retries"]["http_429"] > 0
     assert meta["n_chips_failed"].value == 0 and fake.calls > meta["n_chips_extracted"].value > 100
-    index = pd.read_parquet(tmp_path / "w" / "lake" / "image_chips.parquet")
+    index = pd.read_parquet(tmp_path / "w" / "lake" / "image_chips" / "period=2020.parquet")
     assert index.loc[index["status"] == "ok", "cloud_share"].between(0, 1).all()
+    assert set(index["period"]) == {"2020"} and meta["period"].value == "2020"
+    assert not (tmp_path / "w" / "lake" / "image_chips" / "period=2021.parquet").exists()
 
 
 @pytest.mark.slow
@@ -76,8 +79,9 @@ def test_earthengine_study_runs_end_to_end_and_reruns_from_the_store(ee_study):
     provenance = chips["imagery_provenance"]
     assert provenance["source"] == "earthengine" and provenance["period"] == "2020"  # the first period
     assert provenance["recipe"]["start"] == "2020-01-01" and provenance["fetch"]["retries"]["http_429"] > 0
-    assert fake.initialize_calls == 1 and fake.max_in_flight <= 8
-    index = pd.read_parquet(outcome.workdir / "lake" / "image_chips.parquet")
+    assert fake.initialize_calls == 2 and fake.max_in_flight <= 8  # once per period's source, not per chip
+    assert outcome.metadata["image_chips[2021]"]["imagery_provenance"]["period"] == "2021"  # every period
+    index = pd.read_parquet(outcome.workdir / "lake" / "image_chips" / "period=2020.parquet")
     usable = index[index["status"] == "ok"]
     assert usable["cloud_share"].between(0, 1).all() and usable["cloud_share"].max() > 0
     assert usable["source_file"].eq("earthengine:landsat8_9_sr/2020").all()

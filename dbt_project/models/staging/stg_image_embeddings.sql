@@ -1,6 +1,7 @@
 {{ config(tags=['analysis']) }}
 select
     cast(unit_id as varchar) as unit_id,
+    cast(period as varchar) as period,
     embedding,
     len(embedding) as embedding_dim,
     embedding_version,
