@@ -25,8 +25,12 @@ def failed_run(defs_for, study_dir, survey, monkeypatch):
     bad.to_csv(study_dir / "villages.csv", index=False)
     instance = dg.DagsterInstance.ephemeral()
     job = defs_for.resolve_job_def(STUDY_JOB)
-    result = job.execute_in_process(instance=instance, raise_on_error=False, tags={"eocausal/trigger": "survey_wave"})
+    # The analysis period's run, as the survey-wave sensor requests it (a GeoTIFF study: "geotiff").
+    result = job.execute_in_process(instance=instance, raise_on_error=False, partition_key="geotiff",
+                                    tags={"eocausal/trigger": "survey_wave"})
     assert not result.success
+    failed = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failed == ["survey"], failed  # the survey suite stopped it, for the duplicated id
     return instance, result
 
 
