@@ -140,7 +140,8 @@ def _now():
 class Truth:
     """What a simulated study knows (None parts are unknown)."""
 
-    ate: float | None = None
+    ate: float | None = None  # over the imageable units (the analysis units) when the simulator says
+    variance_weighted_effect: float | None = None  # what dml (the partially linear model) targets
     units: pd.DataFrame | None = None  # unit_id, tau[, effect_cluster]
     effect_clusters: dict | None = None
 
@@ -159,7 +160,9 @@ def load_truth(study: Study) -> Truth:
     units = root / "truth_units.csv"
     if meta.is_file():
         doc = json.loads(meta.read_text(encoding="utf-8"))
-        truth.ate = doc.get("ate")
+        analysed = doc.get("imageable") or doc  # the units that can be analysed, if the simulator says
+        truth.ate = analysed.get("ate", doc.get("ate"))
+        truth.variance_weighted_effect = analysed.get("variance_weighted_effect")
         truth.effect_clusters = doc.get("effect_clusters")
     if units.is_file():
         table = pd.read_csv(units, dtype={"unit_id": str})
@@ -680,7 +683,8 @@ def run_report(study: Study, ws: Workspace, published_db: Path, estimate_version
     report = report_mod.build_report(
         report_mod.ReportInputs(
             study=study.name, version=version, estimates=estimates, n_survey_units=n_survey,
-            exclusions=exclusions, truth_ate=truth.ate, cate_predictions=cate.predictions,
+            exclusions=exclusions, truth_ate=truth.ate, truth_dml=truth.variance_weighted_effect,
+            cate_predictions=cate.predictions,
             cate_evaluation=cate.evaluation, clusters=clusters.summary,
             transport_png=Path(transport.summary["png"]) if transport.summary.get("png") else None,
             transport_summary=transport.summary,

@@ -144,6 +144,17 @@ def test_report_is_one_self_contained_file(tmp_path):
     assert oct(report.html_path.stat().st_mode)[-3:] == "644"
 
 
+def test_bias_is_against_each_estimators_target(tmp_path):
+    inputs = _inputs(tmp_path)
+    inputs.truth_dml = 0.8
+    html = build_report(inputs, tmp_path / "report").html_path.read_text(encoding="utf-8")
+    assert "targets the effect weighted by Var(D | X), here <b>0.800</b>" in html
+    est = inputs.estimates
+    for estimator, target in (("dml", 0.8), ("aipw", 1.0)):
+        row = est[(est["estimator"] == estimator)].iloc[0]
+        assert f"{row['estimate'] - target:.3f}" in html, estimator
+
+
 def test_report_without_heterogeneity(tmp_path):
     inputs = _inputs(tmp_path)
     inputs.cate_predictions = inputs.cate_evaluation = None
