@@ -16,6 +16,8 @@ def test_reader_never_errors_and_sees_only_complete_versions(ops, reference):
     v1 = ops.metadata["effect_estimates"]["estimate_version"]
     [v2] = {r["estimate_version"] for r in json.loads(reference["stdout"])}
     assert v2 != v1
+    print(f"read loop during the refresh: {reads['reads']} reads, {len(reads['errors'])} errors, "
+          f"versions seen {reads['sequence']}")
     assert reads["errors"] == []
     assert reads["reads"] > 0
     # every version the consumer saw had all its rows, each key once
