@@ -12,7 +12,7 @@ from assets.resources import StudyResource, WarehouseResource
 from eocausal.estimate.effects import CODE_VERSION, analysis_version, estimate_study, estimates_markdown, overlap_report
 from eocausal.estimate.imputation import ImputedOutcomes
 from eocausal.faults import crash_point
-from eocausal.lake import write_frame
+from eocausal.lake import stored_pca, write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
 from eocausal.warehouse import query
@@ -59,9 +59,11 @@ def effect_estimates(
         if spec.analysis.outcome_imputation and imputed_path.exists():
             frame, imputation_diagnostics = read_imputed(imputed_path)
             imputed = ImputedOutcomes.from_frame(frame, units["unit_id"], imputation_diagnostics)
+        # The PCA fitted once by the embedding stage, under these embeddings' version.
+        pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), embeddings_version)
         result = estimate_study(
             units, covariates, spec.analysis, study_name=spec.name,
-            survey_version=survey_version, embeddings_version=embeddings_version, imputed=imputed,
+            survey_version=survey_version, embeddings_version=embeddings_version, imputed=imputed, pca=pca,
         )
         table, from_cache = result.table, False
         crash_point("estimates.computed")  # fault tests: computed, not yet written

@@ -13,7 +13,7 @@ from assets.dbt import WAREHOUSE_POOL
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.estimate.effects import CODE_VERSION, analysis_version, impute_study_outcomes
-from eocausal.lake import write_table_atomic
+from eocausal.lake import stored_pca, write_table_atomic
 from eocausal.quality import MIN_MEASURED_OUTCOMES_PER_ARM
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
@@ -99,7 +99,8 @@ def imputed_outcomes(
         from_cache = True
     else:
         covariates = [covariate_column(c) for c in spec.survey.covariates]
-        imputed = impute_study_outcomes(units, covariates, spec.analysis)
+        pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), str(units["embedding_version"].iloc[0]))
+        imputed = impute_study_outcomes(units, covariates, spec.analysis, pca)
         frame, diagnostics = imputed.to_frame(units["unit_id"]), imputed.diagnostics
         frame.insert(0, "estimate_version", version)
         table = pa.Table.from_pandas(frame, preserve_index=False)

@@ -36,7 +36,7 @@ from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
 from eocausal import interpret
-from eocausal.lake import embedding_matrix, period_path, write_table_atomic
+from eocausal.lake import embedding_matrix, period_path, stored_pca, write_table_atomic
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
 
@@ -245,6 +245,10 @@ def load_cate(study: Study, ws: Workspace) -> CateStage | None:
                      True, "disabled" not in state, state.get("disabled", ""), paths=paths)
 
 
+def _embeddings_version(units: pd.DataFrame) -> str:
+    return str(units["embedding_version"].iloc[0]) if "embedding_version" in units.columns and len(units) else ""
+
+
 def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[str]) -> CateStage:
     """DR-learner CATE for the study's heterogeneity feature sets; reuses an existing version.
 
@@ -283,7 +287,9 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
     result = cate_mod.estimate_cate(
         labelled.reset_index(drop=True), covariates, feature_sets=tuple(het.feature_sets),
         folds=study.analysis.folds, seed=study.analysis.seed, clip=study.analysis.propensity_clip,
-        image_components=study.analysis.image_components, learner=het.learner, groups=groups,
+        image_components=study.analysis.image_components,
+        stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), _embeddings_version(labelled)),
+        learner=het.learner, groups=groups,
         n_bootstrap=het.rate_bootstrap, truth_tau=truth_tau, study_name=study.name, version=version,
         computed_at=_now(),
     )

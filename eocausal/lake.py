@@ -69,3 +69,22 @@ def embedding_matrix(column: pd.Series) -> np.ndarray:
     if len(column) == 0:
         return np.zeros((0, 0))
     return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])
+
+
+def stored_pca(lake: Path, period: str, embedding_version: str):
+    """The PCA the embedding stage stored beside ``period``'s embeddings
+    (``image_embeddings/period=<p>.pca.json``), if it belongs to ``embedding_version``; else None
+    (none stored, another version's, or unreadable: the estimators then fit their own)."""
+    import json
+
+    from eocausal.embed import EmbeddingError
+    from eocausal.embed.reduce import PCAReduction
+
+    path = period_path(lake, "image_embeddings", period, suffix=".pca.json")
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        if doc.get("embedding_version") != embedding_version:
+            return None
+        return PCAReduction.from_dict(doc["pca"])
+    except (OSError, ValueError, KeyError, TypeError, EmbeddingError):
+        return None

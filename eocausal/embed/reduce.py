@@ -16,7 +16,7 @@ from sklearn.decomposition import PCA
 
 from eocausal.embed import EmbeddingError
 
-__all__ = ["PCAReduction", "fit_pca", "validate_embeddings"]
+__all__ = ["PCAReduction", "fit_pca", "image_reduction", "validate_embeddings"]
 
 _FORMAT = "eocausal.pca/1"
 # A column whose std is below this share of its typical magnitude is treated as constant: float32
@@ -96,6 +96,13 @@ class PCAReduction:
             )
         return ((x - self.mean_) / self.scale_ - self.center_) @ self.components_.T
 
+    def leading(self, k: int) -> "PCAReduction":
+        """The reduction to the first ``k`` components (the ones of largest variance)."""
+        if not 1 <= k <= self.n_components_:
+            raise EmbeddingError(f"cannot keep {k} of {self.n_components_} components")
+        return PCAReduction(self.mean_, self.scale_, self.center_, self.components_[:k],
+                            self.explained_variance_[:k], self.explained_variance_ratio_[:k])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state, to store next to the embeddings' version."""
         return {
@@ -131,6 +138,22 @@ class PCAReduction:
                 f"stored PCA reduction is incomplete or malformed: {exc!r}"
             ) from exc
         return cls(components=components, **arrays)
+
+
+def image_reduction(
+    embedding: np.ndarray, n_components: int, seed: int = 0, stored: PCAReduction | None = None
+) -> PCAReduction:
+    """The PCA that turns an embedding into the estimators' image components.
+
+    ``stored``: the PCA the embedding stage fitted once over every embedded unit and stored with
+    the embeddings' version (DESIGN §6); its leading ``n_components`` are used when it has that
+    many and the embedding's width. Otherwise (no stored PCA, or too few components) one is fitted
+    here on ``embedding``, as before.
+    """
+    width = np.asarray(embedding).shape[1] if np.ndim(embedding) == 2 else -1
+    if stored is not None and stored.n_components_ >= n_components and stored.n_features_in_ == width:
+        return stored.leading(n_components)
+    return fit_pca(embedding, n_components, seed=seed)
 
 
 def fit_pca(features: np.ndarray, n_components: int, seed: int = 0) -> PCAReduction:

@@ -38,7 +38,7 @@ from scipy import stats
 from sklearn.ensemble import HistGradientBoostingRegressor
 from threadpoolctl import threadpool_limits
 
-from eocausal.embed.reduce import PCAReduction, fit_pca
+from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity
@@ -46,7 +46,7 @@ from eocausal.estimate.rate import pehe, rank_average_treatment_effect
 from eocausal.lake import embedding_matrix
 
 # Bump when the CATE code changes what it computes: it enters every CATE version.
-CODE_VERSION = "cate-1"
+CODE_VERSION = "cate-2"  # 2: image components from the stored PCA
 CATE_FEATURE_SETS = ("tabular", "image", "tabular+image")
 FINAL_LEARNERS = ("linear", "boosting")
 # Pseudo-outcomes are noisy: the final-stage ridge needs penalties well above the outcome models'.
@@ -104,18 +104,20 @@ class CateFeatures:
         return out
 
 
-def build_features(units: pd.DataFrame, covariates: list[str], image_components: int, seed: int) -> CateFeatures:
+def build_features(units: pd.DataFrame, covariates: list[str], image_components: int, seed: int,
+                   stored_pca: PCAReduction | None = None) -> CateFeatures:
     """Tabular covariates and image principal components of the analysis units.
 
-    The PCA is fitted as :func:`eocausal.estimate.effects.feature_sets` fits it (same call, same
-    seed), so the image features match the ATE stage's.
+    The reduction is chosen as :func:`eocausal.estimate.effects.feature_sets` chooses it (the
+    embedding stage's stored PCA, else one fitted with the same seed), so the image features
+    match the ATE stage's.
     """
     tabular = units[covariates].to_numpy(dtype=float) if covariates else np.zeros((len(units), 0))
     pca = None
     image = np.zeros((len(units), 0))
     if "embedding" in units.columns and len(units):
         embedding = embedding_matrix(units["embedding"])
-        pca = fit_pca(embedding, image_components, seed=seed)
+        pca = image_reduction(embedding, image_components, seed, stored_pca)
         image = pca.transform(embedding)
     return CateFeatures(
         tabular=tabular,
@@ -343,6 +345,7 @@ def estimate_cate(
     seed: int = 0,
     clip: float = 0.01,
     image_components: int = 64,
+    stored_pca: PCAReduction | None = None,
     learner: str = "linear",
     nuisance_learner: str = "linear",
     groups=None,
@@ -358,7 +361,7 @@ def estimate_cate(
     Feature sets that the data cannot supply (e.g. tabular without covariates) are skipped.
     """
     with threadpool_limits(limits=1):  # small matrices: threads only contend (see estimate_effect)
-        features = build_features(units, covariates, image_components, seed)
+        features = build_features(units, covariates, image_components, seed, stored_pca)
     available = features.available()
     wanted = [fs for fs in feature_sets if fs in available]
     if not wanted:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.reduce import fit_pca
+from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate.ate import EffectResult, estimate_effect
 from eocausal.estimate.diagnostics import overlap_ok
 from eocausal.estimate.folds import spatial_blocks
@@ -35,7 +35,7 @@ from eocausal.versioning import estimate_version
 # Bump when estimator code changes what it computes: it enters every estimate version.
 # (effects-2: outcome imputation and the sensitivity columns; effects-3: on imputed outcomes
 # the sensitivity's r_y is read against the measured outcomes.)
-CODE_VERSION = "effects-3"
+CODE_VERSION = "effects-4"  # 4: image components from the stored PCA
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",
@@ -55,15 +55,19 @@ class StudyEstimates:
     results: list[EffectResult]
 
 
-def feature_sets(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec) -> dict:
-    """Feature matrices (with names) for each feature set the study asks for."""
+def feature_sets(
+    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, pca: PCAReduction | None = None
+) -> dict:
+    """Feature matrices (with names) for each feature set the study asks for.
+
+    ``pca``: the embedding stage's stored PCA (used when it has ``analysis.image_components``
+    components; see :func:`eocausal.embed.reduce.image_reduction`)."""
     tabular = units[covariates].to_numpy(dtype=float) if covariates else np.zeros((len(units), 0))
     image_names: list[str] = []
     image = np.zeros((len(units), 0))
     if any("image" in fs for fs in analysis.feature_sets):
         embedding = embedding_matrix(units["embedding"])
-        pca = fit_pca(embedding, analysis.image_components, seed=analysis.seed)
-        image = pca.transform(embedding)
+        image = image_reduction(embedding, analysis.image_components, analysis.seed, pca).transform(embedding)
         image_names = [f"image_pc{i + 1}" for i in range(image.shape[1])]
     out = {}
     for fs in analysis.feature_sets:
@@ -78,19 +82,21 @@ def feature_sets(units: pd.DataFrame, covariates: list[str], analysis: AnalysisS
     return out
 
 
-def imputation_features(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec) -> tuple[np.ndarray, list[str]]:
+def imputation_features(
+    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, pca: PCAReduction | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Z for the outcome-imputation model: the covariates and the image components, as the
     ``tabular+image`` feature set has them."""
     spec = analysis.model_copy(update={"feature_sets": ["tabular+image"]})
-    return feature_sets(units, covariates, spec)["tabular+image"]
+    return feature_sets(units, covariates, spec, pca)["tabular+image"]
 
 
 def impute_study_outcomes(
-    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec
+    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, pca: PCAReduction | None = None
 ) -> ImputedOutcomes:
     """Cross-fitted image (+ tabular) predictions of the outcome and the corrected pseudo-outcomes,
     for every analysis unit (NaN outcome = not measured)."""
-    Z, _ = imputation_features(units, covariates, analysis)
+    Z, _ = imputation_features(units, covariates, analysis, pca)
     return impute_outcomes(
         units["outcome"].to_numpy(dtype=float), units["treatment"].to_numpy(dtype=int), Z,
         folds=analysis.folds, seed=analysis.seed, groups=_groups(units, analysis),
@@ -124,6 +130,7 @@ def estimate_study(
     embeddings_version: str,
     estimands: tuple[str, ...] = ("ATE",),
     imputed: ImputedOutcomes | None = None,
+    pca: PCAReduction | None = None,
 ) -> StudyEstimates:
     """Run every estimator x feature set on the analysis units (canonical columns + embedding).
 
@@ -141,14 +148,14 @@ def estimate_study(
     sources = {MEASURED: (everyone, y)}
     if analysis.outcome_imputation:
         if imputed is None:
-            imputed = impute_study_outcomes(units, covariates, analysis)
+            imputed = impute_study_outcomes(units, covariates, analysis, pca)
         sources = {
             MEASURED: (imputed.labelled, y),
             CORRECTED: (everyone, imputed.corrected),
             PLUGIN: (everyone, imputed.filled),
         }
     rows, results = [], []
-    all_feature_sets = feature_sets(units, covariates, analysis)
+    all_feature_sets = feature_sets(units, covariates, analysis, pca)
     for source, (keep, outcome) in sources.items():
         y_s, d = outcome[keep], d_all[keep]
         groups = None if groups_all is None else groups_all[keep]

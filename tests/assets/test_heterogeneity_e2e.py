@@ -91,3 +91,21 @@ def test_heterogeneity_off_still_publishes(tmp_path):
     assert outcome.metadata["cate_estimates"]["enabled"] is False
     html = Path(outcome.metadata["study_report"]["path"]).read_text(encoding="utf-8")
     assert "Heterogeneity analysis is off" in html
+
+
+def test_image_components_come_from_the_stored_pca(e2e_run):
+    """The embedding stage's PCA (fitted once, stored under the embeddings' version) is what the
+    estimators reduce the embedding with: the CATE model's saved reduction is its leading part."""
+    from eocausal.embed.reduce import PCAReduction
+    from eocausal.study import load_study
+
+    study_path, outcome = e2e_run
+    study = load_study(study_path)
+    stored = json.loads((outcome.workdir / "lake" / "image_embeddings" / "period=geotiff.pca.json").read_text())
+    assert stored["embedding_version"] == outcome.metadata["image_embeddings"]["data_version"]
+    stored_pca = PCAReduction.from_dict(stored["pca"])
+    [model] = (outcome.workdir).rglob(f"cate/{study.name}-*.json")
+    used = PCAReduction.from_dict(json.loads(model.read_text())["pca"])
+    k = study.analysis.image_components
+    assert stored_pca.n_components_ >= k == used.n_components_
+    assert (used.components_ == stored_pca.components_[:k]).all()

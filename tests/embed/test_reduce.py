@@ -127,3 +127,35 @@ def test_reduce_imports_without_torch():
     code = "import sys, eocausal.embed.reduce; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_leading_components_and_the_estimators_reduction(tmp_path):
+    from eocausal.embed.reduce import image_reduction
+    from eocausal.lake import stored_pca
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 20)) @ rng.normal(size=(20, 20))
+    full = fit_pca(x, 10)
+    first4 = full.leading(4)
+    np.testing.assert_array_equal(first4.transform(x), full.transform(x)[:, :4])
+    np.testing.assert_allclose(np.abs(first4.transform(x)), np.abs(fit_pca(x, 4).transform(x)), atol=1e-8)
+    with pytest.raises(EmbeddingError):
+        full.leading(11)
+    # the stored PCA serves when it has enough components for the embedding's width, else one is fitted
+    assert image_reduction(x, 4, stored=full).components_.shape == (4, 20)
+    np.testing.assert_array_equal(image_reduction(x, 4, stored=full).components_, full.components_[:4])
+    refit = image_reduction(x, 12, stored=full)  # the stored one has only 10
+    assert refit.n_components_ == 12
+    assert image_reduction(x[:, :15], 4, stored=full).n_features_in_ == 15  # another width: refitted
+
+    # lake: the stored PCA is read only under its own embeddings' version
+    lake = tmp_path / "lake"
+    path = lake / "image_embeddings" / "period=geotiff.pca.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"embedding_version": "v1", "pca": full.to_dict()}))
+    loaded = stored_pca(lake, "geotiff", "v1")
+    np.testing.assert_array_equal(loaded.components_, full.components_)
+    assert stored_pca(lake, "geotiff", "v2") is None
+    assert stored_pca(lake, "2019", "v1") is None
+    path.write_text("{not json")
+    assert stored_pca(lake, "geotiff", "v1") is None
