@@ -12,6 +12,7 @@ import pandas as pd
 from assets.definitions import STUDY_JOB, build_definitions
 from assets.partitions import PERIOD_RUN_KEYS
 from eocausal.study import default_workdir, load_study
+from eocausal.workdir import WorkdirBusy, exclusive_workdir
 from eocausal.warehouse import check_sql_safe_path, query
 
 
@@ -45,6 +46,14 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
     check_sql_safe_path(workdir)  # it reaches SQL through dbt's sources: fail before any work
+    try:
+        with exclusive_workdir(workdir):
+            return _run_locked(study, study_path, workdir, instance, log_level)
+    except WorkdirBusy as exc:
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)])
+
+
+def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> RunOutcome:
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     job = defs.resolve_job_def(STUDY_JOB)
     log_path = workdir / "logs" / "last_run.log"
