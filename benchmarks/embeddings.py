@@ -157,7 +157,16 @@ def main(argv: list[str] | None = None) -> dict:
                     (lambda e=emb: e.transform(chips, valid)), n_chips, resnet_flops[px], dtype)
 
     depth = args.bands * args.patch_size**2
-    rows = 8192 if device.type == "cuda" else 512 * torch.get_num_threads()
+    rows = 8192
+    if device.type == "cpu":
+        # The rows of the fast path's own multiplies for these chips (it tiles each chip's
+        # positions evenly, or puts whole chips together when a chip is smaller than a multiply).
+        fast16.transform(chips[:1], valid[:1])
+        state = fast16._transform_state[1]
+        per_chip = (args.size - args.patch_size + 1) ** 2
+        tiles, rows = state.tiling(per_chip)
+        if tiles == 1:
+            rows = per_chip * min(n_chips, max(1, state.rows_per_multiply() // per_chip))
     square = [4096, 8192] if device.type == "cuda" else [512, 768, 1024]
     for dtype in (torch.float32, torch.bfloat16):
         name = "fp32" if dtype == torch.float32 else "bf16"

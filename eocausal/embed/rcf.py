@@ -31,10 +31,11 @@ Two implementations compute the same pooled features:
 
 - ``impl="fast"`` (default): im2col patches in the compute dtype, ``patches @ filters.T`` as one
   matrix multiply per tile of positions with the ReLU fused into it (oneDNN post-op on CPU), summed
-  over positions with float32 accumulation. Tiles are sized so that the activations stay in the L2
-  cache on CPU, and in a bounded slice of device memory on CUDA; nothing of the size of all the
-  activations is ever held. With ``dtype = bfloat16`` the multiply runs on bf16 matrix units
-  (AVX512-BF16/AMX, tensor cores) with float32 accumulation.
+  over positions with float32 accumulation. Tiles are sized on CPU so that each multiply is large
+  next to its fixed call cost while its activations stay within a few MiB (L2 to L3), and to a
+  bounded slice of device memory on CUDA; nothing of the size of all the activations is ever held.
+  With ``dtype = bfloat16`` the multiply runs on bf16 matrix units (AVX512-BF16/AMX, tensor cores)
+  with float32 accumulation.
 - ``impl="reference"``: a plain float32 ``torch.nn.functional.conv2d``, ``relu`` and masked mean,
   both branches computed explicitly. Slow and simple: the fast path is tested against it.
 
@@ -88,6 +89,15 @@ _REFERENCE_ACTIVATION_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
 # Fast path on CUDA: activations of one matrix multiply (rows x filters x dtype size). Large enough
 # to fill an H100-class device, small next to its memory.
 _CUDA_ACTIVATION_BYTES = 512 << 20
+# Fast path on CPU: multiply-adds per matrix multiply, at least. Each oneDNN call costs ~20 us
+# however small (primitive lookup and setup), ~40 rows' worth of a 54 x 1024 bf16 multiply on a
+# Zen 4 core. Tiles of 512 rows (1 MiB of bf16 activations, the L2) paid 5-10 % for it; tiles of
+# ~1,000-2,000 rows, whose activations are summed partly from L3 (the bf16 sum runs at the same
+# speed from either), measured ~10 % more chips/s overall. 64 Mi MACs: ~1,200 rows at 54 x 1,024.
+_CPU_MIN_MACS_PER_MULTIPLY = 64 << 20
+# ... but the activations of one multiply (per thread) stay within this (small patches, e.g. one band
+# with patch_size 2, would otherwise ask for tens of MiB).
+_CPU_MAX_ACTIVATION_BYTES = 8 << 20
 
 
 def _check_chips(chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -592,6 +602,7 @@ class _TransformState:
         self.dtype = dtype
         self.stage_chips = HostStaging(device)
         self.stage_masks = HostStaging(device)
+        self._rows: tuple[int, int] | None = None  # (threads, rows per multiply)
         filters = torch.from_numpy(emb.filters_)
         self.conv_weights = filters.to(device)  # [F, C, k, k] float32, reference path
         # Fast path: [F, k*k*C], matching NHWC im2col rows ordered (row offset, col offset, band).
@@ -608,6 +619,9 @@ class _TransformState:
         self.center = torch.as_tensor(emb.band_center_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale = torch.as_tensor(emb.band_scale_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._step = None
+        # Per chip shape: the all-valid window mask and the grid cells (rebuilt per call otherwise;
+        # with a few chips per call such small tensors and numpy calls are a visible share).
+        self._shape_cache: dict[tuple[int, ...], tuple[torch.Tensor, list]] = {}
 
     def step_chips(self, shape: tuple[int, ...]) -> int:
         if self._step is None:
@@ -633,15 +647,41 @@ class _TransformState:
         return _check_fused_kernel(self.device)
 
     def rows_per_multiply(self) -> int:
-        """Rows (positions) per matrix multiply: CPU, the activations of one multiply fill about
-        each core's L2 per thread (fewer, larger calls: per-call overhead matters at this size);
-        CUDA, a bounded slice of device memory."""
-        elt = torch.finfo(self.dtype).bits // 8
-        row_bytes = self.emb.n_filters * elt
-        if self.device.type == "cuda":
-            return max(1024, _CUDA_ACTIVATION_BYTES // row_bytes)
-        per_thread = max(64, cpu_cache_bytes() // row_bytes)
-        return per_thread * max(1, torch.get_num_threads())
+        """Rows (positions) per matrix multiply: CPU, per thread, enough that the activations of
+        one multiply fill the core's L2 and that the multiply is large next to the per-call
+        overhead (``_CPU_MIN_MACS_PER_MULTIPLY``); CUDA, a bounded slice of device memory."""
+        threads = torch.get_num_threads()
+        if self._rows is None or self._rows[0] != threads:
+            elt = torch.finfo(self.dtype).bits // 8
+            row_bytes = self.emb.n_filters * elt
+            if self.device.type == "cuda":
+                rows = max(1024, _CUDA_ACTIVATION_BYTES // row_bytes)
+            else:
+                depth = self.emb.n_bands_ * self.emb.patch_size**2
+                fill_l2 = cpu_cache_bytes() // row_bytes
+                amortise = -(-_CPU_MIN_MACS_PER_MULTIPLY // (depth * self.emb.n_filters))
+                per_thread = max(fill_l2, min(amortise, _CPU_MAX_ACTIVATION_BYTES // row_bytes))
+                rows = max(64, per_thread) * max(1, threads)
+            self._rows = (threads, rows)
+        return self._rows[1]
+
+    def tiling(self, per_chip: int) -> tuple[int, int]:
+        """(tiles per chip, rows per tile) for a cell of ``per_chip`` positions: tiles split a chip
+        evenly, so there is one multiply shape per cell. One tile: whole chips, several per
+        multiply (``rows_per_multiply() // per_chip`` of them)."""
+        tiles = -(-per_chip // self.rows_per_multiply())
+        return tiles, -(-per_chip // tiles)
+
+    def _all_valid_field(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:
+        """(window mask of all True, grid cells) for chips of ``shape`` [B, C, H, W]."""
+        n, _, h, w = shape
+        key = (n, h, w)
+        if key not in self._shape_cache:
+            k = self.emb.patch_size
+            field_ok = torch.ones((n, h - k + 1, w - k + 1), dtype=torch.bool, device=self.device)
+            self._shape_cache.clear()  # one shape at a time (the last batch may be shorter)
+            self._shape_cache[key] = (field_ok, _grid_cells(h - k + 1, w - k + 1, self.emb.pool_grid))
+        return self._shape_cache[key]
 
     def embed(self, chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[int]]:
         emb, device = self.emb, self.device
@@ -649,16 +689,21 @@ class _TransformState:
         with torch.no_grad(), ieee_float32(device):
             x = self.stage_chips(np.ascontiguousarray(chips, dtype=np.float32))
             pixel_ok = self.stage_masks(np.ascontiguousarray(valid))
-            # Not in place: on CPU the tensor shares memory with the caller's mask.
-            pixel_ok = pixel_ok & torch.isfinite(x).all(1)
-            # Invalid pixels become 0 (the band median); windows touching them are not pooled.
-            x = torch.where(pixel_ok.unsqueeze(1), (x - self.center) / self.scale, 0.0)
-            if bool(pixel_ok.all()):  # the common case: no nodata, every window counts
-                out_shape = (x.shape[0], x.shape[2] - k + 1, x.shape[3] - k + 1)
-                field_ok = torch.ones(out_shape, dtype=torch.bool, device=device)
+            # The common case, no nodata: every mask entry is set and every value finite (a finite
+            # sum proves the latter in one cheap pass; NaN/inf or an overflow take the exact path).
+            if bool(pixel_ok.all() & torch.isfinite(x.sum())):  # one device sync
+                x = (x - self.center) / self.scale
+                field_ok, cells = self._all_valid_field(tuple(x.shape))
             else:
-                field_ok = _receptive_field_valid(pixel_ok, k)  # [B, H', W']
-            cells = _grid_cells(field_ok.shape[1], field_ok.shape[2], emb.pool_grid)
+                # Not in place: on CPU the tensor shares memory with the caller's mask.
+                pixel_ok = pixel_ok & torch.isfinite(x).all(1)
+                # Invalid pixels become 0 (the band median); windows touching them are not pooled.
+                x = torch.where(pixel_ok.unsqueeze(1), (x - self.center) / self.scale, 0.0)
+                if bool(pixel_ok.all()):  # NaN-free after all (the sum overflowed)
+                    field_ok, cells = self._all_valid_field(tuple(x.shape))
+                else:
+                    field_ok = _receptive_field_valid(pixel_ok, k)  # [B, H', W']
+                    cells = _grid_cells(field_ok.shape[1], field_ok.shape[2], emb.pool_grid)
             if emb.impl == "reference":
                 pooled, counts = self._reference(x, field_ok, cells)
             else:
@@ -676,7 +721,8 @@ class _TransformState:
         both = emb.branches == "both"
         all_valid = bool(field_ok.all())
         # NHWC in the compute dtype: a window's k x k x C patch is k runs of k*C contiguous values.
-        xh = x.permute(0, 2, 3, 1).to(self.dtype).contiguous()
+        xh = torch.empty((n_chips, x.shape[2], x.shape[3], n_bands), dtype=self.dtype, device=x.device)
+        xh.copy_(x.permute(0, 2, 3, 1))  # one pass: layout and dtype together
         depth = k * k * n_bands
         rows = self.rows_per_multiply()
 
@@ -703,12 +749,11 @@ class _TransformState:
             if not all_valid:
                 patches.mul_(ok.reshape(-1, 1).to(self.dtype))  # masked windows: zero rows, z = 0
             # Each multiply's activations are summed over positions right away, while they are
-            # still in cache. The sum accumulates in float32 inside torch's reduction and rounds
-            # once per tile to the compute dtype (asking for a float32 result would first copy
+            # still in cache (L2/L3). The sum accumulates in float32 inside torch's reduction and
+            # rounds once per tile to the compute dtype (asking for a float32 result would first copy
             # the whole tile to float32, costing a third of the multiply); tiles are then added
             # in float32. Tiles split a chip evenly, so there is one tile shape per cell.
-            tiles = -(-per_chip // rows)
-            tile = -(-per_chip // tiles)
+            tiles, tile = self.tiling(per_chip)
             partial = torch.empty(n_chips, tiles, n_filters, dtype=self.dtype, device=x.device)
             if tiles == 1:
                 group = max(1, rows // per_chip)

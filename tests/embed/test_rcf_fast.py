@@ -239,3 +239,42 @@ def test_refit_and_pickling_do_not_reuse_stale_device_state():
     shifted = emb.transform(chips, valid)
     emb.bias = 0.0
     assert not np.allclose(shifted, emb.transform(chips, valid))
+
+
+@pytest.mark.parametrize("rows", [64, 100, 200, 1000], ids=["uneven-tiles", "one-chip", "two-chips", "all-chips"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiling_matches_the_reference(monkeypatch, rows, dtype):
+    """Multiplies of any size (several tiles per chip, uneven last tiles, several chips per
+    multiply) give the reference features, with nodata, NaN pixels and the all-valid shortcut."""
+    import eocausal.embed.rcf as rcf
+
+    chips = textured_chips(5, bands=3, size=20, seed=21)  # 2 x 2 cells of 9 x 9 = 81 positions
+    valid = all_valid(chips)
+    emb = RCFEmbedder(n_features=40, dtype=dtype, batch_size=5, bias=0.2, branches="both", pool_grid=2).fit(chips, valid)
+    reference = RCFEmbedder(**{**emb.config(), "impl": "reference"})
+    for attr in ("n_bands_", "band_center_", "band_scale_", "filters_"):
+        setattr(reference, attr, getattr(emb, attr))
+    row_bytes = emb.n_filters * (2 if dtype == "bfloat16" else 4)
+    monkeypatch.setattr(rcf, "_CPU_MIN_MACS_PER_MULTIPLY", 0)
+    monkeypatch.setattr(rcf, "cpu_cache_bytes", lambda: rows * row_bytes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        holes = valid.copy()
+        holes[1, 2:5, 3:7] = False
+        holes[4, 12:, :] = False
+        nan_chips = chips.copy()
+        nan_chips[3, 1, 6, 6] = np.nan
+        for c, v in ((chips, valid), (chips, holes), (nan_chips, valid)):
+            want = reference.transform(c, v)
+            got = emb.transform(c, v)
+            assert emb._transform_state[1].rows_per_multiply() == max(64, rows)
+            if dtype == "float32":
+                np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+            else:
+                v_eff = v & np.isfinite(c).all(1)
+                error = np.abs(got.astype(np.float64) - want)
+                bound = bf16_bound(emb, np.nan_to_num(c), v_eff)
+                assert (error <= bound + 1e-6 * np.abs(want).max()).all(), (error / bound).max()
+    finally:
+        torch.set_num_threads(threads)
