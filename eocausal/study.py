@@ -214,6 +214,10 @@ class EmbeddingSpec(_Strict):
     patch_size: int = Field(3, ge=1, le=15)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=1)
+    # Torch CPU threads for the embedding stage; None: torch's default (one per core). Set it when
+    # other processes share the cores (e.g. Dagster's multiprocess executor): oversubscribed OpenMP
+    # threads slow the stage many times over. Threads do not change the embeddings' version.
+    cpu_threads: int | None = Field(None, ge=1, le=1024)
     # Compute dtype: auto = bfloat16 where the hardware multiplies it natively (tensor cores,
     # AVX512-BF16, AMX), else float32. bf16 features agree with float32 ones to ~1e-3 (relative).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -147,3 +147,17 @@ class HostStaging:
         self._copied = torch.cuda.Event()
         self._copied.record(torch.cuda.current_stream(self.device))
         return on_device
+
+
+@contextlib.contextmanager
+def torch_cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: leave torch's setting), restoring the setting after."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -166,14 +166,17 @@ def compute_embeddings(
     if not unit_ids:
         raise EmbeddingError("no usable chips to embed (every unit was excluded at chip extraction)")
 
-    chips, valid = load_chips(_fit_sample(usable, spec.seed), chip_cache)
-    embedder.fit(chips, valid)
-    del chips, valid
-    features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
-    start = 0
-    for block in embedder.transform_stream(_chip_batches(usable, chip_cache)):
-        features[start : start + len(block)] = block
-        start += len(block)
+    from eocausal.embed.devices import torch_cpu_threads  # torch: only when something is computed
+
+    with torch_cpu_threads(spec.cpu_threads):
+        chips, valid = load_chips(_fit_sample(usable, spec.seed), chip_cache)
+        embedder.fit(chips, valid)
+        del chips, valid
+        features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
+        start = 0
+        for block in embedder.transform_stream(_chip_batches(usable, chip_cache)):
+            features[start : start + len(block)] = block
+            start += len(block)
 
     _write_atomic(path, lambda fh: np.savez(
         fh, unit_ids=np.array(unit_ids), features=features,

@@ -136,3 +136,23 @@ def test_backbone_spec_errors(tmp_path):
     index = pd.DataFrame({"unit_id": ["a"], "chip_key": ["k" * 64], "status": ["ok"]})
     with pytest.raises(EmbeddingError, match="weights file not found"):
         compute_embeddings(index, tmp_path, tmp_path / "emb", missing, weights_path=tmp_path / "w.pth")
+
+
+def test_cpu_threads_hold_during_the_stage_only(chip_cache, tmp_path, monkeypatch):
+    index, cache, _, _ = chip_cache
+    before = torch.get_num_threads()
+    seen = []
+    real_load = chips_module.load_chips
+
+    def load_noting_threads(idx, cache_dir):
+        seen.append(torch.get_num_threads())
+        return real_load(idx, cache_dir)
+
+    monkeypatch.setattr(stage, "load_chips", load_noting_threads)
+    first = compute_embeddings(index, cache, tmp_path / "one", spec(cpu_threads=1))
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    # the thread count is not part of the embeddings' version
+    again = compute_embeddings(index, cache, tmp_path / "one", spec())
+    assert again.from_cache and again.version == first.version
+    with pytest.raises(ValueError):
+        EmbeddingSpec(cpu_threads=0)
