@@ -94,11 +94,16 @@ class DemoProcess:
     noise_sd: float = 1.0
     household_size_mean_extra: float = 3.5
 
-    def propensity(self, confounder_std: np.ndarray) -> np.ndarray:
-        """P(D = 1 | z) = floor + (1 - 2 floor) sigmoid(a0 + a1 z)."""
+    def propensity(self, confounder_std: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
+        """P(D = 1 | z) = floor + (1 - 2 floor) sigmoid(a0 + a1 z). (``hidden``: see
+        :class:`HiddenConfounderProcess`; the demo has no hidden confounder.)"""
         logit = self.propensity_intercept + self.propensity_slope * np.asarray(confounder_std, dtype=float)
         floor = self.propensity_floor
         return floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
+
+    def draw_hidden(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """A confounder no image or survey column shows: none in the demo (and no draw from ``rng``)."""
+        return None
 
     def draw(
         self, confounder_std: np.ndarray, rng: np.random.Generator, tau: np.ndarray | None = None
@@ -106,7 +111,9 @@ class DemoProcess:
         """Per-unit covariates, propensity, treatment, potential outcomes and effect.
 
         ``tau`` replaces the linear effect ``t0 + t1 z`` (e.g. a :class:`ClusteredEffect`'s); it
-        takes no draws from ``rng``, so everything else is drawn exactly as without it.
+        takes no draws from ``rng``, so everything else is drawn exactly as without it. A process
+        with a hidden confounder (:meth:`draw_hidden`) adds it to the propensity and the outcome,
+        and returns it in ``hidden_confounder``.
         """
         z = np.asarray(confounder_std, dtype=float)
         n = z.size
@@ -116,7 +123,8 @@ class DemoProcess:
         h_std = (household_size - (1 + self.household_size_mean_extra)) / math.sqrt(
             self.household_size_mean_extra
         )
-        propensity = self.propensity(z)
+        hidden = self.draw_hidden(rng, n)
+        propensity = self.propensity(z, hidden)
         treatment = (rng.random(n) < propensity).astype(int)
         if tau is None:
             tau = self.effect_intercept + self.effect_confounder * z
@@ -129,13 +137,17 @@ class DemoProcess:
             + self.outcome_confounder * z
             + self.outcome_market_access * market_latent
             + self.outcome_household_size * h_std
-            + self.noise_sd * rng.standard_normal(n)
         )
+        if hidden is not None:
+            y0 = y0 + self.hidden_outcome * hidden
+        y0 = y0 + self.noise_sd * rng.standard_normal(n)
         y1 = y0 + tau
+        columns = {"market_access": 50.0 + 10.0 * market_latent, "household_size": household_size}
+        if hidden is not None:
+            columns["hidden_confounder"] = hidden
         return pd.DataFrame(
             {
-                "market_access": 50.0 + 10.0 * market_latent,
-                "household_size": household_size,
+                **columns,
                 "propensity": propensity,
                 "treatment": treatment,
                 "tau": tau,
@@ -766,9 +778,9 @@ class HiddenConfounderProcess(DemoProcess):
 
     The defaults give ``u`` a partial R² of about 0.37 with the outcome and 0.31 with the
     treatment (0.38 as the AIPW's Riesz gain; :meth:`strengths`) and a true ATE of
-    1.6 + 0.5 mean(z). Adjusting for ``u``, the estimate is robust to a confounder as strong as
-    ``u``; leaving it out (estimate about 0.65) it is not — which a sensitivity analysis should
-    say without knowing ``u``. (Chosen, with the propensity floor at 0.1, so that both hold with
+    1.6 + effect_confounder mean(z). Adjusting for ``u``, the estimate is robust to a confounder
+    as strong as ``u``; leaving it out (estimate about 0.68) it is not — which a sensitivity
+    analysis should say without knowing ``u``. (Chosen, with the propensity floor at 0.1, so that both hold with
     a margin for AIPW and DML alike.)
     """
 
@@ -783,44 +795,8 @@ class HiddenConfounderProcess(DemoProcess):
         floor = self.propensity_floor
         return floor + (1.0 - 2.0 * floor) / (1.0 + np.exp(-logit))
 
-    def draw(
-        self, confounder_std: np.ndarray, rng: np.random.Generator, tau: np.ndarray | None = None
-    ) -> pd.DataFrame:
-        """As :meth:`DemoProcess.draw`, with the hidden confounder in ``hidden_confounder``."""
-        z = np.asarray(confounder_std, dtype=float)
-        n = z.size
-        rho = self.proxy_correlation
-        market_latent = rho * z + math.sqrt(1.0 - rho * rho) * rng.standard_normal(n)
-        household_size = 1 + rng.poisson(self.household_size_mean_extra, n)
-        h_std = (household_size - (1 + self.household_size_mean_extra)) / math.sqrt(
-            self.household_size_mean_extra
-        )
-        hidden = rng.standard_normal(n)
-        propensity = self.propensity(z, hidden)
-        treatment = (rng.random(n) < propensity).astype(int)
-        tau = self.effect_intercept + self.effect_confounder * z if tau is None else np.asarray(tau, float)
-        y0 = (
-            self.outcome_intercept
-            + self.outcome_confounder * z
-            + self.outcome_market_access * market_latent
-            + self.outcome_household_size * h_std
-            + self.hidden_outcome * hidden
-            + self.noise_sd * rng.standard_normal(n)
-        )
-        y1 = y0 + tau
-        return pd.DataFrame(
-            {
-                "market_access": 50.0 + 10.0 * market_latent,
-                "household_size": household_size,
-                "hidden_confounder": hidden,
-                "propensity": propensity,
-                "treatment": treatment,
-                "tau": tau,
-                "y0": y0,
-                "y1": y1,
-                "outcome": np.where(treatment == 1, y1, y0),
-            }
-        )
+    def draw_hidden(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.standard_normal(n)
 
     def strengths(self, confounder_std: np.ndarray) -> dict:
         """How strong the hidden confounder is beyond what image and survey show (z; the survey's
