@@ -12,7 +12,7 @@ from assets.resources import StudyResource, WarehouseResource
 from eocausal.estimate.effects import CODE_VERSION, analysis_version, estimate_study, estimates_markdown, overlap_report
 from eocausal.estimate.imputation import ImputedOutcomes
 from eocausal.faults import crash_point
-from eocausal.lake import stored_pca, write_frame
+from eocausal.lake import CURRENT_ESTIMATE_FILE, current_estimate_frame, stored_pca, write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
 from eocausal.warehouse import query
@@ -69,6 +69,10 @@ def effect_estimates(
         crash_point("estimates.computed")  # fault tests: computed, not yet written
         write_frame(table, path)
 
+    # The version this run selected is the study's current one (marts.current_estimate ->
+    # effect_estimates_latest), whether computed now or reused.
+    write_frame(current_estimate_frame(warehouse.lake / CURRENT_ESTIMATE_FILE, spec.name, version),
+                warehouse.lake / CURRENT_ESTIMATE_FILE)
     overlap = overlap_report(table)
     overlap_passed = all(v["ok"] for v in overlap.values())
     overlap_message = "; ".join(f"{fs}: {v['message']}" for fs, v in overlap.items()) or "no propensity model"

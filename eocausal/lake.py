@@ -88,3 +88,19 @@ def stored_pca(lake: Path, period: str, embedding_version: str):
         return PCAReduction.from_dict(doc["pca"])
     except (OSError, ValueError, KeyError, TypeError, EmbeddingError):
         return None
+
+
+# Per study, the estimate version its last estimates run selected (dbt: marts.current_estimate).
+CURRENT_ESTIMATE_FILE = "current_estimate.parquet"
+
+
+def current_estimate_frame(path: Path, study: str, version: str) -> pd.DataFrame:
+    """The current-estimate table with ``study``'s row set to ``version`` (other studies' rows
+    kept: one lake may serve several studies)."""
+    columns = ["study", "estimate_version", "selected_at"]
+    row = pd.DataFrame({"study": [study], "estimate_version": [version],
+                        "selected_at": [pd.Timestamp.now(tz="UTC").floor("s")]})
+    if Path(path).exists():
+        old = pd.read_parquet(path, columns=columns)
+        row = pd.concat([old[old["study"] != study], row], ignore_index=True)
+    return row.sort_values("study", ignore_index=True)

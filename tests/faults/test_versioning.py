@@ -76,3 +76,33 @@ def test_history_is_never_rewritten(ops, reference):
     after = query(reference["workdir"] / "published" / "warehouse.duckdb",
                   f"select * from marts.effect_estimates where estimate_version = ? order by {order}", [v1])
     pd.testing.assert_frame_equal(after, before, check_exact=True)
+
+
+def test_latest_follows_the_current_spec_back_to_an_earlier_version(tiny_study, tmp_path):
+    """Spec A, then B, then A again: the third run reuses A's version (no new rows), and
+    effect_estimates_latest shows A's rows again although B's were computed later."""
+    import shutil
+
+    import yaml
+
+    from assets.runner import run_study
+
+    study_dir = tmp_path / "study"
+    shutil.copytree(tiny_study.parent, study_dir)
+    study_path = study_dir / tiny_study.name
+    spec_a = yaml.safe_load(study_path.read_text())
+    spec_b = {**spec_a, "analysis": {**spec_a["analysis"], "seed": spec_a["analysis"].get("seed", 0) + 1}}
+    versions = []
+    for doc in (spec_a, spec_b, spec_a):
+        study_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        outcome = run_study(study_path)
+        assert outcome.success, outcome.errors + outcome.failed_checks
+        versions.append(outcome.metadata["effect_estimates"]["estimate_version"])
+        db = outcome.workdir / "published" / "warehouse.duckdb"
+        latest = query(db, "select distinct estimate_version from marts.effect_estimates_latest")
+        assert latest["estimate_version"].tolist() == [versions[-1]]
+        current = query(db, "select * from marts.current_estimate")
+        assert current[["study", "estimate_version"]].values.tolist() == [[spec_a["name"], versions[-1]]]
+    assert versions[0] == versions[2] != versions[1]
+    history = query(db, "select estimate_version, count(*) as n from marts.effect_estimates group by 1")
+    assert sorted(history["estimate_version"]) == sorted(set(versions))  # A reused, not appended again

@@ -1,0 +1,3 @@
+{{ config(tags=['estimates']) }}
+select study, estimate_version, selected_at
+from {{ source('lake', 'current_estimate') }}
