@@ -91,7 +91,8 @@ def imputed_outcomes(
         )
 
     survey_version = frame_version(pd.read_parquet(warehouse.lake / "survey.parquet"))
-    version = analysis_version(spec.analysis, survey_version, str(units["embedding_version"].iloc[0]))
+    embeddings_version = str(units["embedding_version"].iloc[0])
+    version = analysis_version(spec.analysis, survey_version, embeddings_version)
     path = imputed_outcomes_path(warehouse, spec.name, version)
     if path.exists():
         context.log.info(f"imputed outcomes for version {version} exist; reusing {path.name}")
@@ -99,7 +100,7 @@ def imputed_outcomes(
         from_cache = True
     else:
         covariates = [covariate_column(c) for c in spec.survey.covariates]
-        pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), str(units["embedding_version"].iloc[0]))
+        pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), embeddings_version)
         imputed = impute_study_outcomes(units, covariates, spec.analysis, pca)
         frame, diagnostics = imputed.to_frame(units["unit_id"]), imputed.diagnostics
         frame.insert(0, "estimate_version", version)

@@ -245,10 +245,6 @@ def load_cate(study: Study, ws: Workspace) -> CateStage | None:
                      True, "disabled" not in state, state.get("disabled", ""), paths=paths)
 
 
-def _embeddings_version(units: pd.DataFrame) -> str:
-    return str(units["embedding_version"].iloc[0]) if "embedding_version" in units.columns and len(units) else ""
-
-
 def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[str]) -> CateStage:
     """DR-learner CATE for the study's heterogeneity feature sets; reuses an existing version.
 
@@ -257,7 +253,8 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
     if cached is not None:
         return cached
     truth = load_truth(study)
-    version = cate_version(study, input_versions(ws.lake, study), truth)
+    inputs = input_versions(ws.lake, study)
+    version = cate_version(study, inputs, truth)
     paths = _cate_paths(study, ws, version)
     het = study.heterogeneity
     note = ""
@@ -288,7 +285,7 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
         labelled.reset_index(drop=True), covariates, feature_sets=tuple(het.feature_sets),
         folds=study.analysis.folds, seed=study.analysis.seed, clip=study.analysis.propensity_clip,
         image_components=study.analysis.image_components,
-        stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), _embeddings_version(labelled)),
+        stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), inputs["embeddings"]),
         learner=het.learner, groups=groups,
         n_bootstrap=het.rate_bootstrap, truth_tau=truth_tau, study_name=study.name, version=version,
         computed_at=_now(),

@@ -6,6 +6,7 @@ mid-write never leaves a truncated file where dbt or a later run would read it.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from eocausal.embed import EmbeddingError
+from eocausal.embed.reduce import PCAReduction
 
 
 # The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
@@ -71,15 +75,10 @@ def embedding_matrix(column: pd.Series) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])
 
 
-def stored_pca(lake: Path, period: str, embedding_version: str):
+def stored_pca(lake: Path, period: str, embedding_version: str) -> PCAReduction | None:
     """The PCA the embedding stage stored beside ``period``'s embeddings
     (``image_embeddings/period=<p>.pca.json``), if it belongs to ``embedding_version``; else None
     (none stored, another version's, or unreadable: the estimators then fit their own)."""
-    import json
-
-    from eocausal.embed import EmbeddingError
-    from eocausal.embed.reduce import PCAReduction
-
     path = period_path(lake, "image_embeddings", period, suffix=".pca.json")
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
