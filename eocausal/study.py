@@ -25,6 +25,9 @@ FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
 # Study names become file names and warehouse values: keep them to a safe alphabet.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+# Seeds seed numpy's and torch's generators: 0 .. 2**32 - 1 (numpy's legacy RandomState range).
+SEED_MAX = 2**32 - 1
+
 # The one imagery partition of a study with local rasters (source: geotiff), which has no periods:
 # its chips and embeddings live in lake/<table>/period=geotiff.parquet, as a period's would.
 GEOTIFF_PERIOD = "geotiff"
@@ -32,6 +35,38 @@ GEOTIFF_PERIOD = "geotiff"
 
 class StudyError(ValueError):
     """A study file that does not follow the contract."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping key given twice in a study file (YAML itself would keep the last silently)."""
+
+    def __init__(self, key, first_line: int, second_line: int):
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+        where = f"line {first_line}" if first_line == second_line else f"lines {first_line} and {second_line}"
+        super().__init__(f"key {key!r} given twice ({where})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key repeated within one mapping is an error.
+
+    Merge keys (``<<: *anchor``) may still be overridden by an explicit key: that is what they are for.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=False)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class rejects it
+                    continue
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Strict(BaseModel):
@@ -210,7 +245,7 @@ class ImagerySpec(_Strict):
 class EmbeddingSpec(_Strict):
     method: Literal["rcf", "backbone"] = "rcf"
     n_features: int = Field(1024, ge=8, le=65536)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     patch_size: int = Field(3, ge=1, le=15)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=1)
@@ -249,7 +284,7 @@ class AnalysisSpec(_Strict):
         default_factory=lambda: list(FEATURE_SETS)
     )
     folds: int = Field(5, ge=2, le=50)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     # Propensity scores are clipped to [clip, 1 - clip]; the clipped share is reported.
     propensity_clip: float = Field(0.01, gt=0.0, lt=0.5)
     # Image embeddings are reduced to this many principal components inside each fold.
@@ -404,7 +439,12 @@ def load_study(path: str | Path) -> Study:
     if not path.exists():
         raise StudyError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise StudyError(
+            f"{path}: rule 'study file keys unique' failed: {exc} - YAML would silently keep the last; "
+            "give the key once"
+        ) from None
     except yaml.YAMLError as exc:
         raise StudyError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
