@@ -39,6 +39,9 @@ class RuleFailure:
                 parts.append(f"units {', '.join(map(str, ids))}")
             if self.examples:
                 parts.append(f"values {self.examples[:5]}")
+        elif self.examples:
+            # A table-level rule (no rows to name): the examples say what was found.
+            parts.append(", ".join(str(e) for e in self.examples[:5]))
         return "; ".join(parts)
 
 
@@ -174,7 +177,13 @@ def survey_expectations(covariates: list[str], outcome_may_be_missing: bool = Fa
     return exp
 
 
-def validate_survey(df: pd.DataFrame, covariates: list[str], outcome_may_be_missing: bool = False) -> QualityReport:
+def validate_survey(df: pd.DataFrame, covariates: list[str], outcome_may_be_missing: bool = False,
+                    folds: int | None = None) -> QualityReport:
+    """The survey suite, then the design rules (:func:`design_failures`) once the values are valid.
+
+    ``folds`` (the study's ``analysis.folds``): each arm needs at least that many units; None
+    skips that rule (a survey checked without its study's analysis settings).
+    """
     report = _run_suite("survey", df, survey_expectations(covariates, outcome_may_be_missing), id_column="unit_id")
     # Both arms must be present for any contrast; a table-level rule GX has no row list for.
     if report.success:
@@ -182,11 +191,50 @@ def validate_survey(df: pd.DataFrame, covariates: list[str], outcome_may_be_miss
         for arm in (0, 1):
             if arm not in arms:
                 report.failures.append(
-                    RuleFailure(rule=f"treatment arm {arm} present", column="treatment", rows=[], unit_ids=[])
+                    RuleFailure(rule=f"treatment arm {arm} present", column="treatment", rows=[], unit_ids=[],
+                                examples=[f"treatment is constant: all {len(df)} units have treatment {1 - arm}"])
                 )
+        if report.success:
+            report.failures += design_failures(df, covariates, folds=folds, outcome_may_be_missing=outcome_may_be_missing)
     if outcome_may_be_missing:
         _check_missing_outcomes(df, report)
     return report
+
+
+def design_failures(df: pd.DataFrame, covariates: list[str], folds: int | None = None,
+                    outcome_may_be_missing: bool = False) -> list[RuleFailure]:
+    """Designs no estimator can use, caught before any chip is cut (on a table with valid values).
+
+    - each arm has at least ``folds`` units (cross-fitting stratifies folds by arm: one per fold);
+      with missing outcomes allowed, at least ``folds`` with a measured outcome;
+    - the outcome is not constant (nothing to contrast);
+    - no covariate is constant (it cannot adjust for anything, and breaks the scaling of the rest).
+    A constant treatment is the rule 'treatment arm N present' of :func:`validate_survey`.
+    """
+    failures: list[RuleFailure] = []
+    measured = df["outcome"].notna().to_numpy() if outcome_may_be_missing else np.ones(len(df), dtype=bool)
+    if folds is not None:
+        for arm, name in ((1, "treated"), (0, "control")):
+            in_arm = (df["treatment"] == arm).to_numpy()
+            n = int((in_arm & measured).sum())
+            if 0 < int(in_arm.sum()) and n < folds:
+                what = f"{name} units with a measured outcome" if outcome_may_be_missing else f"{name} units"
+                failures.append(RuleFailure(
+                    rule=f"at least {folds} {what} (analysis.folds = {folds}: each fold needs one of each arm)",
+                    column="treatment", rows=[], unit_ids=[],
+                    examples=[f"{n} {what}: lower analysis.folds to at most {n}" if n >= 2
+                              else f"{n} {what}: too few for any cross-fitting"],
+                ))
+    for column in ("outcome", *covariates):
+        values = df[column].dropna() if column == "outcome" else df[column]
+        distinct = pd.unique(values)
+        if len(values) and len(distinct) == 1:
+            failures.append(RuleFailure(
+                rule=f"{column} not constant", column=column, rows=[], unit_ids=[],
+                examples=[f"every {'measured ' if column == 'outcome' and outcome_may_be_missing else ''}"
+                          f"unit has {column} = {_plain(distinct[0])}"],
+            ))
+    return failures
 
 
 def _check_missing_outcomes(df: pd.DataFrame, report: QualityReport) -> None:
@@ -307,3 +355,53 @@ def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityRep
                         examples=[f"{n_constant} of {features.shape[1]} features constant"])
         )
     return report
+
+
+class IncompleteEstimatesError(RuntimeError):
+    """A run that produced fewer estimate rows than its study asks for."""
+
+
+def requested_estimates(analysis, estimands: tuple[str, ...] = ("ATE",)) -> list[tuple[str, str, str, str]]:
+    """The estimate rows a study's analysis asks for: (estimator, feature set, estimand, outcome source).
+
+    ``estimands``: those the estimates stage computes (the ATE). With outcome imputation every row
+    comes once per outcome source (measured, imputed_corrected, imputed_plugin).
+    """
+    from eocausal.estimate.imputation import MEASURED, OUTCOME_SOURCES
+
+    sources = OUTCOME_SOURCES if analysis.outcome_imputation else (MEASURED,)
+    return [(e, f, m, s) for s in sources for f in analysis.feature_sets for m in estimands
+            for e in analysis.estimators]
+
+
+def missing_estimates(table: pd.DataFrame, analysis, estimands: tuple[str, ...] = ("ATE",)
+                      ) -> list[tuple[str, str, str, str]]:
+    """The requested rows (:func:`requested_estimates`) that ``table`` lacks, in request order."""
+    from eocausal.estimate.imputation import MEASURED
+
+    present = set()
+    if len(table):
+        sources = table["outcome_source"] if "outcome_source" in table.columns else pd.Series(None, index=table.index)
+        for e, f, m, s in zip(table["estimator"], table["feature_set"], table["estimand"], sources):
+            present.add((e, f, m, MEASURED if s is None or (isinstance(s, float) and s != s) else s))
+    return [row for row in requested_estimates(analysis, estimands) if row not in present]
+
+
+def check_estimates_complete(table: pd.DataFrame, analysis, study_name: str,
+                             estimands: tuple[str, ...] = ("ATE",)) -> None:
+    """Raise IncompleteEstimatesError naming every requested row ``table`` lacks.
+
+    A run that exits 0 must have printed (and published) every estimator x feature set x estimand
+    x outcome source its study asks for.
+    """
+    missing = missing_estimates(table, analysis, estimands)
+    if not missing:
+        return
+    n = len(requested_estimates(analysis, estimands))
+    shown = "; ".join(f"{e} x {f} x {m} x {s}" for e, f, m, s in missing[:_MAX_LISTED])
+    more = f" (+{len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
+    raise IncompleteEstimatesError(
+        f"rule 'every requested estimate present' failed for study {study_name!r}: {len(missing)} of {n} "
+        f"requested rows (estimator x feature set x estimand x outcome source) are missing from the "
+        f"estimates: {shown}{more}"
+    )

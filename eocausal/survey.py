@@ -8,21 +8,33 @@ and one ``cov_<name>`` float column per covariate. Every rule is checked by the 
 
 from __future__ import annotations
 
+import csv
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from eocausal.quality import DataQualityError, QualityReport, RuleFailure, validate_survey
-from eocausal.study import SurveySpec
+from eocausal.study import Study, SurveySpec
 
 CANONICAL_COLUMNS = ("unit_id", "lat", "lon", "treatment", "outcome")
 _NUMERIC = ("lat", "lon", "treatment", "outcome")
 
 
 class SurveyError(ValueError):
-    """A survey file that cannot be read as a table (missing, empty, wrong format or encoding)."""
+    """A survey file that cannot be read as a table (missing, empty, wrong format or encoding), or
+    whose columns are ambiguous (a name repeated, or one differing from a mapped name only by case
+    or surrounding whitespace)."""
+
+
+# The cells pandas reads as missing by default. They mean missing in every column but the unit id:
+# an id is text, and `NA` (Namibia), `NULL` or `None` are ids like any other (an empty one is missing).
+MISSING_TEXT = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+    "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
 
 
 def covariate_column(name: str) -> str:
@@ -33,8 +45,14 @@ def covariate_column(name: str) -> str:
     return f"cov_{safe}"
 
 
-def read_survey_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet survey table as the user wrote it (ids kept as text)."""
+def read_survey_table(path: Path, id_column: str | None = None) -> pd.DataFrame:
+    """Read a CSV or Parquet survey table as the user wrote it.
+
+    Every CSV cell is read as text; the cells pandas would call missing (``NA``, ``NULL``, empty
+    ...) are missing in every column except ``id_column``, whose values stay text as written (an
+    empty id stays empty, and the survey suite rejects it). A column name given twice is an error
+    (pandas would rename the second ``x.1`` and the first would be used unsaid).
+    """
     path = Path(path)
     if not path.exists():
         raise SurveyError(f"survey file not found: {path}")
@@ -43,18 +61,86 @@ def read_survey_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            _check_unique_names(path, pq.read_schema(path).names)
             return pd.read_parquet(path)
         if suffix in (".csv", ".txt", ".tsv"):
             sep = "\t" if suffix == ".tsv" else ","
             # utf-8-sig strips a BOM that spreadsheet exports add.
-            return pd.read_csv(path, sep=sep, encoding="utf-8-sig", dtype=str, keep_default_na=True)
+            table = pd.read_csv(path, sep=sep, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+            _check_unique_names(path, _csv_header(path, sep))
+            for column in table.columns:
+                if column != id_column:
+                    table[column] = table[column].mask(table[column].isin(MISSING_TEXT))
+            return table
     except UnicodeDecodeError as exc:
         raise SurveyError(f"survey file {path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except pd.errors.EmptyDataError:
         raise SurveyError(f"survey file has no columns: {path.name}") from None
-    except (pd.errors.ParserError, OSError, ValueError) as exc:
+    except SurveyError:
+        raise
+    except (pd.errors.ParserError, OSError, ValueError, csv.Error) as exc:
         raise SurveyError(f"survey file {path.name} could not be parsed: {exc}") from None
     raise SurveyError(f"survey file {path.name}: unsupported format {suffix!r} (use .csv or .parquet)")
+
+
+def _csv_header(path: Path, sep: str) -> list[str]:
+    """The CSV's header as written (pandas renames repeated names; this reads them as they are)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for row in csv.reader(f, delimiter=sep):
+            if any(cell.strip() for cell in row):  # pandas skips blank lines before the header too
+                return row
+    return []
+
+
+def _check_unique_names(path: Path, names: list[str]) -> None:
+    """Reject a header that gives a column name twice (blank names, e.g. from a trailing comma, aside)."""
+    counts = Counter(n for n in names if str(n).strip())
+    repeated = {name: [i + 1 for i, n in enumerate(names) if n == name] for name, k in counts.items() if k > 1}
+    if repeated:
+        where = "; ".join(f"{name!r} at columns {', '.join(map(str, cols))}" for name, cols in repeated.items())
+        raise SurveyError(
+            f"survey file {path.name}: rule 'column names unique' failed: {where} - which one to use would "
+            "be a guess; rename or drop the repeats"
+        )
+
+
+def _fold(name: str) -> str:
+    return str(name).strip().casefold()
+
+
+def check_mapped_columns(columns, spec: SurveySpec) -> None:
+    """Reject a column that differs from a mapped name only by case or surrounding whitespace.
+
+    With ``outcome: income`` and columns ``income`` and ``Income `` either could be meant; with
+    ``outcome: income`` and only ``Income`` the study names a column the file does not have. Both
+    are errors that name the two columns (columns the study maps exactly are not ambiguous).
+    """
+    columns = [str(c) for c in columns]
+    mapped = {
+        "survey.unit_id": spec.unit_id, "survey.lat": spec.lat, "survey.lon": spec.lon,
+        "survey.treatment": spec.treatment, "survey.outcome": spec.outcome,
+        **{f"survey.covariates[{i}]": c for i, c in enumerate(spec.covariates)},
+    }
+    exact = set(mapped.values())
+    problems = []
+    for field_name, name in mapped.items():
+        near = [c for c in columns if c != name and c not in exact and _fold(c) == _fold(name)]
+        if not near:
+            continue
+        shown = ", ".join(repr(c) for c in near)
+        if name in columns:
+            problems.append(f"{field_name} {name!r} and column(s) {shown} differ only by case or surrounding "
+                            "whitespace - both are in the file")
+        else:
+            problems.append(f"{field_name} {name!r} is not a column; column(s) {shown} differ from it only by "
+                            "case or surrounding whitespace")
+    if problems:
+        raise SurveyError(
+            "rule 'mapped column names unambiguous' failed: " + "; ".join(problems)
+            + ". Names must match exactly: map the column you mean by its exact name, or rename the other."
+        )
 
 
 def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, list[RuleFailure]]:
@@ -65,6 +151,7 @@ def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, lis
     """
     if raw.shape[0] == 0:
         raise SurveyError("survey table has a header but no rows")
+    check_mapped_columns(raw.columns, spec)
     mapping = {
         spec.unit_id: "unit_id",
         spec.lat: "lat",
@@ -89,7 +176,7 @@ def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, lis
             )
         )
     df = raw[list(mapping)].rename(columns=mapping).reset_index(drop=True)
-    df["unit_id"] = df["unit_id"].map(lambda v: None if pd.isna(v) else str(v).strip())
+    df["unit_id"] = df["unit_id"].map(_unit_id)
     parse_failures = []
     for col in (*_NUMERIC, *cov_names.values()):
         original = df[col]
@@ -106,20 +193,44 @@ def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, lis
     return df, parse_failures
 
 
+def _unit_id(value) -> str | None:
+    """An id as text, trimmed; only an empty one (or a null in a Parquet file) is missing."""
+    if isinstance(value, str):
+        return value.strip() or None
+    try:
+        if value is None or pd.isna(value):
+            return None
+    except (TypeError, ValueError):  # not a scalar (a list in a Parquet cell): its text is its id
+        pass
+    return str(value).strip() or None
+
+
 def load_survey(
-    path: Path, spec: SurveySpec, outcome_may_be_missing: bool = False
+    path: Path, spec: SurveySpec, outcome_may_be_missing: bool = False, folds: int | None = None
 ) -> tuple[pd.DataFrame, QualityReport]:
     """Read, canonicalise and validate; raise DataQualityError naming every failed rule.
 
     ``outcome_may_be_missing`` (the study's ``analysis.outcome_imputation``): an empty outcome is
     allowed and counted in ``report.observations``; a non-finite one is still an error.
+    ``folds`` (the study's ``analysis.folds``): each treatment arm needs at least that many units.
     Nothing is written here: the caller writes the canonical table only after this returns.
     """
-    df, parse_failures = canonicalise(read_survey_table(path), spec)
+    df, parse_failures = canonicalise(read_survey_table(path, id_column=spec.unit_id), spec)
     covariates = [covariate_column(c) for c in spec.covariates]
-    report = validate_survey(df, covariates, outcome_may_be_missing=outcome_may_be_missing)
+    report = validate_survey(df, covariates, outcome_may_be_missing=outcome_may_be_missing, folds=folds)
     report.failures = parse_failures + report.failures
     if not report.success:
         raise DataQualityError(report)
     df["treatment"] = df["treatment"].astype("int8")
     return df, report
+
+
+def load_study_survey(study: Study) -> tuple[pd.DataFrame, QualityReport]:
+    """The study's survey, read and validated with the study's settings (the design rules included:
+    units per arm for ``analysis.folds``). Raises SurveyError or DataQualityError; writes nothing.
+
+    ``eocausal run`` calls it before any work, so that a survey the contract rejects stops the run
+    with exit code 2 and the rule, before a chip is cut.
+    """
+    return load_survey(study.survey_path, study.survey, outcome_may_be_missing=study.analysis.outcome_imputation,
+                       folds=study.analysis.folds)

@@ -114,7 +114,8 @@ def check_wave(path: Path, study: Study) -> WaveCheck:
             f"{path.name}: a wave must have the survey file's format {expected!r}, got {path.suffix or 'no suffix'!r}",
         )
     try:
-        df, report = load_survey(path, study.survey, outcome_may_be_missing=study.analysis.outcome_imputation)
+        df, report = load_survey(path, study.survey, outcome_may_be_missing=study.analysis.outcome_imputation,
+                                 folds=study.analysis.folds)
     except DataQualityError as exc:
         meta = exc.report.to_metadata()
         return WaveCheck(path, sha, False, f"{path.name} rejected: {exc}", meta["failures"], exc.report.n_rows)

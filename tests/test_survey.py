@@ -113,3 +113,161 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(SurveyError, match="unsupported format"):
         (tmp_path / "s.xlsx").write_text("x")
         load_survey(tmp_path / "s.xlsx", SPEC)
+
+
+# -- issue 16: ambiguous columns, ids as text, degenerate designs --------------------------------
+
+def test_repeated_csv_column_is_rejected_naming_it(tmp_path):
+    df = good_frame()
+    text = df.to_csv(index=False).replace("extra", "assets", 1)  # a second 'assets' column
+    p = tmp_path / "s.csv"
+    p.write_text(text)
+    with pytest.raises(SurveyError) as exc:
+        load_survey(p, SPEC)
+    msg = str(exc.value)
+    assert "rule 'column names unique' failed" in msg and "'assets' at columns 5, 8" in msg
+
+
+def test_repeated_unmapped_column_is_rejected_too_and_blank_names_are_not(tmp_path):
+    df = good_frame()
+    p = tmp_path / "s.tsv"
+    df.rename(columns={"extra": "note"}).assign(**{"note ": "x"}).to_csv(p, sep="\t", index=False)
+    load_survey(p, SPEC)  # 'note' and 'note ' are different names
+    p.write_text(p.read_text().replace("note ", "note", 1))
+    with pytest.raises(SurveyError, match=r"'note' at columns 8, 9"):
+        load_survey(p, SPEC)
+    # Trailing separators (blank header cells) are not repeats.
+    csv_path = tmp_path / "trailing.csv"
+    csv_path.write_text("\n".join(line + ",," for line in df.to_csv(index=False).splitlines()) + "\n")
+    assert len(load_survey(csv_path, SPEC)[0]) == 12
+
+
+def test_repeated_parquet_column_is_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(good_frame(), preserve_index=False)
+    table = table.append_column("aid", pa.array([1] * 12))
+    pq.write_table(table, tmp_path / "s.parquet")
+    with pytest.raises(SurveyError) as exc:
+        load_survey(tmp_path / "s.parquet", SPEC)
+    assert "rule 'column names unique' failed" in str(exc.value) and "'aid' at columns 4, 9" in str(exc.value)
+
+
+@pytest.mark.parametrize("other", ["Assets", "ASSETS", " assets", "assets ", "\tAssets "])
+def test_column_differing_from_a_mapped_one_by_case_or_space_is_rejected(tmp_path, other):
+    df = good_frame().rename(columns={"extra": other})
+    with pytest.raises(SurveyError) as exc:
+        load_survey(write_csv(tmp_path, df), SPEC)
+    msg = str(exc.value)
+    assert "rule 'mapped column names unambiguous' failed" in msg
+    assert f"survey.outcome 'assets' and column(s) {other!r} differ only by case or surrounding whitespace" in msg
+
+
+def test_mapped_column_present_only_with_other_case_is_named(tmp_path):
+    df = good_frame().rename(columns={"Market Access": "market access "})
+    with pytest.raises(SurveyError) as exc:
+        load_survey(write_csv(tmp_path, df), SPEC)
+    assert ("survey.covariates[0] 'Market Access' is not a column; column(s) 'market access ' differ from it only"
+            in str(exc.value))
+
+
+def test_columns_mapped_exactly_are_not_ambiguous(tmp_path):
+    # 'code' (the id) and 'Code' (a covariate) are both mapped by their exact names: no guess.
+    spec = SPEC.model_copy(update={"covariates": ["Market Access", "Code"]})
+    df = good_frame().assign(Code=np.arange(12) % 5)
+    out, report = load_survey(write_csv(tmp_path, df), spec)
+    assert report.success and "cov_code" in out.columns
+
+
+@pytest.mark.parametrize("ids", [["NA", "NULL", "None", "nan", "N/A", "null", "#N/A", "<NA>", "-nan", "n/a", "NaN", "1.#IND"]])
+def test_na_like_ids_are_text(tmp_path, ids):
+    df = good_frame()
+    df["code"] = ids
+    out, report = load_survey(write_csv(tmp_path, df), SPEC)
+    assert report.success and out["unit_id"].tolist() == ids
+
+
+def test_na_like_ids_in_parquet_are_text(tmp_path):
+    df = good_frame()
+    df["code"] = ["NA", "NULL", "None"] + [f"v{i}" for i in range(9)]
+    df.to_parquet(tmp_path / "s.parquet")
+    out, _ = load_survey(tmp_path / "s.parquet", SPEC)
+    assert out["unit_id"].tolist()[:3] == ["NA", "NULL", "None"]
+
+
+@pytest.mark.parametrize("missing", ["", "   "])
+def test_empty_id_is_still_missing(tmp_path, missing):
+    df = good_frame()
+    df["code"] = df["code"].astype(object)
+    df.loc[4, "code"] = missing
+    msg = rejected(tmp_path, df)
+    assert "rule 'unit_id not null' failed" in msg and "rows 4" in msg
+
+
+def test_na_text_outside_the_id_is_still_missing(tmp_path):
+    df = good_frame().astype({"assets": object, "Market Access": object})
+    df.loc[2, "assets"] = "NA"
+    df.loc[3, "Market Access"] = "NULL"
+    df.loc[5, "code"] = "NA"
+    msg = rejected(tmp_path, df)
+    assert "rule 'outcome not null' failed; on 1 row(s): rows 2;" in msg
+    assert "rule 'cov_market_access not null' failed; on 1 row(s): rows 3;" in msg
+    assert "numeric" not in msg
+
+
+def designed(tmp_path, df, folds=None, spec=SPEC) -> str:
+    with pytest.raises(DataQualityError) as exc:
+        load_survey(write_csv(tmp_path, df), spec, folds=folds)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("n_treated, arm", [(1, "treated"), (3, "treated"), (9, "control")])
+def test_too_few_units_per_arm_for_the_folds(tmp_path, n_treated, arm):
+    df = good_frame()
+    df["aid"] = [1] * n_treated + [0] * (12 - n_treated)
+    msg = designed(tmp_path, df, folds=4)
+    n = n_treated if arm == "treated" else 12 - n_treated
+    assert f"rule 'at least 4 {arm} units (analysis.folds = 4: each fold needs one of each arm)' failed" in msg
+    assert f"{n} {arm} units" in msg
+    if n >= 2:  # as many folds as the smaller arm has units is enough
+        assert load_survey(write_csv(tmp_path, df), SPEC, folds=n)[1].success
+    else:
+        assert "too few for any cross-fitting" in msg
+
+
+def test_folds_rule_counts_measured_outcomes_with_imputation(tmp_path):
+    df = good_frame().astype({"assets": object})
+    df.loc[[1, 3, 5], "assets"] = ""  # treated units 1, 3, 5 unlabelled: 3 treated measured
+    with pytest.raises(DataQualityError) as exc:
+        load_survey(write_csv(tmp_path, df), SPEC, outcome_may_be_missing=True, folds=4)
+    assert "at least 4 treated units with a measured outcome" in str(exc.value)
+    assert "3 treated units with a measured outcome" in str(exc.value)
+    load_survey(write_csv(tmp_path, df), SPEC, outcome_may_be_missing=True, folds=3)
+
+
+def test_constant_outcome(tmp_path):
+    df = good_frame()
+    df["assets"] = 2.5
+    msg = designed(tmp_path, df)
+    assert "rule 'outcome not constant' failed" in msg and "every unit has outcome = 2.5" in msg
+
+
+def test_constant_treatment_says_so(tmp_path):
+    df = good_frame()
+    df["aid"] = 0
+    msg = designed(tmp_path, df, folds=2)
+    assert "rule 'treatment arm 1 present' failed" in msg and "treatment is constant: all 12 units have treatment 0" in msg
+
+
+def test_constant_covariate(tmp_path):
+    df = good_frame()
+    df["hh size"] = 4
+    msg = designed(tmp_path, df)
+    assert "rule 'cov_hh_size not constant' failed" in msg and "every unit has cov_hh_size = 4.0" in msg
+    assert "cov_market_access" not in msg
+
+
+def test_design_rules_pass_on_a_good_survey(tmp_path):
+    _, report = load_survey(write_csv(tmp_path, good_frame()), SPEC, folds=6)
+    assert report.success
