@@ -48,15 +48,42 @@ def _report_failure(outcome) -> int:
     return 1
 
 
+class InputRejected(Exception):
+    """Input the contract rejects before any work (exit code 2, like a StudyError)."""
+
+
+def _check_survey(study) -> None:
+    """The survey suite and the design rules, with the study's settings, before any chip is cut."""
+    from eocausal.quality import DataQualityError
+    from eocausal.survey import SurveyError, load_study_survey
+
+    try:
+        load_study_survey(study)
+    except (DataQualityError, SurveyError) as exc:
+        raise InputRejected(f"survey rejected: {exc}") from None
+
+
 def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None) -> int:
+    from eocausal.quality import IncompleteEstimatesError, check_estimates_complete
+    from eocausal.study import load_study
+
+    started = time.perf_counter()
+    study = load_study(study_path)
+    _check_survey(study)  # before Dagster and dbt are even imported
     from assets.runner import run_study
     from eocausal.estimate.effects import estimates_markdown
 
-    started = time.perf_counter()
     outcome = run_study(study_path, workdir)
     elapsed = time.perf_counter() - started
     if not outcome.success:
         return _report_failure(outcome)
+    try:
+        # Exit 0 only with every requested estimate row printed (and in the published warehouse).
+        check_estimates_complete(outcome.estimates, study.analysis, study.name)
+    except IncompleteEstimatesError as exc:
+        print(f"eocausal: the run did not complete: {exc}", file=sys.stderr)
+        print(f"published warehouse: {outcome.workdir / 'published' / 'warehouse.duckdb'}", file=sys.stderr)
+        return 1
     if as_json:
         print(_estimates_json(outcome.estimates))
         return 0
@@ -127,15 +154,15 @@ def cmd_report(args) -> int:
 def cmd_validate(args) -> int:
     from eocausal.quality import DataQualityError
     from eocausal.study import load_study
-    from eocausal.survey import SurveyError, load_survey
+    from eocausal.survey import SurveyError, load_study_survey
 
     study = load_study(args.study)
     try:
-        df, report = load_survey(study.survey_path, study.survey,
-                                 outcome_may_be_missing=study.analysis.outcome_imputation)
+        df, report = load_study_survey(study)
     except (DataQualityError, SurveyError) as exc:
-        print(f"survey rejected: {exc}", file=sys.stderr)
-        return 1
+        # The contract's rejection, as `eocausal run` reports it: exit code 2.
+        print(f"eocausal: survey rejected: {exc}", file=sys.stderr)
+        return 2
     print(report.message())
     return 0
 
@@ -235,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except StudyError as exc:
+    except (StudyError, InputRejected) as exc:
         print(f"eocausal: {exc}", file=sys.stderr)
         return 2
 
