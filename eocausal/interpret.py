@@ -23,17 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eocausal.embed.rcf import filter_bias, pool_layout
 from eocausal.embed.reduce import PCAReduction
 
 # Bump when the saliency code changes what it computes.
 CODE_VERSION = "saliency-1"
-
-
-def _grid_cells(n_rows: int, n_cols: int, grid: int) -> list[tuple[int, int, int, int]]:
-    # The same split as the embedder's pool_grid cells (eocausal.embed.rcf).
-    rows = np.linspace(0, n_rows, grid + 1).round().astype(int)
-    cols = np.linspace(0, n_cols, grid + 1).round().astype(int)
-    return [(int(rows[a]), int(rows[a + 1]), int(cols[b]), int(cols[b + 1])) for a in range(grid) for b in range(grid)]
 
 
 class DifferentiableImageFeatures(torch.nn.Module):
@@ -50,9 +44,10 @@ class DifferentiableImageFeatures(torch.nn.Module):
             if not hasattr(embedder, attr):
                 raise ValueError(f"the embedder is not fitted (no {attr})")
         self.patch_size = int(embedder.patch_size)
-        self.bias = float(getattr(embedder, "bias", 0.0))
         self.branches = str(getattr(embedder, "branches", "positive"))
         self.pool_grid = int(getattr(embedder, "pool_grid", 1))
+        self.pool_scales = tuple(getattr(embedder, "pool_scales", (1.0,)))
+        self.register_buffer("bias", torch.as_tensor(filter_bias(embedder), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("filters", torch.as_tensor(np.asarray(embedder.filters_), dtype=torch.float32))
         self.register_buffer("center", torch.as_tensor(embedder.band_center_, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("scale", torch.as_tensor(embedder.band_scale_, dtype=torch.float32).view(1, -1, 1, 1))
@@ -60,7 +55,8 @@ class DifferentiableImageFeatures(torch.nn.Module):
         self.register_buffer("pca_scale", torch.as_tensor(pca.scale_, dtype=torch.float32))
         self.register_buffer("pca_center", torch.as_tensor(pca.center_, dtype=torch.float32))
         self.register_buffer("components", torch.as_tensor(pca.components_, dtype=torch.float32))
-        n_out = self.filters.shape[0] * self.pool_grid**2 * (2 if self.branches == "both" else 1)
+        regions = self.pool_grid**2 if self.pool_scales == (1.0,) else len(self.pool_scales)
+        n_out = self.filters.shape[0] * regions * (2 if self.branches == "both" else 1)
         if n_out != pca.n_features_in_:
             raise ValueError(f"the embedder gives {n_out} features but the PCA expects {pca.n_features_in_}")
 
@@ -81,12 +77,13 @@ class DifferentiableImageFeatures(torch.nn.Module):
         acts = [F.relu(z) * field]
         if self.branches == "both":
             acts.append(F.relu(-z) * field)
-        cells = _grid_cells(field.shape[2], field.shape[3], self.pool_grid)
+        cells, groups = pool_layout(field.shape[2], field.shape[3], self.pool_grid, self.pool_scales)
         pooled = []
         for act in acts:
-            for r0, r1, c0, c1 in cells:
-                count = field[:, :, r0:r1, c0:c1].sum(dim=(2, 3))  # [B, 1]
-                pooled.append(act[:, :, r0:r1, c0:c1].sum(dim=(2, 3)) / count)
+            sums = torch.stack([act[:, :, r0:r1, c0:c1].sum(dim=(2, 3)) for r0, r1, c0, c1 in cells], 2)
+            counts = torch.stack([field[:, 0, r0:r1, c0:c1].sum(dim=(1, 2)) for r0, r1, c0, c1 in cells], 1)
+            g = torch.from_numpy(groups).to(act.dtype)
+            pooled.append((sums @ g / (counts @ g)[:, None, :]).transpose(1, 2).reshape(len(x), -1))
         return torch.cat(pooled, dim=1)
 
     def forward(self, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

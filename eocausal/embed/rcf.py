@@ -39,6 +39,24 @@ Two implementations compute the same pooled features:
 - ``impl="reference"``: a plain float32 ``torch.nn.functional.conv2d``, ``relu`` and masked mean,
   both branches computed explicitly. Slow and simple: the fast path is tested against it.
 
+Filters and pooling (``filters``, ``pool_scales``; RCF algorithm 3)
+    Whitened, mean-centred filters see texture but see absolute levels and low-frequency
+    land-cover shares (bright or bare land, water, vegetation cover) poorly, and those are what
+    real confounders often are. ``filters="mixed"`` (the study default, ``EmbeddingSpec``) makes half of the
+    filters as above and the other half *level* filters: band-normalised patches that are neither
+    whitened nor mean-centred, scaled to unit L2 norm, each used as ``+w`` and ``-w`` with the ReLU
+    threshold ``raw_bias`` (``relu(w . x - b)``, ``relu(-w . x - b)``): soft indicators of
+    "this pixel's spectrum lies beyond b along w", whose pooled means are soft land-cover
+    shares. ``filters="whitened"`` (this class's default) is the paper's filter bank alone.
+
+    ``pool_scales`` averages every filter over nested, centred squares of the output positions
+    whose sides are these fractions of the chip's (study default 1, 1/2, 1/4; class default 1): a linear model on the
+    three means approximates a share within any radius up to the chip's half-width, which the
+    whole-chip mean alone dilutes when the confounder's footprint is smaller than the chip (a
+    user never knows that footprint). The squares are summed from disjoint rectangles (the inner
+    square and the rings around it), so the multiply runs once per position as before.
+    The confounder zoo (``eocausal.zoo``) is the evidence for both defaults.
+
 One consequence of mean-centred filters worth knowing: the positive features do not see a shift of
 all bands by the same (normalised) amount; brightness reaches them through contrast (texture
 scales with brightness in reflectance data) and through differences between bands.
@@ -70,9 +88,18 @@ from eocausal.embed.devices import (
 __all__ = ["EmbeddingError", "RCFEmbedder", "RCF_ALGORITHM_VERSION"]
 
 # Bump when a change alters the features for the same config: it belongs in embedding cache keys.
-RCF_ALGORITHM_VERSION = "2"
+RCF_ALGORITHM_VERSION = "3"  # 3: level filters (filters="mixed") and nested pooling scales
 
 BRANCHES = ("positive", "both")
+FILTERS = ("whitened", "raw", "mixed")
+# Nested centred squares the features are averaged over, as fractions of the chip's side.
+DEFAULT_POOL_SCALES = (1.0, 0.5, 0.25)
+# ReLU threshold of the level filters (unit-norm, band-normalised patches): pixels must lie this
+# far along the filter's direction to count, so +w and -w see different pixels.
+DEFAULT_RAW_BIAS = 0.5
+# A band-normalised patch with a smaller L2 norm (every value at its band median) cannot be
+# scaled to unit norm; it is not used as a level filter.
+_ZERO_PATCH_NORM = 1e-6
 IMPLEMENTATIONS = ("fast", "reference")
 
 # Band statistics come from at most this many valid pixels (a seeded sample): plenty for a median
@@ -199,6 +226,80 @@ def _normalized_patches(
     return patches, flat
 
 
+def pool_layout(
+    n_rows: int, n_cols: int, grid: int = 1, scales: tuple[float, ...] = (1.0,)
+) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """Where features are pooled: disjoint rectangles of the output positions, and a 0/1
+    [rectangles, outputs] matrix saying which rectangles make up each output's region.
+
+    ``scales == (1.0,)``: the ``grid x grid`` cells, one output each. Otherwise (``grid`` 1):
+    nested centred squares with sides ``scales`` of the field's, built from the innermost square
+    and the rings around it (each ring as up to four rectangles), so that every position is
+    multiplied once however many squares contain it.
+    """
+    if tuple(scales) == (1.0,):
+        cells = _grid_cells(n_rows, n_cols, grid)
+        return cells, np.eye(len(cells), dtype=np.float32)
+    if grid != 1:
+        raise EmbeddingError("pool_grid and pool_scales cannot be combined: use one of them")
+
+    def square(scale: float) -> tuple[int, int, int, int]:
+        h = max(1, int(round(n_rows * scale)))
+        w = max(1, int(round(n_cols * scale)))
+        r0, c0 = (n_rows - h) // 2, (n_cols - w) // 2
+        return r0, r0 + h, c0, c0 + w
+
+    squares = [square(s) for s in scales]
+    cells: list[tuple[int, int, int, int]] = []
+    owner: list[int] = []  # index of the smallest square holding each rectangle
+    for j, (r0, r1, c0, c1) in enumerate(squares):
+        if j + 1 == len(squares):
+            parts = [(r0, r1, c0, c1)]
+        else:
+            i0, i1, j0, j1 = squares[j + 1]
+            parts = [(r0, i0, c0, c1), (i1, r1, c0, c1), (i0, i1, c0, j0), (i0, i1, j1, c1)]
+        for part in parts:
+            if part[1] > part[0] and part[3] > part[2]:
+                cells.append(part)
+                owner.append(j)
+    groups = np.zeros((len(cells), len(squares)), dtype=np.float32)
+    for c, j in enumerate(owner):
+        groups[c, : j + 1] = 1.0  # a rectangle of ring j lies in squares 0..j
+    return cells, groups
+
+
+def _level_filters(
+    windows: np.ndarray,
+    where: tuple[np.ndarray, np.ndarray, np.ndarray],
+    center: np.ndarray,
+    scale: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``n`` level filters [n, d]: band-normalised patches of the sampled valid windows, not
+    mean-centred and not whitened, at unit L2 norm (patches at the band medians are skipped)."""
+    if n == 0:
+        return np.zeros((0, windows.shape[1] * windows.shape[-1] * windows.shape[-2]))
+    order = rng.permutation(len(where[0]))
+    out = []
+    for start in range(0, len(order), max(4 * n, 1024)):
+        pick = order[start : start + max(4 * n, 1024)]
+        n_idx, i_idx, j_idx = (ix[pick] for ix in where)
+        patches = windows[n_idx, :, i_idx, j_idx].astype(np.float64)
+        patches = ((patches - center[:, None, None]) / scale[:, None, None]).reshape(len(pick), -1)
+        norms = np.linalg.norm(patches, axis=1)
+        keep = norms > _ZERO_PATCH_NORM
+        out.append(patches[keep] / norms[keep, None])
+        if sum(len(o) for o in out) >= n:
+            break
+    levels = np.concatenate(out)
+    if len(levels) < n:
+        raise EmbeddingError(
+            f"only {len(levels)} sampled patches differ from the band medians, for {n} level filters"
+        )
+    return levels[:n]
+
+
 def _zca_matrix(covariance: np.ndarray, zca_bias: float) -> np.ndarray:
     """ZCA whitening matrix V diag((E + eps)^-1/2) V^T of a patch covariance."""
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -277,6 +378,9 @@ class RCFEmbedder:
         branches: str = "positive",
         pool_grid: int = 1,
         impl: str = "fast",
+        filters: str = "whitened",
+        raw_bias: float = DEFAULT_RAW_BIAS,
+        pool_scales: tuple[float, ...] | list[float] = (1.0,),
     ) -> None:
         for name, value in (
             ("n_features", n_features),
@@ -295,11 +399,28 @@ class RCFEmbedder:
             raise EmbeddingError(f"branches must be one of {BRANCHES}, got {branches!r}")
         if impl not in IMPLEMENTATIONS:
             raise EmbeddingError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        per_filter = (2 if branches == "both" else 1) * int(pool_grid) ** 2
-        if n_features % per_filter:
+        if filters not in FILTERS:
+            raise EmbeddingError(f"filters must be one of {FILTERS}, got {filters!r}")
+        if not (isinstance(raw_bias, numbers.Real) and math.isfinite(raw_bias)):
+            raise EmbeddingError(f"raw_bias must be a finite number, got {raw_bias!r}")
+        scales = tuple(float(x) for x in pool_scales)
+        if (not scales or scales[0] != 1.0 or any(not 0 < x <= 1 for x in scales)
+                or any(a <= b for a, b in zip(scales, scales[1:]))):
             raise EmbeddingError(
-                f"n_features={n_features} must be a multiple of {per_filter} (branches={branches!r} "
-                f"x pool_grid {pool_grid}x{pool_grid} cells): each filter gives {per_filter} features"
+                f"pool_scales must start at 1.0 and decrease strictly within (0, 1], got {list(pool_scales)}"
+            )
+        if int(pool_grid) != 1 and scales != (1.0,):
+            raise EmbeddingError("pool_grid and pool_scales cannot be combined: set pool_scales [1.0] "
+                                 "for a grid, or pool_grid 1 for nested scales")
+        outputs = int(pool_grid) ** 2 if scales == (1.0,) else len(scales)
+        per_filter = (2 if branches == "both" else 1) * outputs
+        # Level filters come in +w/-w pairs: "raw" needs an even filter count, "mixed" a multiple of 4.
+        pairs = {"whitened": 1, "raw": 2, "mixed": 4}[filters]
+        if n_features % (per_filter * pairs):
+            raise EmbeddingError(
+                f"n_features={n_features} must be a multiple of {per_filter * pairs} (branches={branches!r} "
+                f"x {outputs} pooling region(s), filters={filters!r} needing filter counts that are "
+                f"multiples of {pairs}): each filter gives {per_filter} features"
             )
         self.n_features = int(n_features)
         self.patch_size = int(patch_size)
@@ -313,6 +434,9 @@ class RCFEmbedder:
         self.branches = str(branches)
         self.pool_grid = int(pool_grid)
         self.impl = str(impl)
+        self.filters = str(filters)
+        self.raw_bias = float(raw_bias)
+        self.pool_scales = scales
         # Fail at construction on a bad device or dtype, not mid-pipeline.
         resolve_dtype(self.dtype, resolve_device(self.device))
 
@@ -335,11 +459,24 @@ class RCFEmbedder:
             "branches": self.branches,
             "pool_grid": self.pool_grid,
             "impl": self.impl,
+            "filters": self.filters,
+            "raw_bias": self.raw_bias,
+            "pool_scales": list(self.pool_scales),
         }
 
     @property
+    def n_outputs(self) -> int:
+        """Pooling regions per filter and branch: grid cells, or nested squares."""
+        return self.pool_grid**2 if self.pool_scales == (1.0,) else len(self.pool_scales)
+
+    @property
     def n_filters(self) -> int:
-        return self.n_features // ((2 if self.branches == "both" else 1) * self.pool_grid**2)
+        return self.n_features // ((2 if self.branches == "both" else 1) * self.n_outputs)
+
+    @property
+    def n_whitened(self) -> int:
+        """Whitened (texture) filters; the rest are level filters in +w/-w pairs."""
+        return {"whitened": self.n_filters, "raw": 0, "mixed": self.n_filters // 2}[self.filters]
 
     @property
     def device_(self) -> str:
@@ -366,6 +503,11 @@ class RCFEmbedder:
                 f"pool_grid {self.pool_grid} needs at least {self.pool_grid} output positions per "
                 f"side; {h}x{w} px chips with patch_size {self.patch_size} have {out}"
             )
+        if len(self.pool_scales) > 1 and round(out * self.pool_scales[-1]) < 1:
+            raise EmbeddingError(
+                f"pool_scales {list(self.pool_scales)}: the smallest square of {h}x{w} px chips "
+                f"(patch_size {self.patch_size}, {out} output positions per side) holds no position"
+            )
 
     def fit(self, chips: np.ndarray, valid: np.ndarray) -> "RCFEmbedder":
         chips, valid = _check_chips(chips, valid)
@@ -378,8 +520,9 @@ class RCFEmbedder:
                 "turns into zeros: use patch_size >= 2"
             )
         # Independent streams: changing n_patch_samples does not move the band statistics.
-        rng_stats, rng_patches, rng_select = (
-            np.random.default_rng(s) for s in np.random.SeedSequence(self.seed).spawn(3)
+        # (spawn(4)[:3] equals spawn(3): the whitened filters are those of algorithm 2.)
+        rng_stats, rng_patches, rng_select, rng_levels = (
+            np.random.default_rng(s) for s in np.random.SeedSequence(self.seed).spawn(4)
         )
 
         valid = _finite_valid(chips, valid)
@@ -420,17 +563,23 @@ class RCFEmbedder:
         covariance /= len(textured)
         zca = _zca_matrix(covariance, self.zca_bias)
 
-        replace = len(textured) < n_filters
+        n_whitened = self.n_whitened
+        replace = len(textured) < n_whitened
         if replace:
             warnings.warn(
                 f"only {len(textured)} usable {k}x{k} patches (fully valid, not flat; "
-                f"{n_candidates} fully-valid windows in all) for {n_filters} filters: "
+                f"{n_candidates} fully-valid windows in all) for {n_whitened} filters: "
                 "filters are drawn with replacement, so some features are duplicates",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        chosen = textured[rng_select.choice(len(textured), n_filters, replace=replace)]
-        raw, _ = _normalized_patches(windows, tuple(ix[chosen] for ix in where), center, scale)
+        chosen = textured[rng_select.choice(len(textured), n_whitened, replace=replace)]
+        if n_whitened:
+            raw, _ = _normalized_patches(windows, tuple(ix[chosen] for ix in where), center, scale)
+        else:
+            raw = np.zeros((0, d))
+        whitened = raw @ zca @ zca.T
+        levels = _level_filters(windows, where, center, scale, (n_filters - n_whitened) // 2, rng_levels)
 
         self.__dict__.pop("_transform_state", None)
         self.n_bands_ = n_bands
@@ -438,9 +587,10 @@ class RCFEmbedder:
         self.band_scale_ = scale
         self.patch_covariance_ = covariance
         self.zca_ = zca
-        self.raw_filters_ = raw.reshape(n_filters, n_bands, k, k)
-        whitened = raw @ zca @ zca.T
-        self.filters_ = whitened.astype(np.float32).reshape(n_filters, n_bands, k, k)
+        self.raw_filters_ = raw.reshape(n_whitened, n_bands, k, k)  # the whitened filters' patches
+        bank = np.concatenate([whitened, levels, -levels]) if len(levels) else whitened
+        self.filters_ = bank.astype(np.float32).reshape(n_filters, n_bands, k, k)
+
         self.n_patch_candidates_ = n_candidates
         self.n_patches_sampled_ = len(textured)
         return self
@@ -473,7 +623,7 @@ class RCFEmbedder:
         # The device-side filters (and their oneDNN packing) are reused across calls with the same
         # settings: small batches should not pay for them every time.
         key = (str(device), dtype, id(self.filters_), self.bias, self.branches, self.pool_grid,
-               self.impl, self.batch_size, self.patch_size)
+               self.impl, self.batch_size, self.patch_size, self.pool_scales, self.raw_bias)
         cached = getattr(self, "_transform_state", None)
         if cached is not None and cached[0] == key:
             state = cached[1]
@@ -503,7 +653,7 @@ class RCFEmbedder:
             if no_valid_field:
                 shown = ", ".join(map(str, no_valid_field[:10]))
                 more = f" and {len(no_valid_field) - 10} more" if len(no_valid_field) > 10 else ""
-                cells = "window" if self.pool_grid == 1 else "window in some grid cell"
+                cells = "window" if self.n_outputs == 1 else "window in some pooling region"
                 warnings.warn(
                     f"{len(no_valid_field)} chip(s) have no fully-valid {self.patch_size}x"
                     f"{self.patch_size} {cells}, so (some of) their features are NaN "
@@ -593,6 +743,16 @@ def _check_fused_kernel(device: torch.device) -> bool:
     return _FUSED_KERNEL_OK[key]
 
 
+def filter_bias(embedder: "RCFEmbedder") -> np.ndarray:
+    """Each filter's ReLU threshold: ``bias`` for the whitened filters (the first
+    ``len(raw_filters_)``), ``raw_bias`` for the level filters after them. Read at transform time,
+    so a changed setting applies without refitting."""
+    n_filters = len(embedder.filters_)
+    n_whitened = len(getattr(embedder, "raw_filters_", embedder.filters_))
+    raw_bias = getattr(embedder, "raw_bias", DEFAULT_RAW_BIAS)
+    return np.concatenate([np.full(n_whitened, float(embedder.bias)), np.full(n_filters - n_whitened, raw_bias)])
+
+
 class _TransformState:
     """Per-stream device state: filters in the compute layout, staging buffers, step sizes."""
 
@@ -611,10 +771,13 @@ class _TransformState:
         # The bias enters the multiply as a per-filter shift, rounded to the compute dtype; the
         # pooled correction below uses the same rounded value so that masked rows cancel exactly.
         self.shift = None
-        self.bias_used = 0.0
-        if emb.bias:
-            self.shift = torch.full((len(filters),), -emb.bias, dtype=dtype, device=device)
-            self.bias_used = -float(self.shift[0])
+        self.bias_used = torch.zeros(len(filters), dtype=torch.float32, device=device)
+        bias = filter_bias(emb)
+        if bias.any():
+            self.shift = torch.as_tensor(-bias, dtype=torch.float32).to(device, dtype)
+            self.bias_used = -self.shift.float()
+        # Masked (zeroed) rows give relu(shift) per filter: taken back out of the sums.
+        self.masked_row_value = self.bias_used.neg().clamp_min(0.0)
         self.packed = _pack_for_onednn(self.matrix, self.rows_per_multiply()) if emb.impl == "fast" else None
         self.center = torch.as_tensor(emb.band_center_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale = torch.as_tensor(emb.band_scale_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -672,7 +835,7 @@ class _TransformState:
         tiles = -(-per_chip // self.rows_per_multiply())
         return tiles, -(-per_chip // tiles)
 
-    def _all_valid_field(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:
+    def _all_valid_field(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple]:
         """(window mask of all True, grid cells) for chips of ``shape`` [B, C, H, W]."""
         n, _, h, w = shape
         key = (n, h, w)
@@ -680,8 +843,13 @@ class _TransformState:
             k = self.emb.patch_size
             field_ok = torch.ones((n, h - k + 1, w - k + 1), dtype=torch.bool, device=self.device)
             self._shape_cache.clear()  # one shape at a time (the last batch may be shorter)
-            self._shape_cache[key] = (field_ok, _grid_cells(h - k + 1, w - k + 1, self.emb.pool_grid))
+            self._shape_cache[key] = (field_ok, self.layout(h - k + 1, w - k + 1))
         return self._shape_cache[key]
+
+    def layout(self, n_rows: int, n_cols: int) -> tuple[list, torch.Tensor]:
+        """(rectangles pooled, [rectangles, outputs] membership) for a field of this size."""
+        cells, groups = pool_layout(n_rows, n_cols, self.emb.pool_grid, self.emb.pool_scales)
+        return cells, torch.from_numpy(groups).to(self.device)
 
     def embed(self, chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[int]]:
         emb, device = self.emb, self.device
@@ -703,11 +871,17 @@ class _TransformState:
                     field_ok, cells = self._all_valid_field(tuple(x.shape))
                 else:
                     field_ok = _receptive_field_valid(pixel_ok, k)  # [B, H', W']
-                    cells = _grid_cells(field_ok.shape[1], field_ok.shape[2], emb.pool_grid)
+                    cells = self.layout(field_ok.shape[1], field_ok.shape[2])
+            cells, groups = cells
             if emb.impl == "reference":
                 pooled, counts = self._reference(x, field_ok, cells)
             else:
                 pooled, counts = self._fast(x, field_ok, cells)
+            if len(emb.pool_scales) > 1:
+                # Rectangle means -> nested squares: count-weighted sums over each square's parts.
+                sums = torch.nan_to_num(pooled) * counts[:, None, :, None]
+                counts = counts @ groups  # [B, outputs]
+                pooled = torch.einsum("bkcf,co->bkof", sums, groups) / counts[:, None, :, None]
             features = pooled.reshape(len(chips), -1).cpu().numpy()
             empty = torch.nonzero((counts == 0).any(dim=1)).flatten().tolist()
         return features, empty
@@ -771,7 +945,7 @@ class _TransformState:
             sums = partial.sum(1, dtype=torch.float32)
             if self.shift is not None:
                 # A zeroed (masked) row gave relu(shift): take those back out of the sums.
-                sums -= (per_chip - n_valid)[:, None] * max(-self.bias_used, 0.0)
+                sums -= (per_chip - n_valid)[:, None] * self.masked_row_value
             pos = sums / n_valid[:, None]  # 0/0 -> NaN for a cell without a valid window (reported)
             pooled[:, 0, c] = pos
             if both:
@@ -797,7 +971,7 @@ class _TransformState:
             g1 = min(g0 + chip_group, n_chips)
             for f0 in range(0, n_filters, filter_chunk):
                 f1 = min(f0 + filter_chunk, n_filters)
-                z = F.conv2d(x[g0:g1], self.conv_weights[f0:f1]) - emb.bias
+                z = F.conv2d(x[g0:g1], self.conv_weights[f0:f1]) - self.bias_used[f0:f1].view(1, -1, 1, 1)
                 branches = [F.relu(z) * field[g0:g1]]
                 if both:
                     branches.append(F.relu(-z) * field[g0:g1])
