@@ -167,8 +167,29 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_zoo(args) -> int:
+    from eocausal import montecarlo as mc
+    from eocausal import zoo
+
+    names = args.designs.split(",") if args.designs else [d.name for d in zoo.ZOO]
+    try:
+        designs = [zoo.design_by_name(n) for n in names]
+    except ValueError as exc:
+        print(f"eocausal: {exc}", file=sys.stderr)
+        return 2
+    log = (lambda message: None) if args.quiet else mc.stderr_log
+    result = zoo.run_zoo(designs, Path(args.out), replications=args.replications, folds=args.folds,
+                         jobs=args.jobs, landsat=Path(args.landsat) if args.landsat else None, log=log)
+    print(result["table"])
+    print(f"results: {args.out}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     from eocausal import montecarlo as mc
+
+    if args.zoo:
+        return cmd_zoo(args)
 
     scenarios = mc.expand_scenarios(args.scenarios.split(","))
     estimators = tuple(args.estimators.split(","))
@@ -239,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--confounder-radius-m", type=float, default=750.0,
                    help="radius of the built-up share that confounds (the demo's: 750 m; capped at the chip half-width)")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument("--zoo", action="store_true",
+                   help="run the confounder zoo (eocausal.zoo) instead of the demo Monte Carlo "
+                   "(default 100 replications per design with --replications 100)")
+    p.add_argument("--designs", help="with --zoo: comma-separated design names (default: all)")
+    p.add_argument("--landsat", help="with --zoo: the Landsat-8 scene (default: ../shared/data/...)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("docs", help="dbt docs (tables, views, columns) of a study's published warehouse")

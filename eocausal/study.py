@@ -244,7 +244,8 @@ class ImagerySpec(_Strict):
 
 class EmbeddingSpec(_Strict):
     method: Literal["rcf", "backbone"] = "rcf"
-    n_features: int = Field(1024, ge=8, le=65536)
+    # RCF: 512 filters x 3 pooling scales (the confounder zoo's default; see eocausal.embed.rcf).
+    n_features: int = Field(1536, ge=8, le=65536)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     patch_size: int = Field(3, ge=1, le=15)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -260,14 +261,22 @@ class EmbeddingSpec(_Strict):
     branches: Literal["positive", "both"] = "positive"
     bias: float = 0.0  # RCF ReLU threshold
     pool_grid: int = Field(1, ge=1, le=8)  # RCF: average over a g x g grid of cells (1 = whole chip)
+    # RCF filter bank: "mixed" = half whitened texture filters, half level filters (+w/-w pairs of
+    # unwhitened, uncentred patches, threshold raw_bias); "whitened" = the MOSAIKS paper's bank.
+    filters: Literal["whitened", "raw", "mixed"] = "mixed"
+    raw_bias: float = 0.5
+    # RCF: features averaged over nested centred squares with these sides (fractions of the chip);
+    # [1.0] = the whole chip only. Set [1.0] to use pool_grid.
+    pool_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25])
     # method backbone: architecture and a local weights file (torchvision/timm state_dict;
     # relative to the study file; never downloaded). n_features is then the backbone's width.
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "vit_b_16"] = "resnet18"
     weights: str | None = None
     input_size_px: int | None = Field(None, ge=16, le=1024)  # resize chips for the backbone
     rgb_bands: list[int] | None = None  # which chip bands get the RGB weights (else: repeated)
-    # Principal components fitted once on all embedded units and stored with the embeddings.
-    pca_components: int = Field(64, ge=1)
+    # Principal components fitted once on all embedded units and stored with the embeddings; the
+    # estimators use the leading ones (analysis.image_components, "auto": chosen by CV loss).
+    pca_components: int = Field(128, ge=1)
 
     @model_validator(mode="after")
     def _backbone_needs_weights(self) -> "EmbeddingSpec":

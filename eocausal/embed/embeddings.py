@@ -30,7 +30,7 @@ from eocausal.versioning import json_version
 
 # Bump when the embedding code changes what it computes.
 # (embed-2: fast RCF path with a dtype setting, branches/pool grid, backbones, stored PCA.)
-CODE_VERSION = "embed-2"
+CODE_VERSION = "embed-3"  # 3: RCF level filters and pooling scales (study defaults), 128 stored components
 
 # Chips the embedder is fitted on (a seeded sample when there are more): band statistics use at
 # most 1M pixels and filters at most 100k patches, which a couple of thousand chips cover.
@@ -60,6 +60,7 @@ def make_embedder(spec: EmbeddingSpec, weights_path: Path | None = None):
             n_features=spec.n_features, patch_size=spec.patch_size, seed=spec.seed,
             device=spec.device, batch_size=spec.batch_size, dtype=spec.dtype,
             branches=spec.branches, bias=spec.bias, pool_grid=spec.pool_grid,
+            filters=spec.filters, raw_bias=spec.raw_bias, pool_scales=spec.pool_scales,
         )
     if spec.method == "backbone":
         from eocausal.embed.backbone import FEATURE_WIDTHS, BackboneEmbedder

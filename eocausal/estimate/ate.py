@@ -34,11 +34,17 @@ from threadpoolctl import threadpool_limits
 
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity, gram_blocks
+from eocausal.estimate.nuisance import (
+    UNDERSMOOTH,
+    NuisanceSpec,
+    cross_fit_outcome,
+    cross_fit_propensity,
+    gram_blocks,
+)
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
-OPTIONS = ("learner", "pca_components", "pca_columns", "solver", "predictions")
+OPTIONS = ("learner", "pca_components", "pca_columns", "solver", "predictions", "undersmooth")
 # Keys of the ``predictions`` option, and the nuisance function each one stands for.
 PREDICTION_KEYS = {"propensity": "e_raw", "outcome_control": "mu0", "outcome_treated": "mu1", "outcome": "l"}
 # Leading principal components of the reduced (image) block that get a balance row too.
@@ -59,9 +65,15 @@ class EffectResult:
     ci_high: float
     n: int  # units the estimate averages over (after trimming, if any)
     diagnostics: dict = field(default_factory=dict)  # JSON-serialisable
+    # The score's influence values (centred) over the units averaged, and which of the input units
+    # those are (None: all): what comparisons of two specifications on the same units need
+    # (eocausal.estimate.fragility). Not serialised.
+    influence: np.ndarray | None = field(default=None, repr=False, compare=False)
+    kept: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return diag.jsonable(asdict(self))
+        out = {k: v for k, v in asdict(self).items() if k not in ("influence", "kept")}
+        return diag.jsonable(out)
 
 
 def estimate_effect(
@@ -170,6 +182,7 @@ def _estimate_effects(
         pca_components=opts.get("pca_components"),
         pca_columns=None if pca_columns is None else tuple(_column_indexes(pca_columns, names, "pca_columns")),
         solver=opts.get("solver", "fast"),
+        undersmooth=opts.get("undersmooth", UNDERSMOOTH),
     )
     report_columns = (
         None if balance_columns is None else _column_indexes(balance_columns, names, "balance_columns")
@@ -292,7 +305,8 @@ def _estimate_on_split(
         info.update(_weighting_diagnostics(X, d, weights_from, estimand, names, report_columns, spec))
     return {
         "estimate": float(estimate), "std_error": float(std_error), "critical": float(critical),
-        "n": int(len(y)), "info": info,
+        "n": int(len(y)), "info": info, "influence": influence,
+        "kept": None if keep is None or keep.all() else keep,
     }
 
 
@@ -326,6 +340,8 @@ def _combine_splits(estimator: str, estimand: str, per_split: list[dict], seed: 
         ci_high=float(estimate + critical * std_error),
         n=first["n"],
         diagnostics=diag.jsonable(info),
+        influence=first["influence"],
+        kept=first["kept"],
     )
 
 

@@ -52,12 +52,19 @@ def propensity_overlap(e_raw: np.ndarray, d: np.ndarray, clip: float) -> dict:
     return jsonable(
         {
             "auc": roc_auc_score(d, e_raw),
+            "log_loss": _log_loss(e_raw, d),
             "share_clipped": outside.mean(),
             "share_clipped_by_arm": clipped_by_arm,
             "by_arm": by_arm,
             "histogram": histogram,
         }
     )
+
+
+def _log_loss(e_raw: np.ndarray, d: np.ndarray) -> float:
+    """Out-of-fold mean Bernoulli log-loss of the propensity (probabilities kept within 1e-6 of 0/1)."""
+    e = np.clip(e_raw, 1e-6, 1.0 - 1e-6)
+    return float(-np.mean(d * np.log(e) + (1 - d) * np.log1p(-e)))
 
 
 def hajek_weights(e: np.ndarray, d: np.ndarray, estimand: str) -> np.ndarray:

@@ -231,8 +231,10 @@ class PenalisedLogisticCV(ClassifierMixin, BaseEstimator):
     ``scores_`` (inner folds x Cs mean log-likelihoods), ``n_iter_`` and ``classes_``.
     """
 
-    def __init__(self, Cs=10, inner_folds: int = 3, seed: int = 0, tol: float = 1e-12, max_iter: int = 100):
+    def __init__(self, Cs=10, inner_folds: int = 3, seed: int = 0, tol: float = 1e-12, max_iter: int = 100,
+                 undersmooth: float = 1.0):
         self.Cs = Cs
+        self.undersmooth = undersmooth
         self.inner_folds = inner_folds
         self.seed = seed
         self.tol = tol
@@ -280,7 +282,9 @@ class PenalisedLogisticCV(ClassifierMixin, BaseEstimator):
             eta = design.dot(U[:, f * n_cs : (f + 1) * n_cs], rows=held_out) + b[f * n_cs : (f + 1) * n_cs]
             scores[f] = _mean_log_likelihood(eta, y_ordered[held_out, None])
         best = int(np.argmax(scores.sum(axis=0)))  # first best, as LogisticRegressionCV
-        self.C_ = float(Cs[best])
+        # undersmooth > 1: the final fit penalises that much less than the CV choice (a nuisance
+        # for a doubly robust score wants less shrinkage than the best predictor has).
+        self.C_ = float(Cs[best]) * float(self.undersmooth)
         self.scores_ = scores
 
         # Refit on every row at the chosen C, started from the folds' mean solution.
@@ -478,8 +482,9 @@ class PenalisedRidgeCV(RegressorMixin, BaseEstimator):
     ``loo_mse_`` (one value per alpha).
     """
 
-    def __init__(self, alphas=(0.1, 1.0, 10.0)):
+    def __init__(self, alphas=(0.1, 1.0, 10.0), undersmooth: float = 1.0):
         self.alphas = alphas
+        self.undersmooth = undersmooth
 
     def fit(self, X, y, centred_gram=None):
         """``centred_gram``: as for :meth:`PenalisedLogisticCV.fit`."""
@@ -518,9 +523,10 @@ class PenalisedRidgeCV(RegressorMixin, BaseEstimator):
             mse += (loo * loo).sum(axis=0)
         mse /= n
         best = int(np.argmin(mse))  # first best, as RidgeCV
-        self.alpha_ = float(alphas[best])
+        self.alpha_ = float(alphas[best]) / float(self.undersmooth)
         self.loo_mse_ = mse
-        coef_std = design.T @ (shrink[:, best] * a)
+        chosen = shrink[:, best] if self.undersmooth == 1.0 else design.eigenvalues / (design.eigenvalues + self.alpha_)
+        coef_std = design.T @ (chosen * a)
         self.coef_ = coef_std / scale
         self.intercept_ = float(y_mean - self.coef_ @ mean)
         return self

@@ -1,0 +1,131 @@
+"""When the image adjustment is fragile, say so (DESIGN §6).
+
+Two checks on the headline estimate (tabular+image AIPW of the ATE), each comparing it with
+other reasonable specifications *on the same units and folds*:
+
+- **specifications**: the image components alone (no tabular covariates), and twice (or, at the
+  largest stored count, half) the chosen number of components. If the image carries the
+  confounder, these agree with the headline up to sampling noise.
+- **chip scale**: the headline's features plus the components of a *context* chip around each
+  unit, twice as wide (at half the resolution, so as many pixels). If the confounder lies within
+  the chip, the context adds nothing and the two agree; if it extends beyond the chip, no estimate
+  that sees only the chip can adjust for it, and the context spec moves away from the headline.
+
+The difference of two estimates on the same units is the mean of the difference of their scores,
+so its standard error comes from the paired influence values: sd(phi_A - phi_B) / sqrt(n). Two
+consistent estimates differ only at second order, where this SE can be tiny, so it is floored at
+``SE_FLOOR`` times the headline's SE; a check warns when ``|difference| / SE`` exceeds ``THRESHOLD``
+(two specification comparisons) or ``CHIP_SCALE_THRESHOLD`` (one comparison). The
+confounder zoo (:mod:`eocausal.zoo`) measures how often each warning fires on designs whose
+confounder lies within the chip and on those where it does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eocausal.estimate.ate import EffectResult, estimate_effects
+
+# |difference| / SE above this warns (about a 0.3 % two-sided level per comparison).
+THRESHOLD = 3.0
+# The chip-scale check makes one comparison: it warns beyond this.
+CHIP_SCALE_THRESHOLD = 2.5
+# The paired SE is floored at this share of the headline's SE.
+SE_FLOOR = 0.25
+
+
+@dataclass
+class Comparison:
+    name: str
+    estimate: float
+    std_error: float
+    difference: float
+    z: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class FragilityCheck:
+    check: str  # "specification" | "chip_scale"
+    headline: float
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def max_abs_z(self) -> float:
+        return max((abs(c.z) for c in self.comparisons), default=0.0)
+
+    @property
+    def threshold(self) -> float:
+        return CHIP_SCALE_THRESHOLD if self.check == "chip_scale" else THRESHOLD
+
+    @property
+    def warning(self) -> str | None:
+        flagged = [c for c in self.comparisons if abs(c.z) > self.threshold]
+        if not flagged:
+            return None
+        parts = "; ".join(f"{c.name} gives {c.estimate:.3f} ({c.difference:+.3f}, {c.z:+.1f} SE)" for c in flagged)
+        if self.check == "chip_scale":
+            return (f"the confounder may extend beyond the chip: adding a context twice as wide moves the "
+                    f"estimate beyond its SEs ({parts}); use a larger imagery.chip_size_px")
+        return f"image-adjusted specifications disagree beyond their SEs: headline {self.headline:.3f}; {parts}"
+
+    def to_dict(self) -> dict:
+        return {"check": self.check, "headline": round(self.headline, 6), "max_abs_z": round(self.max_abs_z, 3),
+                "threshold": self.threshold, "se_floor": SE_FLOOR, "warning": self.warning,
+                "comparisons": [c.to_dict() for c in self.comparisons]}
+
+
+def compare(name: str, headline: EffectResult, other: EffectResult) -> Comparison:
+    """Paired comparison of two estimates of the same estimand on the same units."""
+    diff = other.estimate - headline.estimate
+    same_units = (
+        headline.influence is not None and other.influence is not None
+        and len(headline.influence) == len(other.influence)
+        and (headline.kept is None) == (other.kept is None)
+        and (headline.kept is None or np.array_equal(headline.kept, other.kept))
+    )
+    if same_units:
+        paired = np.asarray(other.influence) - np.asarray(headline.influence)
+        se = float(paired.std() / np.sqrt(len(paired)))
+    else:  # different units (trimming): the unpaired, conservative SE
+        se = float(np.hypot(headline.std_error, other.std_error))
+    se = max(se, SE_FLOOR * headline.std_error, 1e-12)
+    return Comparison(name, float(other.estimate), float(other.std_error), float(diff), float(diff / se))
+
+
+def specification_check(y, d, tabular, components, k: int, *, folds: int, seed: int,
+                        headline: EffectResult, estimator: str = "aipw", **options) -> FragilityCheck:
+    """The headline against image-only features and against another component count."""
+    check = FragilityCheck("specification", headline.estimate)
+    image = np.asarray(components)[:, :k]
+    variants = {}
+    if tabular is not None and np.asarray(tabular).shape[1]:
+        variants["image only"] = image
+    available = np.asarray(components).shape[1]
+    other_k = 2 * k if 2 * k <= available else max(k // 2, 1)
+    if other_k != k:
+        variants[f"{other_k} components"] = _with_tabular(tabular, np.asarray(components)[:, :other_k])
+    for name, X in variants.items():
+        res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
+        check.comparisons.append(compare(name, headline, res))
+    return check
+
+
+def chip_scale_check(y, d, headline_features, context_components, *, folds: int, seed: int,
+                     headline: EffectResult, estimator: str = "aipw", **options) -> FragilityCheck:
+    """The headline against the same features plus a wider context's image components."""
+    check = FragilityCheck("chip_scale", headline.estimate)
+    X = np.hstack([np.asarray(headline_features), np.asarray(context_components)])
+    res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
+    check.comparisons.append(compare("chip + context", headline, res))
+    return check
+
+
+def _with_tabular(tabular, image: np.ndarray) -> np.ndarray:
+    if tabular is None or not np.asarray(tabular).shape[1]:
+        return image
+    return np.hstack([np.asarray(tabular), image])
