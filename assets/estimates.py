@@ -1,6 +1,8 @@
 """Asset `effect_estimates`: every estimator x feature set on marts.analysis_units, versioned."""
 
 
+import json
+
 import dagster as dg
 from dagster import AssetExecutionContext
 import pandas as pd
@@ -9,7 +11,16 @@ from assets.dbt import WAREHOUSE_POOL
 from assets.imputation import imputed_outcomes_path, read_imputed
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
-from eocausal.estimate.effects import CODE_VERSION, analysis_version, estimate_study, estimates_markdown, overlap_report
+from eocausal.embed.context import context_components
+from eocausal.estimate.effects import (
+    CODE_VERSION,
+    analysis_version,
+    estimate_study,
+    estimates_markdown,
+    fragility_summary,
+    overlap_report,
+)
+from eocausal.imagery.sources import open_source
 from eocausal.estimate.imputation import ImputedOutcomes
 from eocausal.faults import crash_point
 from eocausal.lake import CURRENT_ESTIMATE_FILE, current_estimate_frame, stored_pca, write_frame
@@ -32,7 +43,19 @@ from eocausal.warehouse import query
             asset="effect_estimates",
             blocking=True,
             description="Cross-fitted propensities overlap: few clipped, weights' effective sample size adequate.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "specification_agreement",
+            asset="effect_estimates",
+            description="Image-adjusted specifications (image only, another component count) agree with the "
+                        "headline within their SEs (eocausal.estimate.fragility). Warns; does not block.",
+        ),
+        dg.AssetCheckSpec(
+            "chip_scale",
+            asset="effect_estimates",
+            description="A context window twice the chip's side does not move the headline beyond its SEs; "
+                        "else the confounder may extend beyond the chip. Warns; does not block.",
+        ),
     ],
 )
 def effect_estimates(
@@ -61,9 +84,17 @@ def effect_estimates(
             imputed = ImputedOutcomes.from_frame(frame, units["unit_id"], imputation_diagnostics)
         # The PCA fitted once by the embedding stage, under these embeddings' version.
         pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), embeddings_version)
+        context_rows = None
+        if spec.analysis.chip_scale_check and any("image" in fs for fs in spec.analysis.feature_sets):
+            period = spec.imagery.analysis_period_name()
+            context_rows = context_components(
+                units, open_source(spec, period), spec, warehouse.cache / "chips",
+                spec.analysis.fixed_image_components,
+            ).components
         result = estimate_study(
             units, covariates, spec.analysis, study_name=spec.name,
             survey_version=survey_version, embeddings_version=embeddings_version, imputed=imputed, pca=pca,
+            context=context_rows,
         )
         table, from_cache = result.table, False
         crash_point("estimates.computed")  # fault tests: computed, not yet written
@@ -91,6 +122,25 @@ def effect_estimates(
         },
         data_version=dg.DataVersion(version),
         check_results=[
-            dg.AssetCheckResult(check_name="propensity_overlap", passed=overlap_passed, description=overlap_message)
+            dg.AssetCheckResult(check_name="propensity_overlap", passed=overlap_passed, description=overlap_message),
+            *fragility_check_results(table),
         ],
     )
+
+
+def fragility_check_results(table: pd.DataFrame) -> list[dg.AssetCheckResult]:
+    """The two fragility checks as warnings (a failed check, severity WARN: nothing is blocked)."""
+    out = []
+    for check, column in (("specification_agreement", "specification_warning"), ("chip_scale", "chip_scale_warning")):
+        warning, detail = fragility_summary(table, column)
+        out.append(dg.AssetCheckResult(
+            check_name=check, passed=warning is None, severity=dg.AssetCheckSeverity.WARN,
+            description=warning or detail, metadata={"detail": dg.MetadataValue.json(fragility_detail(table))},
+        ))
+    return out
+
+
+def fragility_detail(table: pd.DataFrame) -> dict:
+    if "fragility" not in table or table["fragility"].isna().all():
+        return {}
+    return json.loads(table["fragility"].dropna().iloc[0])

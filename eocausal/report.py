@@ -371,6 +371,20 @@ def _quality_section(inputs: ReportInputs) -> list[str]:
     return out
 
 
+def _fragility_lines(est: pd.DataFrame) -> list[str]:
+    """The fragility checks (eocausal.estimate.fragility) as warnings above the estimates."""
+    from eocausal.estimate.effects import fragility_summary
+
+    out = []
+    for column, what in (("specification_warning", "Specification check"), ("chip_scale_warning", "Chip-scale check")):
+        warning, detail = fragility_summary(est, column)
+        if warning:
+            out.append(f"<p class='warn'><b>Warning — {what.lower()}:</b> {html.escape(warning)}</p>")
+        else:
+            out.append(f"<p class='muted'>{what}: {html.escape(detail)}</p>")
+    return out
+
+
 def _estimates_section(inputs: ReportInputs, figures) -> list[str]:
     est = inputs.estimates
     out = ["<h2>Effect estimates</h2>"]
@@ -379,6 +393,7 @@ def _estimates_section(inputs: ReportInputs, figures) -> list[str]:
                f" dml (the partially linear model) targets the effect weighted by Var(D | X), here"
                f" <b>{inputs.truth_dml:.3f}</b>; its bias is against that.")
         out.append(f"<p>Known (simulated) ATE: <b>{inputs.truth_ate:.3f}</b> (dashed line).{dml}</p>")
+    out += _fragility_lines(est)
     out.append(_img(figures.get("forest"), "forest plot"))
     cols = ["estimand", "estimator", "feature_set", "estimate", "std_error", "ci_low", "ci_high", "n"]
     if "outcome_source" in est.columns and est["outcome_source"].nunique() > 1:

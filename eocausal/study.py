@@ -296,8 +296,13 @@ class AnalysisSpec(_Strict):
     seed: int = Field(0, ge=0, le=SEED_MAX)
     # Propensity scores are clipped to [clip, 1 - clip]; the clipped share is reported.
     propensity_clip: float = Field(0.01, gt=0.0, lt=0.5)
-    # Image embeddings are reduced to this many principal components inside each fold.
-    image_components: int = Field(64, ge=1)
+    # Image embeddings are reduced to this many principal components (of the PCA the embedding
+    # stage stored); "auto" = chosen by cross-validated nuisance loss (eocausal.estimate.components).
+    # 64 is the confounder zoo's choice: "auto" picks fewer and leaves more bias (benchmarks/results/zoo).
+    image_components: int | Literal["auto"] = Field(64)
+    # Re-estimate with a context window twice the chip's side and warn when it moves the headline
+    # beyond its SEs (the confounder may extend beyond the chip): about one more chip pass.
+    chip_scale_check: bool = True
     # Spatially blocked folds: units are grouped into square blocks of this size (km).
     spatial_block_km: float | None = Field(None, gt=0)
     # The outcome may be missing for some units: predict it from the image (+ covariates) and
@@ -312,6 +317,18 @@ class AnalysisSpec(_Strict):
     propensity_trim: float | None = Field(None, gt=0.0, lt=0.5)
     # Repeated cross-fitting: the median over this many independent fold splits.
     cross_fit_repetitions: int = Field(1, ge=1, le=100)
+
+    @property
+    def fixed_image_components(self) -> int:
+        """The component count of stages that take a fixed one (CATE, clusters): 64 under "auto"."""
+        return 64 if self.image_components == "auto" else int(self.image_components)
+
+    @field_validator("image_components")
+    @classmethod
+    def _components(cls, v):
+        if v != "auto" and (isinstance(v, bool) or int(v) < 1):
+            raise ValueError("image_components must be a positive integer or 'auto'")
+        return v
 
     @field_validator("estimators", "feature_sets")
     @classmethod

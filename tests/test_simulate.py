@@ -84,8 +84,8 @@ def test_default_demo_is_a_valid_study(default_demo):
     study = load_study(default_demo)
     assert study.name == "eocausal_demo"
     assert study.survey.covariates == ["market_access", "household_size"]
-    assert study.imagery.chip_size_px == DEMO_CHIP_SIZE_PX == 50 and study.imagery.max_nodata_share == 0.2
-    assert study.embedding.method == "rcf" and study.embedding.n_features == 1024
+    assert study.imagery.chip_size_px == DEMO_CHIP_SIZE_PX == 64 and study.imagery.max_nodata_share == 0.2
+    assert study.embedding.method == "rcf" and study.embedding.n_features == 1536
     assert study.analysis.estimators == ["difference_in_means", "ipw", "aipw", "dml"]
     assert study.analysis.feature_sets == ["none", "tabular", "image", "tabular+image"]
     assert study.analysis.folds == 5

@@ -24,7 +24,9 @@ def test_defaults_and_paths(tmp_path):
     assert study.analysis.estimators == ["difference_in_means", "ipw", "aipw", "dml"]
     assert study.analysis.feature_sets == ["none", "tabular", "image", "tabular+image"]
     assert study.analysis.folds == 5
-    assert study.embedding.method == "rcf" and study.embedding.n_features == 1024
+    assert study.embedding.method == "rcf" and study.embedding.n_features == 1536
+    assert study.embedding.filters == "mixed" and study.embedding.pool_scales == [1.0, 0.5, 0.25]
+    assert study.analysis.image_components == 64 and study.analysis.chip_scale_check
     assert study.survey_path == (tmp_path / "units.csv").resolve()
     assert study.imagery_path == (tmp_path / "imagery").resolve()
     assert load_study(tmp_path).name == "s1"  # a folder means its study.yaml

@@ -22,8 +22,10 @@ import numpy as np
 import pandas as pd
 
 from eocausal.embed.reduce import PCAReduction, image_reduction
-from eocausal.estimate.ate import EffectResult, estimate_effect
+from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effects
+from eocausal.estimate.components import CANDIDATES, choose_components
 from eocausal.estimate.diagnostics import overlap_ok
+from eocausal.estimate.fragility import chip_scale_check, specification_check
 from eocausal.estimate.folds import spatial_blocks
 from eocausal.estimate.imputation import CORRECTED, MEASURED, PLUGIN, ImputedOutcomes, annotate, impute_outcomes
 from eocausal.estimate.sensitivity import SENSITIVITY_ESTIMATORS, sensitivity_for_effects
@@ -35,7 +37,7 @@ from eocausal.versioning import estimate_version
 # Bump when estimator code changes what it computes: it enters every estimate version.
 # (effects-2: outcome imputation and the sensitivity columns; effects-3: on imputed outcomes
 # the sensitivity's r_y is read against the measured outcomes.)
-CODE_VERSION = "effects-4"  # 4: image components from the stored PCA
+CODE_VERSION = "effects-5"  # 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",
@@ -45,6 +47,9 @@ ESTIMATE_COLUMNS = [
     "outcome_source", "n_outcome_observed",
     # sensitivity to an unobserved confounder (AIPW/DML ATE rows; NULL elsewhere)
     "robustness_value", "robustness_value_alpha", "sensitivity",
+    # fragility of the image adjustment (eocausal.estimate.fragility): the same on every row of a
+    # version; NULL warnings = the check ran and stayed quiet (or could not run: see fragility)
+    "specification_warning", "chip_scale_warning", "fragility",
 ]
 
 
@@ -66,8 +71,7 @@ def feature_sets(
     image_names: list[str] = []
     image = np.zeros((len(units), 0))
     if any("image" in fs for fs in analysis.feature_sets):
-        embedding = embedding_matrix(units["embedding"])
-        image = image_reduction(embedding, analysis.image_components, analysis.seed, pca).transform(embedding)
+        image = image_components(units, covariates, analysis, pca)
         image_names = [f"image_pc{i + 1}" for i in range(image.shape[1])]
     out = {}
     for fs in analysis.feature_sets:
@@ -80,6 +84,24 @@ def feature_sets(
         else:
             out[fs] = (np.hstack([tabular, image]), list(covariates) + image_names)
     return out
+
+
+def image_components(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec,
+                     pca: PCAReduction | None = None, n_components: int | None = None) -> np.ndarray:
+    """The units' image components: ``n_components``, else ``analysis.image_components`` (with
+    ``"auto"``, the count :func:`eocausal.estimate.components.choose_components` picks among the
+    stored ones)."""
+    embedding = embedding_matrix(units["embedding"])
+    k = n_components or analysis.image_components
+    if k == "auto":
+        stored = image_reduction(embedding, max(CANDIDATES), analysis.seed, pca).transform(embedding)
+        tabular = units[covariates].to_numpy(dtype=float) if covariates else None
+        outcome = units["outcome"].to_numpy(dtype=float)
+        measured = np.isfinite(outcome)
+        k = choose_components(outcome[measured], units["treatment"].to_numpy(dtype=int)[measured],
+                              None if tabular is None else tabular[measured], stored[measured]).n_components
+        return stored[:, :k]
+    return image_reduction(embedding, int(k), analysis.seed, pca).transform(embedding)
 
 
 def imputation_features(
@@ -131,11 +153,13 @@ def estimate_study(
     estimands: tuple[str, ...] = ("ATE",),
     imputed: ImputedOutcomes | None = None,
     pca: PCAReduction | None = None,
+    context: np.ndarray | None = None,
 ) -> StudyEstimates:
     """Run every estimator x feature set on the analysis units (canonical columns + embedding).
 
     ``imputed``: the study's imputed outcomes, aligned with ``units`` (with outcome imputation
-    on; computed here when not given).
+    on; computed here when not given). ``context``: image components of each unit's context
+    window (:mod:`eocausal.embed.context`; NaN rows where unusable), for the chip-scale check.
     """
     version = analysis_version(analysis, survey_version, embeddings_version)
     y = units["outcome"].to_numpy(dtype=float)
@@ -195,10 +219,59 @@ def estimate_study(
                         "robustness_value_alpha": None if sens is None else sens["robustness_value_alpha"],
                         "sensitivity": None if sens is None else json.dumps(sens, sort_keys=True, default=float),
                     })
+    fragility = fragility_checks(units, covariates, analysis, all_feature_sets, pca, context,
+                                 imputed.labelled if imputed is not None else everyone)
+    for row in rows:
+        row.update(fragility)
     table = pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
     for col in ("robustness_value", "robustness_value_alpha"):
         table[col] = table[col].astype("float64")
     return StudyEstimates(version=version, table=table, results=results)
+
+
+def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, all_feature_sets: dict,
+                     pca: PCAReduction | None, context: np.ndarray | None, keep: np.ndarray) -> dict:
+    """The specification and chip-scale checks of the headline (tabular+image, else image, AIPW
+    ATE on the units with a measured outcome), as the three fragility columns."""
+    headline_set = next((fs for fs in ("tabular+image", "image") if fs in all_feature_sets), None)
+    detail: dict = {"headline": None, "specification": None, "chip_scale": None}
+    if headline_set is None:
+        detail["note"] = "no image feature set requested: nothing to check"
+        return {"specification_warning": None, "chip_scale_warning": None, "fragility": json.dumps(detail)}
+    y = units["outcome"].to_numpy(dtype=float)[keep]
+    d = units["treatment"].to_numpy(dtype=int)[keep]
+    groups = _groups(units, analysis)
+    groups = None if groups is None else groups[keep]
+    X, _ = all_feature_sets[headline_set]
+    X = X[keep]
+    options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip)
+    headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
+    tabular = (units[covariates].to_numpy(dtype=float)[keep] if covariates and headline_set == "tabular+image"
+               else None)
+    k = X.shape[1] - (0 if tabular is None else tabular.shape[1])
+    stored = pca.n_components_ if pca is not None else 0
+    wider = image_components(units, covariates, analysis, pca, n_components=max(min(2 * k, max(stored, k)), k))[keep]
+    detail["headline"] = {"feature_set": headline_set, "estimator": "aipw", "estimand": "ATE",
+                          "estimate": headline.estimate, "std_error": headline.std_error}
+    spec = specification_check(y, d, tabular, wider, k, headline=headline, **options)
+    detail["specification"] = spec.to_dict()
+    chip_warning = None
+    if context is None:
+        detail["chip_scale"] = {"skipped": "no context components (analysis.chip_scale_check off, or not computed)"}
+    else:
+        ctx = np.asarray(context, dtype=float)[keep]
+        usable = np.isfinite(ctx).all(axis=1)
+        if usable.sum() < max(10, 2 * analysis.folds) or len(np.unique(d[usable])) < 2:
+            detail["chip_scale"] = {"skipped": f"only {int(usable.sum())} units have a usable context window"}
+        else:
+            sub = dict(options, groups=None if groups is None else np.unique(groups[usable], return_inverse=True)[1])
+            base = headline if usable.all() else estimate_effects(y[usable], d[usable], X[usable],
+                                                                  estimators=("aipw",), **sub)["aipw"]
+            scale = chip_scale_check(y[usable], d[usable], X[usable], ctx[usable], headline=base, **sub)
+            detail["chip_scale"] = scale.to_dict() | {"n_units": int(usable.sum())}
+            chip_warning = scale.warning
+    return {"specification_warning": spec.warning, "chip_scale_warning": chip_warning,
+            "fragility": json.dumps(detail, sort_keys=True, default=float)}
 
 
 def _sensitivity(y, d, X, groups, analysis: AnalysisSpec, estimand: str, source: str, fitted: dict,
@@ -223,6 +296,23 @@ def _sensitivity(y, d, X, groups, analysis: AnalysisSpec, estimand: str, source:
             s.notes.append(f"bounds from the first of {analysis.cross_fit_repetitions} cross-fitting splits; "
                            "the reported estimate is the median over splits")
     return {e: sensitivity_summary(s) for e, s in stats.items()}
+
+
+def fragility_summary(table: pd.DataFrame, column: str) -> tuple[str | None, str]:
+    """(the warning of a fragility column, or None; a one-line account when quiet), from a table
+    computed now or read back (tables from before the column existed: not checked)."""
+    if column not in table or table.empty:
+        return None, "not checked (estimates from before the fragility checks)"
+    warnings = table[column].dropna()
+    if len(warnings):
+        return str(warnings.iloc[0]), ""
+    detail = json.loads(table["fragility"].dropna().iloc[0]) if table["fragility"].notna().any() else {}
+    part = detail.get("chip_scale" if column == "chip_scale_warning" else "specification") or {}
+    if "skipped" in part:
+        return None, f"not checked: {part['skipped']}"
+    if not part:
+        return None, detail.get("note", "not checked")
+    return None, f"quiet: largest |difference| / SE {part.get('max_abs_z', 0):.2f} (warns above {part.get('threshold')})"
 
 
 def overlap_report(table: pd.DataFrame) -> dict[str, dict]:

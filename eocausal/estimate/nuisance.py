@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.dummy import DummyRegressor
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -150,7 +150,7 @@ class ComponentReduction(TransformerMixin, BaseEstimator):
         return np.hstack([X[:, self.kept_], self.pca_.transform(block)])
 
 
-class Undersmoothed(BaseEstimator):
+class _Undersmoothed(BaseEstimator):
     """A scikit-learn ``LogisticRegressionCV``/``RidgeCV`` whose penalty, once chosen by its CV, is
     divided by ``factor`` for the final fit (the reference for the fast solvers' ``undersmooth``)."""
 
@@ -177,6 +177,14 @@ class Undersmoothed(BaseEstimator):
 
     def predict(self, X):
         return self.model_.predict(X)
+
+
+class UndersmoothedClassifier(ClassifierMixin, _Undersmoothed):
+    pass
+
+
+class UndersmoothedRegressor(RegressorMixin, _Undersmoothed):
+    pass
 
 
 def mean_log_likelihood(estimator, X, y) -> float:
@@ -231,7 +239,7 @@ def propensity_model(spec: NuisanceSpec, smaller_class_count: int):
             **_logistic_cv_options(),
         )
         if spec.undersmooth != 1.0:
-            model = Undersmoothed(model, spec.undersmooth)
+            model = UndersmoothedClassifier(model, spec.undersmooth)
     else:
         # Too few units of one arm to tune the penalty: a fixed, moderate one.
         model = LogisticRegression(C=1.0, max_iter=300)
@@ -252,7 +260,7 @@ def outcome_model(spec: NuisanceSpec, n_train: int):
         return Pipeline(_front(spec, linear=False) + [("model", model)])
     model = RidgeCV(alphas=OUTCOME_ALPHAS)
     if spec.undersmooth != 1.0:
-        model = Undersmoothed(model, spec.undersmooth)
+        model = UndersmoothedRegressor(model, spec.undersmooth)
     return Pipeline(_front(spec, linear=True) + [("model", model)])
 
 

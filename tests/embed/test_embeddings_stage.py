@@ -39,7 +39,10 @@ def chip_cache(tmp_path):
 
 
 def spec(**kw) -> EmbeddingSpec:
-    return EmbeddingSpec(**{"n_features": 16, "dtype": "float32", "pca_components": 4, **kw})
+    # The paper's filter bank on the whole chip (the stage's mechanics; the study default's
+    # level filters and pooling scales are tested in test_rcf*).
+    return EmbeddingSpec(**{"n_features": 16, "dtype": "float32", "pca_components": 4, "filters": "whitened",
+                            "pool_scales": [1.0], **kw})
 
 
 def test_streams_in_batches_and_matches_the_embedder(chip_cache, tmp_path, monkeypatch):

@@ -17,7 +17,10 @@ from tests.estimate.test_ate import simulate_confounded, simulate_randomised
 @pytest.fixture(scope="module")
 def confounded_ipw():
     y, d, X = simulate_confounded(1500, p=6, seed=31, strength=1.5)
-    return estimate_effect(y, d, X, estimator="ipw"), d
+    # The propensity at its CV penalty (undersmooth 1): balance after weighting is a property of
+    # that fit; the default's 4x weaker penalty trades some of it for a less biased AIPW score
+    # (0.11 vs 0.07 max |SMD| here).
+    return estimate_effect(y, d, X, estimator="ipw", undersmooth=1.0), d
 
 
 def test_weighting_reduces_imbalance_on_a_confounded_design(confounded_ipw):

@@ -113,7 +113,7 @@ def shared_cache(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("k, floor", [(2, 0.6), (3, 0.6)])
 def test_effect_clusters_are_recovered_from_images(scene, shared_cache, tmp_path, k, floor):
-    units, res, true_classes = _image_study(tmp_path, k, scene, n_units=800, chip_size_px=32, n_features=128,
+    units, res, true_classes = _image_study(tmp_path, k, scene, n_units=800, chip_size_px=32, n_features=132,
                                             cache=shared_cache)
     fit, ari_membership, ari_posterior = _fit_and_score(units, res, true_classes, k)
     print(f"procedural scene K={k}: ARI membership {ari_membership:.3f}, posterior {ari_posterior:.3f}, mu {fit.mu}")
@@ -129,7 +129,7 @@ def test_effect_clusters_on_the_landsat_demo_scene(tmp_path_factory, k):
     """The demo's real scene, its 1500 units and chips (the figures quoted in the report)."""
     cache = Path(tmp_path_factory.getbasetemp()) / "landsat_cluster_cache"
     units, res, true_classes = _image_study(tmp_path_factory.mktemp(f"landsat_k{k}"), k, None, n_units=1500,
-                                            chip_size_px=DEMO_CHIP_SIZE_PX, n_features=1024, cache=cache,
+                                            chip_size_px=DEMO_CHIP_SIZE_PX, n_features=1536, cache=cache,
                                             image_components=64)
     fit, ari_membership, ari_posterior = _fit_and_score(units, res, true_classes, k)
     print(f"Landsat demo scene K={k}: ARI membership {ari_membership:.3f}, posterior {ari_posterior:.3f}, mu {fit.mu}")

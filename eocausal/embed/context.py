@@ -1,0 +1,61 @@
+"""Context chips for the chip-scale check (:mod:`eocausal.estimate.fragility`).
+
+A confounder whose footprint extends beyond the chip cannot be adjusted for by any estimator that
+sees only the chip. To tell, the effects stage compares the headline estimate with one that also
+sees a *context* around each unit: a window twice the chip's side, read from the same imagery and
+averaged 2 x 2 (so it has the chip's pixel count and costs about one more chip pass), embedded by
+the study's embedder (fitted on the context chips) and reduced to the study's number of image
+components. Context chips are cached like chips (their key holds the doubled size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eocausal.embed.embeddings import FIT_CHIPS, _fit_sample, make_embedder
+from eocausal.embed.reduce import fit_pca
+from eocausal.imagery.chips import extract_chips, load_chips
+from eocausal.montecarlo import downsample_chips as downsample
+
+# The context window's side, in chips, and the averaging that brings it back to the chip's pixels.
+CONTEXT_FACTOR = 2
+
+
+@dataclass
+class ContextComponents:
+    unit_ids: list[str]
+    components: np.ndarray  # [n_units, k]; NaN rows for units whose context is not usable
+    n_usable: int
+
+
+def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int) -> ContextComponents:
+    """Image components of each unit's context window (columns unit_id, lat, lon), aligned with
+    ``units``; units whose context is outside the imagery or mostly nodata get NaN rows."""
+    size = CONTEXT_FACTOR * study.imagery.chip_size_px
+    extraction = extract_chips(units[["unit_id", "lat", "lon"]], source, size, Path(chip_cache),
+                               study.imagery.max_nodata_share)
+    index = extraction.index.set_index(extraction.index["unit_id"].astype(str))
+    ids = units["unit_id"].astype(str).tolist()
+    ok_index = index.loc[ids]
+    ok_index = ok_index[ok_index["status"] == "ok"]
+    out = np.full((len(ids), n_components), np.nan)
+    if len(ok_index) < max(n_components, 10):
+        return ContextComponents(ids, out, int(len(ok_index)))
+    embedder = make_embedder(study.embedding)
+    chips, valid = downsample(*load_chips(_fit_sample(ok_index.reset_index(drop=True), study.embedding.seed), chip_cache),
+                              CONTEXT_FACTOR)
+    embedder.fit(chips, valid)
+    features = np.empty((len(ok_index), embedder.n_features), dtype=np.float32)
+    for start in range(0, len(ok_index), FIT_CHIPS):
+        part = ok_index.iloc[start : start + FIT_CHIPS].reset_index(drop=True)
+        features[start : start + len(part)] = embedder.transform(*downsample(*load_chips(part, chip_cache), CONTEXT_FACTOR))
+    finite = np.isfinite(features).all(axis=1)
+    pca = fit_pca(features[finite], n_components, seed=study.embedding.seed)
+    position = {u: i for i, u in enumerate(ids)}
+    rows = [position[u] for u in np.asarray(ok_index.index)[finite]]
+    out[rows, : pca.n_components_] = pca.transform(features[finite])
+    return ContextComponents(ids, out, int(finite.sum()))
