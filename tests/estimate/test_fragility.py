@@ -1,0 +1,62 @@
+"""Fragility checks (eocausal.estimate.fragility) on designs built to trigger them and not to."""
+
+import numpy as np
+
+from eocausal.estimate.ate import estimate_effects
+from eocausal.estimate.components import choose_components
+from eocausal.estimate.fragility import THRESHOLD, chip_scale_check, specification_check
+
+
+def _design(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    inside = rng.standard_normal(n)  # a confounder the chip shows
+    outside = rng.standard_normal(n)  # one only a wider window shows
+    chip = np.column_stack([inside + 0.1 * rng.standard_normal(n), rng.standard_normal((n, 7))])
+    context = np.column_stack([outside + 0.1 * rng.standard_normal(n), rng.standard_normal((n, 7))])
+    return rng, inside, outside, chip, context
+
+
+def _draw(rng, confounder, n):
+    d = (rng.random(n) < 1 / (1 + np.exp(-1.2 * confounder))).astype(int)
+    y = 1.5 * confounder + d + rng.standard_normal(n)
+    return y, d
+
+
+def test_chip_scale_warns_when_the_confounder_lies_beyond_the_chip():
+    rng, inside, outside, chip, context = _design()
+    y, d = _draw(rng, inside + outside, inside.size)
+    headline = estimate_effects(y, d, chip, estimators=("aipw",), folds=5, seed=0)["aipw"]
+    check = chip_scale_check(y, d, chip, context, folds=5, seed=0, headline=headline)
+    assert check.warning is not None and "beyond the chip" in check.warning
+    assert check.to_dict()["comparisons"][0]["name"] == "chip + context"
+
+
+def test_chip_scale_is_quiet_when_the_chip_holds_the_confounder():
+    rng, inside, _, chip, context = _design(seed=1)
+    y, d = _draw(rng, inside, inside.size)
+    headline = estimate_effects(y, d, chip, estimators=("aipw",), folds=5, seed=0)["aipw"]
+    check = chip_scale_check(y, d, chip, context, folds=5, seed=0, headline=headline)
+    assert check.warning is None and check.max_abs_z < THRESHOLD
+
+
+def test_specification_check_compares_image_only_and_another_component_count():
+    rng, inside, _, chip, _ = _design(seed=2)
+    y, d = _draw(rng, inside, inside.size)
+    tabular = rng.standard_normal((inside.size, 2))
+    X = np.hstack([tabular, chip[:, :4]])
+    headline = estimate_effects(y, d, X, estimators=("aipw",), folds=5, seed=0)["aipw"]
+    check = specification_check(y, d, tabular, chip, 4, folds=5, seed=0, headline=headline)
+    assert [c.name for c in check.comparisons] == ["image only", "8 components"]
+    assert check.warning is None
+
+
+def test_component_choice_reaches_the_component_that_carries_the_confounder():
+    rng = np.random.default_rng(3)
+    n = 1500
+    components = rng.standard_normal((n, 64))
+    confounder = components[:, 40]
+    d = (rng.random(n) < 1 / (1 + np.exp(-confounder))).astype(int)
+    y = 2 * confounder + d + rng.standard_normal(n)
+    choice = choose_components(y, d, None, components)
+    assert choice.n_components == 64
+    assert choice.losses[64] < choice.losses[32]
