@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eocausal.embed.backbone import BackboneEmbedder, build_backbone, flops_per_image  # noqa: E402
 from eocausal.embed.devices import ieee_float32, native_bf16, resolve_device  # noqa: E402
+from eocausal.embed.embeddings import make_embedder  # noqa: E402
+from eocausal.study import EmbeddingSpec  # noqa: E402
 from eocausal.embed.rcf import RCFEmbedder  # noqa: E402
 
 
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     # MOSAIKS' own layout of the same width: half the filters, both branches (the negative one free).
     half = RCFEmbedder(n_features=args.filters, patch_size=args.patch_size, device=str(device),
                        dtype="bfloat16", batch_size=n_chips, branches="both").fit(fit_chips, fit_valid)
+    # The study default (EmbeddingSpec(): mixed whitened + level filters, pooled over the whole chip,
+    # its centre half and quarter; 512 filters, 1,536 features) in the dtype `auto` picks here.
+    default = make_embedder(EmbeddingSpec(device=str(device), batch_size=n_chips)).fit(fit_chips, fit_valid)
     ref_chips = args.reference_chips or (n_chips if device.type == "cuda" else 1)
     tasks: dict[str, tuple] = {
         "(a) conv2d reference fp32": (lambda: reference.transform(chips[:ref_chips], valid[:ref_chips]), ref_chips, rcf_flops, "float32"),
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         "(c) fast path bf16": (lambda: fast16.transform(chips, valid), n_chips, rcf_flops, "bfloat16"),
         f"(c) fast bf16, {args.filters // 2} filters x both branches": (
             lambda: half.transform(chips, valid), n_chips, half.flops_per_chip(args.size, args.size), "bfloat16"),
+        f"(f) study default ({default.n_filters} filters x 3 scales, {default.dtype_})": (
+            lambda: default.transform(chips, valid), n_chips, default.flops_per_chip(args.size, args.size),
+            default.dtype_),
     }
 
     # ResNet-18 as torchvision runs it, at its 224 px input (chips resized, as input_size_px: 224
