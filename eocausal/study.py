@@ -245,6 +245,7 @@ class ImagerySpec(_Strict):
 class EmbeddingSpec(_Strict):
     method: Literal["rcf", "backbone"] = "rcf"
     # RCF: 512 filters x 3 pooling scales (the confounder zoo's default; see eocausal.embed.rcf).
+    # With level filters or pooling scales the width is rounded down to whole filters (1024 -> 1023).
     n_features: int = Field(1536, ge=8, le=65536)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     patch_size: int = Field(3, ge=1, le=15)

@@ -414,14 +414,22 @@ class RCFEmbedder:
                                  "for a grid, or pool_grid 1 for nested scales")
         outputs = int(pool_grid) ** 2 if scales == (1.0,) else len(scales)
         per_filter = (2 if branches == "both" else 1) * outputs
-        # Level filters come in +w/-w pairs: "raw" needs an even filter count, "mixed" a multiple of 4.
-        pairs = {"whitened": 1, "raw": 2, "mixed": 4}[filters]
-        if n_features % (per_filter * pairs):
-            raise EmbeddingError(
-                f"n_features={n_features} must be a multiple of {per_filter * pairs} (branches={branches!r} "
-                f"x {outputs} pooling region(s), filters={filters!r} needing filter counts that are "
-                f"multiples of {pairs}): each filter gives {per_filter} features"
-            )
+        minimum = per_filter * (2 if filters == "raw" else 1)
+        if filters == "whitened" and scales == (1.0,):
+            # The paper's layout: the width is exactly n_features, or an error.
+            if n_features % per_filter:
+                raise EmbeddingError(
+                    f"n_features={n_features} must be a multiple of {per_filter} (branches={branches!r} "
+                    f"x pool_grid {pool_grid}x{pool_grid} cells): each filter gives {per_filter} features"
+                )
+        elif n_features < minimum:
+            raise EmbeddingError(f"n_features={n_features} is below {minimum}, the width of one filter's "
+                                 f"features (filters={filters!r}, {outputs} pooling region(s), branches={branches!r})")
+        else:
+            # Level filters and pooling scales: the width is n_features rounded down to a whole
+            # number of filters (1,024 -> 1,023 at 3 scales), so study files written for the
+            # paper's layout keep working.
+            n_features = (int(n_features) // per_filter) * per_filter
         self.n_features = int(n_features)
         self.patch_size = int(patch_size)
         self.seed = int(seed)
@@ -475,8 +483,10 @@ class RCFEmbedder:
 
     @property
     def n_whitened(self) -> int:
-        """Whitened (texture) filters; the rest are level filters in +w/-w pairs."""
-        return {"whitened": self.n_filters, "raw": 0, "mixed": self.n_filters // 2}[self.filters]
+        """Whitened (texture) filters; the rest are level filters in +w/-w pairs (an odd one out
+        is whitened: a "raw" bank of 2k + 1 filters has one whitened filter)."""
+        levels = {"whitened": 0, "raw": self.n_filters, "mixed": self.n_filters // 2}[self.filters]
+        return self.n_filters - 2 * (levels // 2)
 
     @property
     def device_(self) -> str:
