@@ -207,6 +207,16 @@ def _band_statistics(
     return median, spread
 
 
+def _band_normalised(
+    windows: np.ndarray, where: tuple[np.ndarray, np.ndarray, np.ndarray], center: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """Patches at (chip, row, col) as float64 rows [M, C*k*k], each band (value - center) / scale."""
+    n_idx, i_idx, j_idx = where
+    patches = windows[n_idx, :, i_idx, j_idx].astype(np.float64)  # [M, C, k, k]
+    patches = (patches - center[:, None, None]) / scale[:, None, None]
+    return patches.reshape(len(patches), -1)
+
+
 def _normalized_patches(
     windows: np.ndarray,
     where: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -214,10 +224,7 @@ def _normalized_patches(
     scale: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches at (chip, row, col), band-normalised, mean-centred, unit L2 norm: ([M, d], flat)."""
-    n_idx, i_idx, j_idx = where
-    patches = windows[n_idx, :, i_idx, j_idx].astype(np.float64)  # [M, C, k, k]
-    patches = (patches - center[:, None, None]) / scale[:, None, None]
-    patches = patches.reshape(len(patches), -1)
+    patches = _band_normalised(windows, where, center, scale)
     patches -= patches.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(patches, axis=1)
     flat = norms < _FLAT_PATCH_NORM
@@ -284,9 +291,7 @@ def _level_filters(
     out = []
     for start in range(0, len(order), max(4 * n, 1024)):
         pick = order[start : start + max(4 * n, 1024)]
-        n_idx, i_idx, j_idx = (ix[pick] for ix in where)
-        patches = windows[n_idx, :, i_idx, j_idx].astype(np.float64)
-        patches = ((patches - center[:, None, None]) / scale[:, None, None]).reshape(len(pick), -1)
+        patches = _band_normalised(windows, tuple(ix[pick] for ix in where), center, scale)
         norms = np.linalg.norm(patches, axis=1)
         keep = norms > _ZERO_PATCH_NORM
         out.append(patches[keep] / norms[keep, None])
