@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
@@ -59,6 +59,10 @@ MIN_FOR_EARLY_STOPPING = 50
 # the rest (on the confounder zoo it left 0.5 SE of bias in tabular+image AIPW; undersmoothing by
 # 4 brought it under 0.3 SE at a modest cost in variance: benchmarks/results/zoo/).
 UNDERSMOOTH = 4.0
+# ... but the propensity only where its training rows are at least this many per feature: with
+# fewer (a 160-unit study with 64 image components) the weaker penalty overfits, the propensities
+# run to the clipping bounds, and the overlap check fails on overlap the design has.
+UNDERSMOOTH_MIN_ROWS_PER_FEATURE = 5
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,20 @@ def gram_blocks(X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: Nuisan
     return GramBlocks(X, fold_ids, d)
 
 
+def _propensity_spec(spec: NuisanceSpec, n_train: int, n_columns: int) -> NuisanceSpec:
+    """``spec``, with the propensity's undersmoothing off when the training rows are too few per
+    feature (``UNDERSMOOTH_MIN_ROWS_PER_FEATURE``; features after any per-fold PCA)."""
+    if spec.undersmooth == 1.0:
+        return spec
+    n_features = n_columns
+    if spec.pca_components is not None:
+        reduced = n_columns if spec.pca_columns is None else len(spec.pca_columns)
+        n_features = n_columns - reduced + min(int(spec.pca_components), reduced)
+    if n_train >= UNDERSMOOTH_MIN_ROWS_PER_FEATURE * max(n_features, 1):
+        return spec
+    return replace(spec, undersmooth=1.0)
+
+
 def cross_fit_propensity(
     X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec, grams: GramBlocks | None = None
 ) -> tuple[np.ndarray, CrossFitLog]:
@@ -309,7 +327,8 @@ def cross_fit_propensity(
         train = ~test
         smaller = int(min(d[train].sum(), (1 - d[train]).sum()))
         gram = None if grams is None else grams.centred(int(k))
-        model = _fit_logged(propensity_model(spec, smaller), X[train], d[train], log, gram)
+        model = _fit_logged(propensity_model(_propensity_spec(spec, int(train.sum()), X.shape[1]), smaller),
+                            X[train], d[train], log, gram)
         e_hat[test] = model.predict_proba(X[test])[:, 1]
     return e_hat, log
 

@@ -15,7 +15,7 @@ def small_study(root: Path, n_units: int = 240, seed: int = 3, **overrides) -> P
     scene = write_procedural_scene(root / "scene_src" / "scene.tif", width=640, height=560, seed=seed)
     study_path = write_demo_study(root / "study", n_units=n_units, seed=seed, scene=scene, chip_size_px=32)
     doc = yaml.safe_load(study_path.read_text())
-    doc["embedding"].update({"n_features": 128, "batch_size": 128})
+    doc["embedding"].update({"n_features": 132, "batch_size": 128})  # 44 filters x 3 pooling scales
     doc["analysis"].update({"folds": 3, "image_components": 16})
     for section, values in overrides.items():
         doc.setdefault(section, {}).update(values)

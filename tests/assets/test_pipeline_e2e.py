@@ -42,7 +42,7 @@ def test_warehouse_tables_and_exclusions(e2e_run):
     assert excluded["reason"].notna().all()
     chips = outcome.metadata["image_chips"]
     assert chips["n_excluded"] == len(excluded)
-    assert units["embedding"].map(len).eq(128).all()
+    assert units["embedding"].map(len).eq(132).all()
     latest = query(db, "select * from marts.effect_estimates_latest")
     assert len(latest) == 16
 
