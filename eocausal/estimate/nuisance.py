@@ -62,7 +62,7 @@ UNDERSMOOTH = 4.0
 # ... but the propensity only where its training rows are at least this many per feature: with
 # fewer (a 160-unit study with 64 image components) the weaker penalty overfits, the propensities
 # run to the clipping bounds, and the overlap check fails on overlap the design has.
-UNDERSMOOTH_MIN_ROWS_PER_FEATURE = 5
+UNDERSMOOTH_MIN_ROWS_PER_FEATURE = 10
 
 
 @dataclass(frozen=True)
