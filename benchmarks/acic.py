@@ -258,7 +258,8 @@ def main(argv=None) -> int:
             "doubleml": "DoubleMLIRM(score='ATE', trimming_threshold=0.01) with the scikit-learn pipelines "
                         "(NuisanceSpec(solver='sklearn')): StandardScaler + LogisticRegressionCV (l2, Cs=10, "
                         "3-fold stratified inner CV, log-likelihood) and StandardScaler + RidgeCV "
-                        "(alphas logspace(-3, 6, 19), leave-one-out)",
+                        "(alphas logspace(-3, 6, 19), leave-one-out), each refitted at the CV penalty / "
+                        "eocausal.estimate.nuisance.UNDERSMOOTH (4), as eocausal's default learners",
             "threads": "threadpoolctl limits=1; OMP/OPENBLAS/MKL_NUM_THREADS=1 in the command",
         },
     }
