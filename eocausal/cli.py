@@ -22,7 +22,9 @@ JSON_COLUMNS = ["estimand", "estimator", "feature_set", "estimate", "std_error",
                 "estimate_version", "study", "n_treated", "n_control", "n_features", "code_version",
                 "survey_version", "embeddings_version", "computed_at",
                 # outcome imputation and sensitivity (NULL where they do not apply)
-                "outcome_source", "n_outcome_observed", "robustness_value", "robustness_value_alpha"]
+                "outcome_source", "n_outcome_observed", "robustness_value", "robustness_value_alpha",
+                # fragility of the image adjustment (NULL: the check stayed quiet or did not run)
+                "specification_warning", "chip_scale_warning"]
 
 
 def _estimates_json(table) -> str:
