@@ -610,28 +610,57 @@ def plot_zoo(summary: pd.DataFrame, path: Path) -> Path:
 def run_zoo(designs, out_dir: Path, replications: int = 100, folds: int = 5, jobs: int = 1,
             landsat: Path | None = None, log=None) -> dict:
     """Prepare and run every design; write replications.csv, summary.csv, zoo.md, zoo.png and
-    settings.json to ``out_dir`` (embeddings cached under ``out_dir/cache``)."""
+    settings.json to ``out_dir`` (embeddings cached under ``out_dir/cache``).
+
+    Results are merged design by design: after each design the files are rewritten with its rows
+    replacing any earlier rows of that design in ``out_dir`` (so a subset of designs can be rerun,
+    and a run that stops keeps the designs it finished). ``settings.json`` records when each
+    design was last run."""
     log = log or (lambda m: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     prepared, frames = {}, []
+    result: dict = {}
     for design in designs:
+        design_started = time.perf_counter()
         p = prepare(design, out_dir / "cache", landsat, log)
         prepared[design.name] = p
-        frames.append(run_design(p, replications, folds, jobs, log))
-    replicates = pd.concat(frames, ignore_index=True)
+        frame = run_design(p, replications, folds, jobs, log)
+        frames.append(frame)
+        result = _merge_results(out_dir, frame, p, replications, folds, jobs,
+                                round(time.perf_counter() - design_started, 1), landsat, log)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _merge_results(out_dir: Path, frame: pd.DataFrame, p: PreparedDesign, replications: int, folds: int,
+                   jobs: int, seconds: float, landsat: Path | None, log) -> dict:
+    """Replace ``p``'s design rows in ``out_dir``'s results and rewrite every summary file."""
+    rep_path, settings_path = out_dir / "replications.csv", out_dir / "settings.json"
+    name = p.design.name
+    old = pd.read_csv(rep_path) if rep_path.exists() else pd.DataFrame(columns=frame.columns)
+    replicates = pd.concat([old[old["design"] != name], frame], ignore_index=True)
+    order = {d.name: i for i, d in enumerate(ZOO)}
+    replicates = replicates.sort_values(["design", "replication"], key=lambda c: c.map(order).fillna(len(order))
+                                        if c.name == "design" else c, kind="stable").reset_index(drop=True)
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    settings.update({"zoo_version": ZOO_VERSION, "folds": folds})
+    entry = asdict(p.design) | p.settings | {"r2": p.r2, "embed_seconds": p.seconds}
+    entry |= {"replications": replications, "jobs": jobs, "seconds": seconds,
+              "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    settings.setdefault("designs", {})[name] = entry
+    prepared = {}
+    for design_name in replicates["design"].unique():
+        if design_name == name:
+            prepared[name] = p
+        else:  # from the cache (computed again only when it is missing)
+            prepared[design_name] = prepare(design_by_name(design_name), out_dir / "cache", landsat, log)
     summary = summarise(replicates, prepared)
-    replicates.to_csv(out_dir / "replications.csv", index=False, lineterminator="\n", float_format="%.6g")
-    summary.to_csv(out_dir / "summary.csv", index=False, lineterminator="\n", float_format="%.6g")
+    rep_path.write_text(replicates.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
+    (out_dir / "summary.csv").write_text(summary.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
     table = headline_markdown(summary, prepared)
     (out_dir / "zoo.md").write_text(table + "\n", encoding="utf-8")
     plot_zoo(summary, out_dir / "zoo.png")
-    settings = {
-        "zoo_version": ZOO_VERSION, "replications": replications, "folds": folds, "jobs": jobs,
-        "seconds": round(time.perf_counter() - started, 1),
-        "designs": {name: asdict(p.design) | p.settings | {"r2": p.r2, "embed_seconds": p.seconds}
-                    for name, p in prepared.items()},
-    }
-    (out_dir / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n", encoding="utf-8")
+    settings_path.write_text(json.dumps(settings, indent=1, default=str) + "\n", encoding="utf-8")
     return {"summary": summary, "table": table, "prepared": prepared, "replicates": replicates}

@@ -50,3 +50,22 @@ def test_image_adjustment_removes_most_of_the_bias(small_design):
     assert adjusted < 0.4 * naive
     assert (headline["estimate"] - headline["truth"]).abs().mean() < 2.5 * headline["std_error"].mean()
     assert headline["specification_z"].notna().all() and headline["chip_scale_z"].notna().all()
+
+
+
+def test_results_merge_design_by_design(small_design, tmp_path):
+    import json
+
+    import pandas as pd
+
+    frame = pd.DataFrame(zoo.run_replication(small_design, 0))
+    zoo._merge_results(tmp_path, frame.assign(estimate=frame["estimate"] + 1.0), small_design, 1, 5, 1, 1.0, None, None)
+    result = zoo._merge_results(tmp_path, frame, small_design, 1, 5, 1, 2.0, None, None)
+    replicates = pd.read_csv(tmp_path / "replications.csv")
+    # The rerun replaced the design's rows (not appended to them) and rewrote every summary.
+    assert len(replicates) == len(frame)
+    np.testing.assert_allclose(replicates["estimate"], frame["estimate"], rtol=1e-5)
+    assert small_design.design.name in (tmp_path / "zoo.md").read_text() and (tmp_path / "zoo.png").exists()
+    entry = json.loads((tmp_path / "settings.json").read_text())["designs"][small_design.design.name]
+    assert entry["seconds"] == 2.0 and entry["run_at"]
+    assert len(result["summary"]) == len(pd.read_csv(tmp_path / "summary.csv"))
