@@ -20,6 +20,7 @@ from dagster import AssetExecutionContext
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from assets.resources import StudyResource, WarehouseResource
+from eocausal import progress
 from eocausal.faults import crash_point
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
@@ -74,9 +75,19 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
     # paths) survives between runs, so a warm run skips the full parse.
     target = warehouse.root_path / "dbt_target" / context.op_def.name
+    # progress: one step per model and per test (dbt tests are asset checks)
+    label = context.op_def.name.removeprefix("dbt_").replace("_", " ")
+    n_steps = len(context.selected_asset_keys) + len(context.selected_asset_check_keys)
+    done = 0
+    progress.report("dbt", done, n_steps, "models and tests", label)
     for event in dbt.cli(["build"], context=context, target_path=target).stream():
         yield event
+        if isinstance(event, (dg.Output, dg.AssetMaterialization, dg.AssetCheckResult)):
+            done = min(done + 1, n_steps)
+            progress.report("dbt", done, n_steps, "models and tests", label)
         crash_point(f"dbt.{context.op_def.name}")  # fault tests: dbt is still building
+    if done < n_steps:
+        progress.report("dbt", n_steps, n_steps, "models and tests", label)
 
 
 @dbt_assets(

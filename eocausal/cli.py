@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from eocausal import __version__
 
 # Offline by default: no usage statistics from dbt or great-expectations.
 os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
@@ -50,6 +55,52 @@ def _report_failure(outcome) -> int:
     return 1
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _OutsideDagsterRuns(logging.Filter):
+    """Inside a Dagster run, the library's records reach the terminal through Dagster's console
+    logger (its handler sits on the `eocausal` logger while the run captures it): not twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(type(h).__name__ == "DagsterLogHandler" for h in logging.getLogger("eocausal").handlers)
+
+
+def configure_logging(level: str) -> None:
+    """The library's loggers (`eocausal.*`) on stderr at ``level``, for this process."""
+    logger = logging.getLogger("eocausal")
+    for handler in [h for h in logger.handlers if getattr(h, "_eocausal_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._eocausal_cli = True  # type: ignore[attr-defined]
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("eocausal %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OutsideDagsterRuns())
+    logger.addHandler(handler)
+    # INFO at least, so that the stages' records reach Dagster's run logs whatever the terminal shows.
+    logger.setLevel(min(logging.getLevelName(level), logging.INFO))
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextmanager
+def _terminal_progress(as_json: bool) -> Iterator[None]:
+    """Per-stage progress on stderr while the block runs: only when stdout and stderr are a
+    terminal, and never under --json."""
+    from eocausal import progress
+
+    if as_json or not (_is_terminal(sys.stdout) and _is_terminal(sys.stderr)):
+        yield
+        return
+    with progress.reporting_to(progress.TerminalProgress(sys.stderr)):
+        yield
+
+
 class InputRejected(Exception):
     """Input the contract rejects before any work (exit code 2, like a StudyError)."""
 
@@ -65,7 +116,8 @@ def _check_survey(study) -> None:
         raise InputRejected(f"survey rejected: {exc}") from None
 
 
-def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None) -> int:
+def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None,
+         log_level: str = "WARNING") -> int:
     from eocausal.quality import IncompleteEstimatesError, check_estimates_complete
     from eocausal.study import load_study
 
@@ -75,7 +127,8 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | No
     from assets.runner import run_study
     from eocausal.estimate.effects import estimates_markdown
 
-    outcome = run_study(study_path, workdir)
+    with _terminal_progress(as_json):
+        outcome = run_study(study_path, workdir, log_level=log_level)
     elapsed = time.perf_counter() - started
     if not outcome.success:
         return _report_failure(outcome)
@@ -106,7 +159,8 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | No
 
 
 def cmd_run(args) -> int:
-    return _run(Path(args.study), Path(args.workdir) if args.workdir else None, args.json)
+    return _run(Path(args.study), Path(args.workdir) if args.workdir else None, args.json,
+                log_level=args.log_level)
 
 
 def cmd_demo(args) -> int:
@@ -120,7 +174,7 @@ def cmd_demo(args) -> int:
     truth = {"ATE": imageable["ate"], "ATT": imageable["att"], "dml": imageable["variance_weighted_effect"]}
     if not args.json:
         print(f"demo study written to {study_path}")
-    return _run(study_path, None, args.json, truth=None if args.json else truth)
+    return _run(study_path, None, args.json, truth=None if args.json else truth, log_level=args.log_level)
 
 
 def cmd_docs(args) -> int:
@@ -222,15 +276,23 @@ def cmd_simulate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eocausal", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"eocausal {__version__}")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING", type=str.upper,
+                        help="messages shown on stderr: the library's and, during a run, Dagster's "
+                        "(default WARNING; the run logs in Dagster keep INFO and above)")
+    # --log-level is accepted after the command too (`eocausal run study.yaml --log-level INFO`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, type=str.upper,
+                        help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="materialise the graph for a study and print its estimates")
+    p = sub.add_parser("run", parents=[common], help="materialise the graph for a study and print its estimates")
     p.add_argument("study", help="path to study.yaml (or its folder)")
     p.add_argument("--workdir", help="lake, cache and warehouse folder (default: <study folder>/eocausal_work)")
     p.add_argument("--json", action="store_true", help="print the estimates as a JSON list")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="generate the embedded demo study, run it, print estimates beside the truth")
+    p = sub.add_parser("demo", parents=[common], help="generate the embedded demo study, run it, print estimates beside the truth")
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--n-units", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
@@ -239,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser(
-        "simulate",
+    p = sub.add_parser("simulate", parents=[common],
         help="Monte Carlo of the demo process: bias, RMSE and 95%% CI coverage per estimator x feature set",
         description="Design-based Monte Carlo: the demo's scene, units, chips and embeddings are fixed; each "
         "replication redraws covariates, treatment and outcomes from the known process. Writes "
@@ -269,23 +330,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--landsat", help="with --zoo: the Landsat-8 scene (default: ../shared/data/...)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("docs", help="dbt docs (tables, views, columns) of a study's published warehouse")
+    p = sub.add_parser("docs", parents=[common], help="dbt docs (tables, views, columns) of a study's published warehouse")
     p.add_argument("study", help="path to study.yaml (or its folder)")
     p.add_argument("--workdir", help="the study's working folder (default: <study folder>/eocausal_work)")
     p.add_argument("--out", help="docs folder (default: <workdir>/docs)")
     p.set_defaults(func=cmd_docs)
 
-    p = sub.add_parser("report", help="print the path of a study's latest HTML report")
+    p = sub.add_parser("report", parents=[common], help="print the path of a study's latest HTML report")
     p.add_argument("study", help="path to study.yaml (or its folder)")
     p.add_argument("--workdir", help="the study's working folder (default: <study folder>/eocausal_work)")
     p.add_argument("--open", action="store_true", help="also open it in the default browser")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("validate", help="validate a study's survey against the GX suite, write nothing")
+    p = sub.add_parser("validate", parents=[common], help="validate a study's survey against the GX suite, write nothing")
     p.add_argument("study")
     p.set_defaults(func=cmd_validate)
 
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     from eocausal.study import StudyError
 
     try:

@@ -45,7 +45,7 @@ class FakeRunner:
         self.calls = []
         self.estimates = estimates
 
-    def run_study(self, study_path, workdir=None):
+    def run_study(self, study_path, workdir=None, **options):
         self.calls.append(study_path)
         return types.SimpleNamespace(success=True, workdir=Path(study_path).parent / "eocausal_work",
                                      estimates=self.estimates, metadata={}, errors=[], failed_checks=[],

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal import progress
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction, fit_pca
 from eocausal.imagery.chips import load_chips
@@ -175,9 +176,11 @@ def compute_embeddings(
         del chips, valid
         features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
         start = 0
+        progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
         for block in embedder.transform_stream(_chip_batches(usable, chip_cache)):
             features[start : start + len(block)] = block
             start += len(block)
+            progress.report("embeddings", start, len(unit_ids), "chips", spec.method)
 
     _write_atomic(path, lambda fh: np.savez(
         fh, unit_ids=np.array(unit_ids), features=features,

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
+from eocausal import progress
 from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effects
 from eocausal.estimate.components import CANDIDATES, choose_components
@@ -180,6 +181,9 @@ def estimate_study(
         }
     rows, results = [], []
     all_feature_sets = feature_sets(units, covariates, analysis, pca)
+    # one step per estimator x feature set x estimand x outcome source, and the fragility checks
+    n_steps = len(sources) * len(all_feature_sets) * len(estimands) * len(analysis.estimators) + 1
+    progress.report("estimation", 0, n_steps, "fits")
     for source, (keep, outcome) in sources.items():
         y_s, d = outcome[keep], d_all[keep]
         groups = None if groups_all is None else groups_all[keep]
@@ -198,6 +202,7 @@ def estimate_study(
                     if imputed is not None:
                         annotate(res, source, imputed)
                     fitted[estimator] = res
+                    progress.report("estimation", len(results) + len(fitted), n_steps, "fits")
                 # On the corrected pseudo-outcome, r_y is read against the measured outcomes.
                 measured = (y[keep], 1.0 / imputed.labelling_propensity[keep]) if source == CORRECTED else None
                 sensitivity = _sensitivity(y_s, d, X, groups, analysis, estimand, source, fitted, measured)
@@ -221,6 +226,7 @@ def estimate_study(
                     })
     fragility = fragility_checks(units, covariates, analysis, all_feature_sets, pca, context,
                                  imputed.labelled if imputed is not None else everyone)
+    progress.report("estimation", n_steps, n_steps, "fits")
     for row in rows:
         row.update(fragility)
     table = pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal import progress
 from eocausal.faults import crash_point
 from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
 from eocausal.imagery.sources import ChipFailure, ChipSource
@@ -254,7 +255,10 @@ def extract_chips(
     # Pass 2: read the rest from the imagery and store each chip at once: memory stays bounded,
     # and a killed run keeps what it finished. Failures are recorded, never cached.
     failures: dict[str, ChipFailure] = {}
-    for key, chip in _read_pending(source, list(to_read.items()), size_px):
+    n_chips = n_cached + len(to_read)
+    progress.report("chips", n_cached, n_chips, "chips", f"{n_cached:,} cached" if n_cached else "")
+    for done, (key, chip) in enumerate(_read_pending(source, list(to_read.items()), size_px), n_cached + 1):
+        progress.report("chips", done, n_chips, "chips", f"{n_cached:,} cached" if n_cached else "")
         if isinstance(chip, ChipFailure):
             failures[key] = chip
             continue
