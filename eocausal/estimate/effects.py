@@ -180,6 +180,7 @@ def estimate_study(
             PLUGIN: (everyone, imputed.filled),
         }
     rows, results = [], []
+    headline_fits: dict = {}  # feature set -> its AIPW ATE on the measured outcomes, for the fragility checks
     all_feature_sets = feature_sets(units, covariates, analysis, pca)
     # one step per estimator x feature set x estimand x outcome source, and the fragility checks
     n_steps = len(sources) * len(all_feature_sets) * len(estimands) * len(analysis.estimators) + 1
@@ -202,6 +203,9 @@ def estimate_study(
                     if imputed is not None:
                         annotate(res, source, imputed)
                     fitted[estimator] = res
+                    if (source == MEASURED and estimand == "ATE" and estimator == "aipw"
+                            and analysis.propensity_trim is None and analysis.cross_fit_repetitions == 1):
+                        headline_fits[fs] = res
                     progress.report("estimation", len(results) + len(fitted), n_steps, "fits")
                 # On the corrected pseudo-outcome, r_y is read against the measured outcomes.
                 measured = (y[keep], 1.0 / imputed.labelling_propensity[keep]) if source == CORRECTED else None
@@ -225,7 +229,7 @@ def estimate_study(
                         "sensitivity": None if sens is None else json.dumps(sens, sort_keys=True, default=float),
                     })
     fragility = fragility_checks(units, covariates, analysis, all_feature_sets, pca, context,
-                                 imputed.labelled if imputed is not None else everyone)
+                                 imputed.labelled if imputed is not None else everyone, headline_fits)
     progress.report("estimation", n_steps, n_steps, "fits")
     for row in rows:
         row.update(fragility)
@@ -236,9 +240,12 @@ def estimate_study(
 
 
 def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, all_feature_sets: dict,
-                     pca: PCAReduction | None, context: np.ndarray | None, keep: np.ndarray) -> dict:
+                     pca: PCAReduction | None, context: np.ndarray | None, keep: np.ndarray,
+                     fitted: dict | None = None) -> dict:
     """The specification and chip-scale checks of the headline (tabular+image, else image, AIPW
-    ATE on the units with a measured outcome), as the three fragility columns."""
+    ATE on the units with a measured outcome), as the three fragility columns. ``fitted``: feature
+    set -> that headline's AIPW result when the study already fitted it (single split, no trimming),
+    so it is not fitted twice."""
     headline_set = next((fs for fs in ("tabular+image", "image") if fs in all_feature_sets), None)
     detail: dict = {"headline": None, "specification": None, "chip_scale": None}
     if headline_set is None:
@@ -251,7 +258,9 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
     X, _ = all_feature_sets[headline_set]
     X = X[keep]
     options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip)
-    headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
+    headline = (fitted or {}).get(headline_set)
+    if headline is None or headline.influence is None:
+        headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
     tabular = (units[covariates].to_numpy(dtype=float)[keep] if covariates and headline_set == "tabular+image"
                else None)
     k = X.shape[1] - (0 if tabular is None else tabular.shape[1])

@@ -60,3 +60,24 @@ def test_component_choice_reaches_the_component_that_carries_the_confounder():
     choice = choose_components(y, d, None, components)
     assert choice.n_components == 64
     assert choice.losses[64] < choice.losses[32]
+
+
+def test_study_checks_reuse_the_headline_fit_and_equal_a_fresh_one():
+    import pandas as pd
+
+    from eocausal.estimate.effects import estimate_study, feature_sets, fragility_checks
+    from eocausal.study import AnalysisSpec
+
+    rng = np.random.default_rng(3)
+    n = 400
+    emb = rng.standard_normal((n, 16))
+    d = (rng.random(n) < 1 / (1 + np.exp(-emb[:, 0]))).astype(int)
+    units = pd.DataFrame({"unit_id": [f"u{i}" for i in range(n)], "treatment": d,
+                          "outcome": 2 * emb[:, 0] + d + rng.standard_normal(n), "cov_a": rng.standard_normal(n)})
+    units["embedding"] = list(emb)
+    analysis = AnalysisSpec(folds=3, image_components=6, estimators=["aipw"], feature_sets=["tabular+image"],
+                            chip_scale_check=False)
+    table = estimate_study(units, ["cov_a"], analysis, study_name="s", survey_version="a", embeddings_version="b").table
+    fresh = fragility_checks(units, ["cov_a"], analysis, feature_sets(units, ["cov_a"], analysis, None), None, None,
+                             np.ones(n, dtype=bool))
+    assert table["fragility"].iloc[0] == fresh["fragility"]
