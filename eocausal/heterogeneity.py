@@ -344,8 +344,7 @@ def study_embedder(study: Study, ws: Workspace):
     index = pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips"))
     usable = index[index["status"] == "ok"]
     # The embedding stage fits on a seeded sample of the usable chips when there are many.
-    fit_sample = getattr(embed_stage, "_fit_sample", None)
-    fit_rows = fit_sample(usable, study.embedding.seed) if fit_sample is not None else usable
+    fit_rows = embed_stage.fit_sample(usable, study.embedding.seed)
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
     emb = pd.read_parquet(analysis_imagery(ws.lake, study, "image_embeddings"),
                           columns=["unit_id", "embedding", "embedding_version"])

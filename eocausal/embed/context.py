@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.embeddings import FIT_CHIPS, _fit_sample, make_embedder
+from eocausal.embed.embeddings import chip_batches, fit_sample, make_embedder
 from eocausal.embed.reduce import fit_pca
 from eocausal.imagery.chips import extract_chips, load_chips
 from eocausal.montecarlo import downsample_chips as downsample
@@ -46,13 +46,13 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     if len(ok_index) < max(n_components, 10):
         return ContextComponents(ids, out, int(len(ok_index)))
     embedder = make_embedder(study.embedding)
-    chips, valid = downsample(*load_chips(_fit_sample(ok_index.reset_index(drop=True), study.embedding.seed), chip_cache),
-                              CONTEXT_FACTOR)
-    embedder.fit(chips, valid)
-    features = np.empty((len(ok_index), embedder.n_features), dtype=np.float32)
-    for start in range(0, len(ok_index), FIT_CHIPS):
-        part = ok_index.iloc[start : start + FIT_CHIPS].reset_index(drop=True)
-        features[start : start + len(part)] = embedder.transform(*downsample(*load_chips(part, chip_cache), CONTEXT_FACTOR))
+    usable = ok_index.reset_index(drop=True)
+    embedder.fit(*downsample(*load_chips(fit_sample(usable, study.embedding.seed), chip_cache), CONTEXT_FACTOR))
+    features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
+    start = 0
+    for chips, valid in chip_batches(usable, chip_cache):
+        features[start : start + len(chips)] = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
+        start += len(chips)
     finite = np.isfinite(features).all(axis=1)
     pca = fit_pca(features[finite], n_components, seed=study.embedding.seed)
     position = {u: i for i, u in enumerate(ids)}

@@ -99,14 +99,16 @@ def embedding_version(usable: pd.DataFrame, embedder, spec: EmbeddingSpec) -> st
     })
 
 
-def _fit_sample(usable: pd.DataFrame, seed: int) -> pd.DataFrame:
+def fit_sample(usable: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The chips the embedder is fitted on: all of them, or a seeded sample of ``FIT_CHIPS``."""
     if len(usable) <= FIT_CHIPS:
         return usable
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF17]))
     return usable.iloc[np.sort(rng.choice(len(usable), FIT_CHIPS, replace=False))]
 
 
-def _chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The chips of ``usable``, in order, ``LOAD_CHIPS`` at a time (chips, valid masks)."""
     for start in range(0, len(usable), LOAD_CHIPS):
         yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache)
 
@@ -171,13 +173,13 @@ def compute_embeddings(
     from eocausal.embed.devices import torch_cpu_threads  # torch: only when something is computed
 
     with torch_cpu_threads(spec.cpu_threads):
-        chips, valid = load_chips(_fit_sample(usable, spec.seed), chip_cache)
+        chips, valid = load_chips(fit_sample(usable, spec.seed), chip_cache)
         embedder.fit(chips, valid)
         del chips, valid
         features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
-        for block in embedder.transform_stream(_chip_batches(usable, chip_cache)):
+        for block in embedder.transform_stream(chip_batches(usable, chip_cache)):
             features[start : start + len(block)] = block
             start += len(block)
             progress.report("embeddings", start, len(unit_ids), "chips", spec.method)

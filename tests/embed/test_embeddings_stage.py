@@ -108,7 +108,7 @@ def test_fit_sample_is_seeded_and_bounded(chip_cache, tmp_path, monkeypatch):
     a = compute_embeddings(index, cache, tmp_path / "a", spec())
     b = compute_embeddings(index, cache, tmp_path / "b", spec())
     np.testing.assert_array_equal(a.features, b.features)
-    sample = stage._fit_sample(index[index["status"] == "ok"], seed=0)
+    sample = stage.fit_sample(index[index["status"] == "ok"], seed=0)
     assert len(sample) == 4 and sample.index.is_monotonic_increasing
 
 
