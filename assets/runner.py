@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext, redirect_stdout
+import traceback
+from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pandas as pd
 
 from assets.definitions import STUDY_JOB, build_definitions
 from assets.partitions import PERIOD_RUN_KEYS
+from eocausal import failures
 from eocausal.study import default_workdir, load_study
-from eocausal.workdir import WorkdirBusy, exclusive_workdir
+from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem, exclusive_workdir
 from eocausal.warehouse import check_sql_safe_path, query
 
 
@@ -27,6 +29,10 @@ class RunOutcome:
     # analysis-period partition's; "image_chips[<period>]" etc. hold every period's.
     metadata: dict = field(default_factory=dict)
     log_path: Path | None = None
+    # eocausal.failures: 0 success, 1 failed, 2 input rejected, 3 working folder unusable, 4 busy,
+    # 5 Earth Engine access refused
+    exit_code: int = failures.EXIT_OK
+    traces: list[str] = field(default_factory=list)  # the failures' full traces, for the failure log
 
 
 def _plain(value):
@@ -40,8 +46,11 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     One run per imagery period other than the analysis period materialises the survey and that
     period's `image_chips` and `image_embeddings` partitions (cached by content: an unchanged
     period costs little); then one run of the whole graph for the analysis period. Success means every run
-    succeeded. Dagster's console log is kept at `log_level`; dbt's own output, which dagster-dbt
-    echoes to stdout, goes to <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json).
+    succeeded. dbt's own output, which dagster-dbt echoes to stdout, goes to
+    <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json); so does Dagster's
+    console log (with the stack traces of failed steps) unless `log_level` is DEBUG or INFO, when it
+    is shown at that level. The outcome's `errors` and `failed_checks` say what failed in a line
+    each, `exit_code` what kind of failure it was (eocausal.failures), `traces` the full traces.
     """
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
@@ -50,7 +59,15 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
         with exclusive_workdir(workdir):
             return _run_locked(study, study_path, workdir, instance, log_level)
     except WorkdirBusy as exc:
-        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)])
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_BUSY)
+    except WorkdirUnusable as exc:
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_WORKDIR)
+    except OSError as exc:  # outside any step (the run log, the instance) on a full or read-only disk
+        problem = disk_problem(workdir, exc)
+        if problem is None:
+            raise
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[problem], exit_code=failures.EXIT_WORKDIR,
+                          traces=["".join(traceback.format_exception(exc))])
 
 
 def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> RunOutcome:
@@ -61,8 +78,15 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     analysis_period = study.imagery.analysis_period_name()
     other_periods = [p for p in study.imagery.period_names() if p != analysis_period]
-    with (dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance)) as inst, \
-            open(log_path, "w", encoding="utf-8") as log, redirect_stdout(log):
+    with ExitStack() as stack:
+        inst = stack.enter_context(dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance))
+        log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
+        stack.enter_context(redirect_stdout(log))
+        if log_level.upper() not in ("DEBUG", "INFO"):
+            # Dagster's console log prints a failed step's whole stack trace: into the run log with
+            # it; the terminal gets the one-line reasons below (progress and the library's log
+            # handler hold the terminal's stream, not sys.stderr, and still show).
+            stack.enter_context(redirect_stderr(log))
         runs = [
             (period, job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
                                             partition_key=period, asset_selection=list(PERIOD_RUN_KEYS)))
@@ -71,7 +95,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
         result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
                                         partition_key=analysis_period)
         runs.append((analysis_period, result))
-    errors, failed_checks, metadata = [], [], {}
+    errors, failed_checks, metadata, codes, traces = [], [], {}, [], []
     imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
     for period, event in ((period, e) for period, r in runs for e in r.all_events):
         # Another period's imagery failures name the period; the rest read as they always have
@@ -80,13 +104,19 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
             step = event.step_key + (where if event.step_key in imagery_steps else "")
-            errors.append(f"{step}: {_failure_text(event, err)}")
+            text = _failure_text(event, err)
+            problem = disk_problem(workdir, text)
+            codes.append(failures.EXIT_WORKDIR if problem else failures.code_for_names(_error_names(err)))
+            errors.append(f"{step}: {problem or text}")
+            traces.append(f"step {step}:\n{err.to_string()}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             asset = ev.asset_key.to_user_string()
             asset += where if asset in imagery_steps else ""
             if not ev.passed:
                 failed_checks.append(f"{asset}:{ev.check_name}: {ev.description or ''}")
+                codes.append(failures.EXIT_INPUT if ev.asset_key.to_user_string() in failures.INPUT_ASSETS
+                              else failures.EXIT_FAILED)
         elif event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
             key, plain = mat.asset_key.to_user_string(), {k: _plain(v) for k, v in mat.metadata.items()}
@@ -106,7 +136,27 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
         )
     success = all(r.success for _, r in runs)
     errors, failed_checks = list(dict.fromkeys(errors)), list(dict.fromkeys(failed_checks))
-    return RunOutcome(bool(success), workdir, estimates, errors, failed_checks, metadata, log_path)
+    code = failures.EXIT_OK if success else failures.worst(codes) or failures.EXIT_FAILED
+    if traces:
+        try:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write("\n== failed steps ==\n" + "\n".join(traces) + "\n")
+        except OSError:  # a full disk: the failure log (eocausal.failures) still gets them
+            pass
+    return RunOutcome(bool(success), workdir, estimates, errors, failed_checks, metadata, log_path,
+                      exit_code=code, traces=list(dict.fromkeys(traces)))
+
+
+def _error_names(err) -> list[str]:
+    """The class names along a serialised error's causes and contexts."""
+    names, stack = [], [err]
+    while stack:
+        e = stack.pop()
+        if e is None:
+            continue
+        names.append(e.cls_name or "")
+        stack += [getattr(e, "cause", None), getattr(e, "context", None)]
+    return names
 
 
 def _failure_text(event, err) -> str:

@@ -2,6 +2,10 @@
 
 `run` and `demo` materialise the Dagster graph in-process; the Dagster layer is imported only
 inside those commands, so the library itself stays free of it.
+
+A rejection or failure prints its reason (the rule and the rows, units, keys or file) and the path
+of a log with the full trace, never a stack trace, and exits with a code that says what kind of
+problem it was (eocausal.failures: 2 input rejected, 3 working folder unusable, 4 busy, ...).
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from eocausal import __version__
+from eocausal import failures
+from eocausal.failures import InputRejected
 
 # Offline by default: no usage statistics from dbt or great-expectations.
 os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
@@ -43,16 +50,41 @@ def _estimates_json(table) -> str:
     return json.dumps(records, indent=2)
 
 
+# The command line of this invocation and the working folder it names (for the failure log).
+_invocation: dict = {"argv": [], "workdir": None}
+
+_HEADLINES = {
+    failures.EXIT_FAILED: "the run did not complete.",
+    failures.EXIT_INPUT: "input rejected.",
+    failures.EXIT_WORKDIR: "the working folder cannot be used.",
+    failures.EXIT_BUSY: "the working folder is busy.",
+    failures.EXIT_CREDENTIALS: "Earth Engine access refused.",
+}
+
+
+def _fail(code: int, message: str, *, workdir: Path | None = None, traces=(), exc: BaseException | None = None,
+          run_log: Path | None = None) -> int:
+    """Print the reason and where the full trace is; return the exit code. Never a stack trace."""
+    print(f"eocausal: {message}", file=sys.stderr)
+    log = failures.write_failure_log(workdir or _invocation["workdir"], _invocation["argv"], message, code,
+                                     traces=traces, exc=exc, run_log=run_log)
+    where = f"full trace: {log}" if log else "no log could be written"
+    print(f"eocausal: exit code {code} - {failures.EXIT_CODES.get(code, 'failure')}; nothing already published "
+          f"was changed; {where}", file=sys.stderr)
+    return code
+
+
 def _report_failure(outcome) -> int:
-    print("eocausal: the run did not complete.", file=sys.stderr)
-    for err in outcome.errors:
-        print(f"  error: {err}", file=sys.stderr)
-    for check in outcome.failed_checks:
-        print(f"  failed check: {check}", file=sys.stderr)
-    print("Nothing already published was changed.", file=sys.stderr)
-    if outcome.log_path:
-        print(f"dbt log: {outcome.log_path}", file=sys.stderr)
-    return 1
+    code = getattr(outcome, "exit_code", failures.EXIT_FAILED) or failures.EXIT_FAILED
+    if len(outcome.errors) == 1 and not outcome.failed_checks and code in (
+            failures.EXIT_WORKDIR, failures.EXIT_BUSY, failures.EXIT_CREDENTIALS):
+        lines = [outcome.errors[0]]  # one reason that names the folder or the credentials: one line
+    else:
+        lines = [_HEADLINES.get(code, _HEADLINES[failures.EXIT_FAILED])]
+        lines += [f"  error: {err}" for err in outcome.errors]
+        lines += [f"  failed check: {check}" for check in outcome.failed_checks]
+    return _fail(code, "\n".join(lines), workdir=outcome.workdir, traces=getattr(outcome, "traces", ()),
+                 run_log=outcome.log_path)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -101,29 +133,46 @@ def _terminal_progress(as_json: bool) -> Iterator[None]:
         yield
 
 
-class InputRejected(Exception):
-    """Input the contract rejects before any work (exit code 2, like a StudyError)."""
-
-
-def _check_survey(study) -> None:
+def _check_survey(study):
     """The survey suite and the design rules, with the study's settings, before any chip is cut."""
     from eocausal.quality import DataQualityError
     from eocausal.survey import SurveyError, load_study_survey
 
     try:
-        load_study_survey(study)
+        return load_study_survey(study)[1]
     except (DataQualityError, SurveyError) as exc:
         raise InputRejected(f"survey rejected: {exc}") from None
+
+
+def _check_imagery(study) -> None:
+    """Local rasters open (GeoTIFF, georeferenced, the bands asked for), before any chip is cut.
+
+    Earth Engine is not asked here: a fully cached re-run needs no credentials.
+    """
+    if study.imagery.source != "geotiff":
+        return
+    from eocausal.imagery.bandfiles import BandFileError
+    from eocausal.imagery.geotiff import ImageryError
+    from eocausal.imagery.sources import open_source
+
+    try:
+        open_source(study)
+    except (ImageryError, BandFileError) as exc:
+        raise InputRejected(f"imagery rejected: {exc}") from None
 
 
 def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None,
          log_level: str = "WARNING") -> int:
     from eocausal.quality import IncompleteEstimatesError, check_estimates_complete
-    from eocausal.study import load_study
+    from eocausal.study import default_workdir, load_study
+    from eocausal.workdir import prepare_workdir
 
     started = time.perf_counter()
     study = load_study(study_path)
+    _invocation["workdir"] = Path(workdir).resolve() if workdir else default_workdir(study_path)
     _check_survey(study)  # before Dagster and dbt are even imported
+    _check_imagery(study)
+    prepare_workdir(_invocation["workdir"])  # a file, read-only or full: say so before Dagster starts
     from assets.runner import run_study
     from eocausal.estimate.effects import estimates_markdown
 
@@ -136,9 +185,10 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | No
         # Exit 0 only with every requested estimate row printed (and in the published warehouse).
         check_estimates_complete(outcome.estimates, study.analysis, study.name)
     except IncompleteEstimatesError as exc:
-        print(f"eocausal: the run did not complete: {exc}", file=sys.stderr)
-        print(f"published warehouse: {outcome.workdir / 'published' / 'warehouse.duckdb'}", file=sys.stderr)
-        return 1
+        return _fail(failures.EXIT_FAILED,
+                     f"the run did not complete: {exc}\n"
+                     f"published warehouse: {outcome.workdir / 'published' / 'warehouse.duckdb'}",
+                     workdir=outcome.workdir, run_log=outcome.log_path)
     if as_json:
         print(_estimates_json(outcome.estimates))
         return 0
@@ -208,18 +258,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from eocausal.quality import DataQualityError
     from eocausal.study import load_study
-    from eocausal.survey import SurveyError, load_study_survey
 
+    # The checks `eocausal run` makes before any work; a rejection exits 2, as there.
     study = load_study(args.study)
-    try:
-        df, report = load_study_survey(study)
-    except (DataQualityError, SurveyError) as exc:
-        # The contract's rejection, as `eocausal run` reports it: exit code 2.
-        print(f"eocausal: survey rejected: {exc}", file=sys.stderr)
-        return 2
+    report = _check_survey(study)
+    _check_imagery(study)
     print(report.message())
+    if study.imagery.source == "geotiff":
+        print(f"imagery: {study.imagery_path} opens as GeoTIFF")
     return 0
 
 
@@ -231,8 +278,7 @@ def cmd_zoo(args) -> int:
     try:
         designs = [zoo.design_by_name(n) for n in names]
     except ValueError as exc:
-        print(f"eocausal: {exc}", file=sys.stderr)
-        return 2
+        raise InputRejected(str(exc)) from None
     log = (lambda message: None) if args.quiet else mc.stderr_log
     result = zoo.run_zoo(designs, Path(args.out), replications=args.replications, folds=args.folds,
                          jobs=args.jobs, landsat=Path(args.landsat) if args.landsat else None, log=log)
@@ -275,7 +321,9 @@ def cmd_simulate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eocausal", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="eocausal", description=__doc__.splitlines()[0],
+                                     epilog=failures.exit_codes_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"eocausal {__version__}")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING", type=str.upper,
                         help="messages shown on stderr: the library's and, during a run, Dagster's "
@@ -286,13 +334,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", parents=[common], help="materialise the graph for a study and print its estimates")
+    p = sub.add_parser("run", parents=[common], help="materialise the graph for a study and print its estimates",
+                       description=textwrap.fill(
+                           "Check the study file, the survey and the imagery, then materialise the graph in the "
+                           "working folder and print the estimates. A rejection or failure prints the rule and "
+                           "the rows, units or file at fault and the path of a log with the full trace (in "
+                           "<workdir>/logs, or a temporary folder when the working folder cannot hold it); "
+                           "nothing already published is changed.", 88),
+                       epilog=failures.exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="path to study.yaml (or its folder)")
     p.add_argument("--workdir", help="lake, cache and warehouse folder (default: <study folder>/eocausal_work)")
     p.add_argument("--json", action="store_true", help="print the estimates as a JSON list")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", parents=[common], help="generate the embedded demo study, run it, print estimates beside the truth")
+    p = sub.add_parser("demo", parents=[common],
+                       help="generate the embedded demo study, run it, print estimates beside the truth")
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--n-units", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
@@ -330,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--landsat", help="with --zoo: the Landsat-8 scene (default: ../shared/data/...)")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("docs", parents=[common], help="dbt docs (tables, views, columns) of a study's published warehouse")
+    p = sub.add_parser("docs", parents=[common],
+                       help="dbt docs (tables, views, columns) of a study's published warehouse")
     p.add_argument("study", help="path to study.yaml (or its folder)")
     p.add_argument("--workdir", help="the study's working folder (default: <study folder>/eocausal_work)")
     p.add_argument("--out", help="docs folder (default: <workdir>/docs)")
@@ -342,19 +399,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open", action="store_true", help="also open it in the default browser")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("validate", parents=[common], help="validate a study's survey against the GX suite, write nothing")
+    p = sub.add_parser("validate", parents=[common],
+                       help="check the study file, the survey (GX suite, design rules) and that the imagery opens, "
+                       "as `run` does before any work; write nothing (but a log when it rejects)",
+                       epilog=failures.exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study")
     p.set_defaults(func=cmd_validate)
 
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    from eocausal.study import StudyError
+    from eocausal.study import StudyError, default_workdir
+    from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem
 
+    _invocation["argv"] = list(sys.argv[1:] if argv is None else argv)
+    _invocation["workdir"] = (Path(args.workdir).resolve() if getattr(args, "workdir", None)
+                              else default_workdir(args.study) if getattr(args, "study", None) else None)
     try:
         return args.func(args)
     except (StudyError, InputRejected) as exc:
-        print(f"eocausal: {exc}", file=sys.stderr)
-        return 2
+        return _fail(failures.EXIT_INPUT, str(exc), exc=exc)
+    except WorkdirUnusable as exc:
+        return _fail(failures.EXIT_WORKDIR, str(exc), exc=exc)
+    except WorkdirBusy as exc:
+        return _fail(failures.EXIT_BUSY, str(exc), exc=exc)
+    except KeyboardInterrupt as exc:
+        return _fail(failures.EXIT_INTERRUPTED, "interrupted", exc=exc)
+    except Exception as exc:  # a bug or an unforeseen environment problem: still no stack trace here
+        problem = disk_problem(_invocation["workdir"], exc) if isinstance(exc, OSError) and _invocation["workdir"] else None
+        if problem:
+            return _fail(failures.EXIT_WORKDIR, problem, exc=exc)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(failures.EXIT_FAILED, f"unexpected error: {type(exc).__name__}: {reason}", exc=exc)
 
 
 if __name__ == "__main__":

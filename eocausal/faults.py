@@ -12,10 +12,18 @@ Switched on by two environment variables, both required::
 
 At that moment the process writes ``<folder>/<point>.reached`` (its pid) and sleeps until the test
 kills its process group. Without both variables a call is one dictionary lookup and returns.
+
+Disk faults are simulated the same way: the writers of the working folder (the run lock, the lake,
+the chip and embedding caches, the published copy) call :func:`write_point` before they write, and
+with ``EOCAUSAL_FS_FAULT=<ERRNO>[@<n>]`` (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``) that
+write and every later one fail with that error, as on a disk that filled up (or was read-only) at
+the n-th write (default: the first). ``EOCAUSAL_FS_FAULT_PATH=<text>`` limits the fault (and the
+count) to paths containing ``text``, e.g. ``cache/chips`` or ``published``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import Counter
@@ -23,10 +31,14 @@ from pathlib import Path
 
 CRASH_AT_ENV = "EOCAUSAL_CRASH_AT"
 CRASH_DIR_ENV = "EOCAUSAL_CRASH_DIR"
+FS_FAULT_ENV = "EOCAUSAL_FS_FAULT"
+FS_FAULT_PATH_ENV = "EOCAUSAL_FS_FAULT_PATH"
+_FS_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EACCES")
 # If nobody kills the paused process, give up rather than hang a pipeline forever.
 _MAX_PAUSE_S = 600.0
 
 _hits: Counter[str] = Counter()
+_writes: Counter[str] = Counter()
 
 
 def _target() -> tuple[str, int] | None:
@@ -55,3 +67,27 @@ def crash_point(point: str) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.2)
     raise RuntimeError(f"crash point {point!r} was reached but the process was not killed")
+
+
+def _fs_fault() -> tuple[int, int] | None:
+    spec = os.environ.get(FS_FAULT_ENV)
+    if not spec:
+        return None
+    name, _, nth = spec.strip().partition("@")
+    if name not in _FS_ERRNOS:
+        raise ValueError(f"{FS_FAULT_ENV}={spec!r}: the error must be one of {list(_FS_ERRNOS)}")
+    return getattr(errno, name), int(nth) if nth else 1
+
+
+def write_point(path: str | os.PathLike) -> None:
+    """Fail this write with the injected disk error when a test asks for one; otherwise do nothing."""
+    fault = _fs_fault()
+    if fault is None:
+        return
+    only = os.environ.get(FS_FAULT_PATH_ENV, "")
+    if only and only not in str(path):
+        return
+    code, nth = fault
+    _writes[only] += 1
+    if _writes[only] >= nth:
+        raise OSError(code, os.strerror(code), str(path))

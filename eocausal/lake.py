@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction
+from eocausal.faults import write_point
 
 
 # The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
@@ -43,6 +44,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        write_point(path)  # fault tests: a full or read-only disk
         pq.write_table(table, tmp)
         os.replace(tmp, path)
     finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from eocausal.faults import crash_point
+from eocausal.faults import crash_point, write_point
 from eocausal.study import StudyError
 
 
@@ -37,6 +37,7 @@ def publish(warehouse_path: Path, published_path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f"{_COPY_PREFIX}{os.getpid()}.", suffix=".duckdb", dir=published_path.parent)
     os.close(fd)
     try:
+        write_point(published_path)  # fault tests: a full or read-only disk
         shutil.copyfile(warehouse_path, tmp)
         _keep_only_published_schemas(Path(tmp))
         crash_point("publish.copied")  # fault tests: copy made, not yet swapped in

@@ -5,16 +5,25 @@ pool serialises writers only inside one Dagster instance). A run holds an exclus
 ``<workdir>/.eocausal-run.lock`` for its whole length; a second run finds it taken and stops with
 a message naming the holder, before it touches anything. The kernel releases the lock when the
 holder exits, killed or not, so a crashed run never leaves the folder locked.
+
+A working folder that cannot be used — a file where the folder should be, a read-only folder, a
+full disk — stops the run with :class:`WorkdirUnusable`, one line that names the folder (or the
+file in its way) and what to do, before anything is written; a disk that fills up during the run
+is named the same way (:func:`disk_problem`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from eocausal.faults import write_point
 
 LOCK_NAME = ".eocausal-run.lock"
 
@@ -23,13 +32,106 @@ class WorkdirBusy(RuntimeError):
     """Another run holds the working folder."""
 
 
+class WorkdirUnusable(RuntimeError):
+    """The working folder cannot be used: not a folder, not writable, or out of space."""
+
+
+# What an OSError while writing into the working folder means, by errno.
+_DISK_PROBLEMS = {
+    errno.ENOSPC: "is out of space",
+    errno.EDQUOT: "is over its disk quota",
+    errno.EROFS: "is read-only (a read-only file system)",
+    errno.EACCES: "is read-only (permission denied)",
+    errno.EPERM: "is read-only (operation not permitted)",
+}
+_ADVICE = {
+    errno.ENOSPC: "free some space or give the run another folder with --workdir",
+    errno.EDQUOT: "free some space or give the run another folder with --workdir",
+}
+_READ_ONLY_ADVICE = "make it writable or give the run another folder with --workdir"
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+_FILE_IN_TEXT = re.compile(r"\[errno \d+\] [^:\n]*: '([^'\n]+)'", re.IGNORECASE)
+
+
+def disk_problem(workdir: Path, error: BaseException | str, path: str | os.PathLike | None = None,
+                 doing: str | None = None) -> str | None:
+    """One line saying that ``workdir`` is out of space or read-only, if ``error`` (an OSError, or
+    the text of one from a step, another process or a library) says so; else None.
+
+    It names ``path`` (by default the error's file name) or says what failed (``doing``). A
+    permission error on a file outside the working folder (an input the run reads) is not the
+    working folder's problem: None.
+    """
+    code = getattr(error, "errno", None) if isinstance(error, BaseException) else None
+    if path is None and isinstance(error, BaseException):
+        path = getattr(error, "filename", None)
+    if code is None:
+        found = _ERRNO_IN_TEXT.search(str(error))
+        code = int(found.group(1)) if found else None
+        named = _FILE_IN_TEXT.search(str(error))
+        if path is None and named:
+            path = named.group(1)
+    if code not in _DISK_PROBLEMS:
+        return None
+    if code not in _SPACE_ERRNOS and not doing:
+        inside = path is not None and Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(workdir)))
+        if not inside:
+            return None
+    where = f": {doing}" if doing else f": writing {path} failed" if path else ""
+    return (f"working folder {workdir} {_DISK_PROBLEMS[code]}{where} "
+            f"({os.strerror(code)}); {_ADVICE.get(code, _READ_ONLY_ADVICE)}")
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """Create ``workdir`` if needed, or raise :class:`WorkdirUnusable` saying why it cannot be."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirUnusable(
+            f"working folder {workdir} is a file, not a folder: give the run a folder with --workdir "
+            "(or move the file away)"
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next((p for p in workdir.parents if p.exists() and not p.is_dir()), workdir)
+        raise WorkdirUnusable(
+            f"working folder {workdir} cannot be created: {in_the_way} is a file, not a folder; "
+            "give the run another folder with --workdir"
+        ) from None
+    except OSError as exc:
+        parent = next((p for p in workdir.parents if p.exists()), workdir.parent)
+        problem = disk_problem(parent, exc, doing=f"the working folder {workdir} cannot be created in it")
+        raise WorkdirUnusable(problem.replace("working folder", "folder", 1) if problem
+                              else f"working folder {workdir} cannot be created: {exc}") from None
+    # A folder that exists may still refuse new files (read-only, full): find out before any work.
+    probe = workdir / f".eocausal-probe.{os.getpid()}"
+    try:
+        write_point(probe)  # fault tests: a read-only or full disk
+        with open(probe, "wb") as fh:
+            fh.write(b"probe\n")
+    except OSError as exc:
+        raise WorkdirUnusable(disk_problem(workdir, exc, doing="a new file cannot be created in it")
+                              or f"working folder {workdir}: cannot write {probe}: {exc}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return workdir
+
+
 @contextmanager
 def exclusive_workdir(workdir: Path) -> Iterator[Path]:
-    """Hold ``workdir`` for this process (see the module docstring); raises :class:`WorkdirBusy`."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Hold ``workdir`` for this process (see the module docstring); raises :class:`WorkdirBusy`,
+    or :class:`WorkdirUnusable` when the folder cannot be made or written."""
+    workdir = prepare_workdir(workdir)
     path = workdir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: cannot open {path}: {exc}") \
+            from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -39,8 +141,11 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
                 f"another eocausal run ({holder}) is using the working folder {workdir}: "
                 "wait for it to finish, or give this run its own working folder (--workdir)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        except OSError as exc:
+            raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: {exc}") from None
         yield path
     finally:
         os.close(fd)  # releases the lock

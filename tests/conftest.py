@@ -15,6 +15,12 @@ from affine import Affine
 from eocausal.simulate import write_demo_study, write_procedural_scene
 
 
+@pytest.fixture(autouse=True)
+def _failure_logs_in_tmp(tmp_path_factory, monkeypatch):
+    """Failure logs of the CLI (eocausal.failures) in the session's temporary folder, not the system's."""
+    monkeypatch.setenv("EOCAUSAL_LOG_DIR", str(tmp_path_factory.getbasetemp() / "failure_logs"))
+
+
 def from_origin(west: float, north: float, xsize: float, ysize: float) -> Affine:
     """A north-up grid (rasterio.transform.from_origin without its Affine deprecation warning)."""
     return Affine(xsize, 0.0, west, 0.0, -ysize, north)

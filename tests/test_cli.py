@@ -16,6 +16,7 @@ import yaml
 from eocausal.cli import main
 from eocausal.quality import requested_estimates
 from eocausal.study import AnalysisSpec
+from tests.conftest import from_origin, write_geotiff
 
 ANALYSIS = {"estimators": ["difference_in_means", "ipw"], "feature_sets": ["none", "tabular"], "folds": 3}
 
@@ -29,6 +30,9 @@ def study_folder(tmp_path: Path, n: int = 12, name: str = "s1", analysis: dict |
     if change:
         change(df)
     df.to_csv(tmp_path / "units.csv", index=False)
+    # run and validate check that the imagery opens before any work: a tiny scene over the units
+    write_geotiff(tmp_path / "imagery" / "scene.tif", np.ones((1, 16, 16), dtype="uint8"), "EPSG:4326",
+                  from_origin(-54.0, -24.0, 1 / 16, 1 / 16))
     doc = {"name": name,
            "survey": {"path": "units.csv", "unit_id": "code", "lat": "lat", "lon": "lon", "treatment": "aid",
                       "outcome": "assets", "covariates": ["hh"]},

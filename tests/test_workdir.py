@@ -60,3 +60,62 @@ def test_run_study_on_a_busy_folder_stops_before_any_work(tiny_study, tmp_path):
     assert not outcome.success
     assert "another eocausal run" in outcome.errors[0] and str(workdir) in outcome.errors[0]
     assert [p.name for p in workdir.iterdir()] == [LOCK_NAME]  # nothing else written
+
+
+# -- a working folder that cannot be used (eocausal.workdir.WorkdirUnusable) ----------------------
+
+
+def test_a_file_instead_of_the_folder_is_named(tmp_path):
+    from eocausal.workdir import WorkdirUnusable
+
+    (tmp_path / "work").write_text("not a folder")
+    with pytest.raises(WorkdirUnusable, match=rf"working folder {tmp_path / 'work'} is a file, not a folder"):
+        with exclusive_workdir(tmp_path / "work"):
+            pass
+    with pytest.raises(WorkdirUnusable, match=rf"cannot be created: {tmp_path / 'work'} is a file"):
+        with exclusive_workdir(tmp_path / "work" / "inner"):
+            pass
+
+
+@pytest.mark.parametrize("fault, words", [("EROFS", "is read-only (a read-only file system)"),
+                                          ("EACCES", "is read-only (permission denied)"),
+                                          ("ENOSPC", "is out of space"), ("EDQUOT", "is over its disk quota")])
+def test_an_unwritable_folder_is_named_before_any_work(tmp_path, monkeypatch, fault, words):
+    from eocausal.workdir import WorkdirUnusable
+
+    monkeypatch.setenv("EOCAUSAL_FS_FAULT", fault)
+    with pytest.raises(WorkdirUnusable) as caught:
+        with exclusive_workdir(tmp_path / "w"):
+            pass
+    message = str(caught.value)
+    assert f"working folder {tmp_path / 'w'} {words}" in message and "--workdir" in message
+    assert "\n" not in message
+    assert list((tmp_path / "w").iterdir()) == []  # no lock, no probe left behind
+
+
+def _make_read_only(folder: Path):
+    """A folder this process cannot write into (chmod for a user; root needs the immutable flag)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("root without chattr +i on this file system: the injected faults cover this case")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_really_read_only_folder_is_named(tmp_path):
+    from eocausal.workdir import WorkdirUnusable
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    undo = _make_read_only(folder)
+    try:
+        with pytest.raises(WorkdirUnusable, match=rf"working folder {folder} is read-only"):
+            with exclusive_workdir(folder):
+                pass
+        with pytest.raises(WorkdirUnusable, match=rf"folder {folder} is read-only.*{folder / 'sub'} cannot be created"):
+            with exclusive_workdir(folder / "sub"):
+                pass
+    finally:
+        undo()

@@ -25,6 +25,7 @@ import pandas as pd
 from eocausal import progress
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction, fit_pca
+from eocausal.faults import write_point
 from eocausal.imagery.chips import load_chips
 from eocausal.study import EmbeddingSpec
 from eocausal.versioning import json_version
@@ -122,6 +123,7 @@ def fit_feature_pca(features: np.ndarray, n_components: int, seed: int) -> PCARe
 
 def _write_atomic(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_point(path)  # fault tests: a full or read-only disk
     fd, tmp = tempfile.mkstemp(prefix=".emb.", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from eocausal import progress
-from eocausal.faults import crash_point
+from eocausal.faults import crash_point, write_point
 from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
 from eocausal.imagery.sources import ChipFailure, ChipSource
 
@@ -94,6 +94,7 @@ def _compact(data: np.ndarray) -> np.ndarray:
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that readers see either nothing or the whole file, even if killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_point(path)  # fault tests: a full or read-only disk
     # The writer's host and pid in the temp name let a later run tell a dead writer's leftover
     # from a live writer's file (see _sweep_stale_temp_files).
     fd, tmp_name = tempfile.mkstemp(
