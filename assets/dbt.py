@@ -7,8 +7,7 @@ A third, `dbt_heterogeneity_models` (tag:heterogeneity), loads the CATE, cluster
 tables after their Python assets, in the same pool.
 """
 
-
-
+import json
 import os
 import subprocess
 import sys
@@ -57,20 +56,21 @@ ensure_manifest()
 _translator = EocausalDbtTranslator()
 
 
-# dbt reads it (the outcome's not-null tests): "true" when the study imputes missing outcomes.
-OUTCOME_MAY_BE_MISSING_ENV = "EOCAUSAL_OUTCOME_MAY_BE_MISSING"
-# dbt reads it (the image_chips / image_embeddings sources): the imagery period the analysis uses.
-ANALYSIS_PERIOD_ENV = "EOCAUSAL_ANALYSIS_PERIOD"
+def dbt_vars(warehouse: WarehouseResource, study: StudyResource) -> dict:
+    """dbt's --vars for one study's run: the lake and warehouse paths (profile and sources), the
+    imagery period the analysis reads (image_chips / image_embeddings sources), and whether the
+    outcome may be missing (the outcome's not-null tests). Per run, never through os.environ, so
+    studies in one process do not race."""
+    loaded = study.load()
+    return {**warehouse.dbt_vars(), "analysis_period": loaded.imagery.analysis_period_name(),
+            "outcome_may_be_missing": bool(loaded.analysis.outcome_imputation)}
 
 
 def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-           study: StudyResource, extra_env: dict[str, str] | None = None):
-    # dbt-duckdb reads the lake and warehouse paths from the environment of the dbt subprocess,
-    # which dagster-dbt copies from this process. Every dbt step sets the same period, so dbt's
-    # parse (which renders the sources' locations) stays the same between steps.
-    os.environ.update(warehouse.dbt_env())
-    os.environ[ANALYSIS_PERIOD_ENV] = study.load().imagery.analysis_period_name()
-    os.environ.update(extra_env or {})
+           study: StudyResource):
+    # Every dbt step passes the same vars, so dbt's parse (which renders the sources' locations)
+    # stays the same between a study's runs.
+    args = ["build", "--vars", json.dumps(dbt_vars(warehouse, study), sort_keys=True)]
     warehouse.root_path.mkdir(parents=True, exist_ok=True)
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
     # paths) survives between runs, so a warm run skips the full parse.
@@ -80,7 +80,7 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     n_steps = len(context.selected_asset_keys) + len(context.selected_asset_check_keys)
     done = 0
     progress.report("dbt", done, n_steps, "models and tests", label)
-    for event in dbt.cli(["build"], context=context, target_path=target).stream():
+    for event in dbt.cli(args, context=context, target_path=target).stream():
         yield event
         if isinstance(event, (dg.Output, dg.AssetMaterialization, dg.AssetCheckResult)):
             done = min(done + 1, n_steps)
@@ -100,9 +100,7 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
 )
 def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                         study: StudyResource):
-    imputes = study.load().analysis.outcome_imputation
-    yield from _build(context, dbt, warehouse, study,
-                      {OUTCOME_MAY_BE_MISSING_ENV: "true" if imputes else "false"})
+    yield from _build(context, dbt, warehouse, study)
 
 
 @dbt_assets(

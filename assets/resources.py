@@ -44,8 +44,13 @@ class WarehouseResource(dg.ConfigurableResource):
     def published_path(self) -> Path:
         return self.root_path / "published" / "warehouse.duckdb"
 
-    def dbt_env(self) -> dict[str, str]:
-        """Absolute paths for dbt's profile and sources (dbt reads them with env_var)."""
+    def dbt_vars(self) -> dict[str, str]:
+        """Absolute paths for dbt's profile and sources (dbt reads them with var(), from --vars)."""
         # The paths end up inside SQL text (dbt-duckdb sources): refuse quotes and control characters.
         check_sql_safe_path(self.root_path)
-        return {"EOCAUSAL_LAKE": str(self.lake), "EOCAUSAL_WAREHOUSE": str(self.warehouse_path)}
+        return dbt_path_vars(self.lake, self.warehouse_path)
+
+
+def dbt_path_vars(lake: Path, warehouse: Path) -> dict[str, str]:
+    """The --vars that point dbt's profile and sources at a lake and a warehouse file."""
+    return {"lake": str(lake), "warehouse": str(warehouse)}

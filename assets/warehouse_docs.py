@@ -9,13 +9,15 @@ Output: <workdir>/docs/static_index.html (one self-contained page), catalog.json
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from assets.dbt import ANALYSIS_PERIOD_ENV, DBT_EXECUTABLE, DBT_PROJECT_DIR
+from assets.dbt import DBT_EXECUTABLE, DBT_PROJECT_DIR
+from assets.resources import dbt_path_vars
 from eocausal.warehouse import check_sql_safe_path
 
 DOCS_FOLDER = "docs"
@@ -33,12 +35,13 @@ def generate_docs(workdir: Path, out: Path | None = None, analysis_period: str |
     with tempfile.TemporaryDirectory(prefix="eocausal-docs-") as tmp:
         copy = Path(tmp) / "warehouse.duckdb"
         shutil.copyfile(published, copy)
-        env = {**os.environ, "EOCAUSAL_WAREHOUSE": str(copy), "EOCAUSAL_LAKE": str(workdir / "lake"),
-               "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        dbt_vars = dbt_path_vars(workdir / "lake", copy)
         if analysis_period is not None:
-            env[ANALYSIS_PERIOD_ENV] = analysis_period
+            dbt_vars["analysis_period"] = analysis_period
         result = subprocess.run(
-            [DBT_EXECUTABLE, "docs", "generate", "--static", "--project-dir", str(DBT_PROJECT_DIR),
+            [DBT_EXECUTABLE, "docs", "generate", "--static", "--vars", json.dumps(dbt_vars, sort_keys=True),
+             "--project-dir", str(DBT_PROJECT_DIR),
              "--profiles-dir", str(DBT_PROJECT_DIR), "--target-path", str(out), "--log-path", str(out / "logs")],
             env=env, cwd=DBT_PROJECT_DIR, capture_output=True, text=True,
         )
