@@ -8,7 +8,7 @@ export DBT_SEND_ANONYMOUS_USAGE_STATS := false
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test test-slow test-ops browser docs bench bench-gpu clean dev
+.PHONY: install demo test lint test-slow test-ops browser docs bench bench-gpu clean dev
 
 install: $(STAMP)
 
@@ -24,16 +24,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/eocausal demo --workdir demo_run
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest
+
+# Fast, lint only (configured in pyproject.toml): ruff on the library and the Dagster layer, mypy on the library.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check eocausal assets sensors
+	$(VENV)/bin/mypy
 
 # Long suites (Monte Carlo, fault matrix): run deliberately.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
-# The operations suites CI runs after `make test`: crashes, bad input, read loop, credentials, dbt docs.
+# The operations suites CI runs after `make test`: crashes, bad input, read loop, credentials, dbt docs,
+# and a non-editable install of the project into a fresh venv running the demo.
 test-ops: $(STAMP) browser
-	$(PY) -m pytest -m slow tests/faults tests/test_security.py tests/ui
+	$(PY) -m pytest -m slow tests/faults tests/test_security.py tests/ui tests/packaging
 
 # The UI test drives Debian's Chromium; install it (and its driver) when missing.
 browser:

@@ -34,7 +34,8 @@ def build_image_chips(periods: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 "chip_usability",
                 asset="image_chips",
                 blocking=True,
-                description="Every unit has a chip record; usable chips meet the nodata limit; enough units are usable.",
+                description="Every unit has a chip record; usable chips meet the nodata limit; "
+                            "enough units are usable.",
             )
         ],
     )

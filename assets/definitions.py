@@ -18,8 +18,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from assets.chips import build_image_chips
-from assets.dbt import DBT_EXECUTABLE, dbt_analysis_models, dbt_estimate_models, dbt_project
-from assets.dbt import dbt_heterogeneity_models
+from assets.dbt import DBT_EXECUTABLE, dbt_analysis_models, dbt_estimate_models, dbt_heterogeneity_models, dbt_project
 from assets.embeddings import build_image_embeddings
 from assets.estimates import effect_estimates
 from assets.heterogeneity import HETEROGENEITY_ASSETS
@@ -55,7 +54,8 @@ def build_definitions(study_path: str, workdir: str) -> dg.Definitions:
     periods, analysis_period = imagery_periods(study_path)
     study_job = dg.define_asset_job(STUDY_JOB, selection=dg.AssetSelection.all(),
                                     description="Survey + imagery -> embeddings -> warehouse -> effect estimates. "
-                                                f"Partitioned by imagery period; the analysis uses {analysis_period!r}.")
+                                                "Partitioned by imagery period; the analysis uses "
+                                                f"{analysis_period!r}.")
     return dg.Definitions(
         assets=build_assets(periods, analysis_period),
         jobs=[study_job],

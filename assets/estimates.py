@@ -4,8 +4,8 @@
 import json
 
 import dagster as dg
-from dagster import AssetExecutionContext
 import pandas as pd
+from dagster import AssetExecutionContext
 
 from assets.dbt import WAREHOUSE_POOL
 from assets.imputation import imputed_outcomes_path, read_imputed
@@ -20,9 +20,9 @@ from eocausal.estimate.effects import (
     fragility_summary,
     overlap_report,
 )
-from eocausal.imagery.sources import open_source
 from eocausal.estimate.imputation import ImputedOutcomes
 from eocausal.faults import crash_point
+from eocausal.imagery.sources import open_source
 from eocausal.lake import CURRENT_ESTIMATE_FILE, current_estimate_frame, stored_pca, write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version

@@ -41,10 +41,12 @@ def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
     specs=[
         dg.AssetSpec("cate_estimates", group_name=GROUP, kinds={"python", "sklearn", "parquet"},
                      code_version=CATE_CODE_VERSION, deps=[dg.AssetKey(["marts", "analysis_units"])],
-                     description="DR-learner CATE per unit and feature set (held-out predictions, AIPW pseudo-outcomes)."),
+                     description="DR-learner CATE per unit and feature set (held-out predictions, "
+                                 "AIPW pseudo-outcomes)."),
         dg.AssetSpec("cate_evaluation", group_name=GROUP, kinds={"python", "parquet"},
                      code_version=CATE_CODE_VERSION, deps=[dg.AssetKey(["marts", "analysis_units"])],
-                     description="RATE (AUTOC, Qini; bootstrap CIs) on held-out CATE, and PEHE when the truth is known."),
+                     description="RATE (AUTOC, Qini; bootstrap CIs) on held-out CATE, and PEHE when the "
+                                 "truth is known."),
     ],
     pool=WAREHOUSE_POOL,  # reads the warehouse file, which excludes its writer
 )
@@ -101,7 +103,8 @@ def effect_clusters(study: StudyResource, warehouse: WarehouseResource):
     kinds={"python", "torch", "rasterio", "parquet"},
     code_version=TRANSPORT_CODE_VERSION,
     deps=[effect_clusters, "image_chips"],
-    description="CATE (with SE) and cluster membership on a grid of cells over the transport region; GeoTIFF + PNG map.",
+    description="CATE (with SE) and cluster membership on a grid of cells over the transport region; "
+                "GeoTIFF + PNG map.",
 )
 def transport_predictions(study: StudyResource, warehouse: WarehouseResource):
     from eocausal.imagery.sources import open_source

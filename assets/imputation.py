@@ -5,9 +5,9 @@ and the corrected pseudo-outcomes that `effect_estimates` runs on (studies with
 import json
 
 import dagster as dg
-from dagster import AssetExecutionContext
 import pandas as pd
 import pyarrow as pa
+from dagster import AssetExecutionContext
 
 from assets.dbt import WAREHOUSE_POOL
 from assets.metadata import table_metadata
@@ -77,7 +77,8 @@ def imputed_outcomes(
     if units.empty:
         raise dg.Failure(description="marts.analysis_units is empty: no unit has a usable chip and embedding")
     measured = units["outcome"].notna()
-    counts = {name: int((measured & (units["treatment"] == arm)).sum()) for arm, name in ((1, "treated"), (0, "control"))}
+    counts = {name: int((measured & (units["treatment"] == arm)).sum())
+              for arm, name in ((1, "treated"), (0, "control"))}
     short = {name: c for name, c in counts.items() if c < MIN_MEASURED_OUTCOMES_PER_ARM}
     if short:
         message = (f"too few analysis units with a measured outcome to impute from: {short} "
@@ -86,7 +87,8 @@ def imputed_outcomes(
             metadata={"outcome_imputation": True, "n_measured_by_arm": counts},
             check_results=[
                 dg.AssetCheckResult(check_name="measured_outcomes_per_arm", passed=False, description=message),
-                dg.AssetCheckResult(check_name="imputation_model_fit", passed=False, description="not fitted: " + message),
+                dg.AssetCheckResult(check_name="imputation_model_fit", passed=False,
+                                    description="not fitted: " + message),
             ],
         )
 

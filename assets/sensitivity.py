@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import dagster as dg
-from dagster import AssetExecutionContext
 import pandas as pd
+from dagster import AssetExecutionContext
 
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.estimate.effects import CODE_VERSION
@@ -75,7 +75,8 @@ def effect_sensitivity(
         expected = expected[expected["outcome_source"].fillna("measured") != "imputed_plugin"]
     rows = sensitivity_rows(table)
     figures = warehouse.root_path / "figures" / "sensitivity" / f"{spec.name}-{version}"
-    lines = ["| outcome | feature set | estimator | estimate | RV | RV_alpha | bound at r²=0.05 | benchmarks (r_d, r_y) |",
+    lines = ["| outcome | feature set | estimator | estimate | RV | RV_alpha | bound at r²=0.05 "
+             "| benchmarks (r_d, r_y) |",
              "|---|---|---|---:|---:|---:|---|---|"]
     paths, notes, by_key = {}, [], {}
     for _, row in rows.iterrows():

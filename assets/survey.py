@@ -21,7 +21,8 @@ from eocausal.versioning import frame_version
             "survey_suite",
             asset="survey",
             blocking=True,
-            description="GX suite: required columns, types, lat/lon ranges, unique ids, binary treatment, finite outcome.",
+            description="GX suite: required columns, types, lat/lon ranges, unique ids, binary treatment, "
+                        "finite outcome.",
         )
     ],
 )

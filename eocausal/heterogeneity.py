@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from eocausal import interpret
 from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
-from eocausal import interpret
 from eocausal.lake import embedding_matrix, period_path, stored_pca, write_table_atomic
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version

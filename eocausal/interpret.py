@@ -81,7 +81,8 @@ class DifferentiableImageFeatures(torch.nn.Module):
         pooled = []
         for act in acts:
             sums = torch.stack([act[:, :, r0:r1, c0:c1].sum(dim=(2, 3)) for r0, r1, c0, c1 in cells], 2)
-            counts = torch.stack([field[:, 0, r0:r1, c0:c1].sum(dim=(1, 2)) for r0, r1, c0, c1 in cells], 1).to(act.dtype)
+            counts = torch.stack([field[:, 0, r0:r1, c0:c1].sum(dim=(1, 2)) for r0, r1, c0, c1 in cells], 1)
+            counts = counts.to(act.dtype)
             g = torch.from_numpy(groups).to(act.dtype)
             pooled.append((sums @ g / (counts @ g)[:, None, :]).transpose(1, 2).reshape(len(x), -1))
         return torch.cat(pooled, dim=1)

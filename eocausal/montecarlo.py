@@ -405,7 +405,8 @@ def summarise(replicates: pd.DataFrame) -> pd.DataFrame:
     est_order = {s: i for i, s in enumerate(ESTIMATORS)}
     return table.sort_values(
         ["scenario", "feature_set", "estimator"],
-        key=lambda col: col.map(order if col.name == "scenario" else fs_order if col.name == "feature_set" else est_order),
+        key=lambda col: col.map(
+            order if col.name == "scenario" else fs_order if col.name == "feature_set" else est_order),
     ).reset_index(drop=True)
 
 

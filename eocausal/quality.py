@@ -195,7 +195,8 @@ def validate_survey(df: pd.DataFrame, covariates: list[str], outcome_may_be_miss
                                 examples=[f"treatment is constant: all {len(df)} units have treatment {1 - arm}"])
                 )
         if report.success:
-            report.failures += design_failures(df, covariates, folds=folds, outcome_may_be_missing=outcome_may_be_missing)
+            report.failures += design_failures(df, covariates, folds=folds,
+                                               outcome_may_be_missing=outcome_may_be_missing)
     if outcome_may_be_missing:
         _check_missing_outcomes(df, report)
     return report
@@ -272,7 +273,8 @@ def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> Quality
         ("unit_id not null", gxe.ExpectColumnValuesToNotBeNull(column="unit_id")),
         ("unique unit_id", gxe.ExpectColumnValuesToBeUnique(column="unit_id")),
         ("status in {ok, excluded}", gxe.ExpectColumnValuesToBeInSet(column="status", value_set=["ok", "excluded"])),
-        ("valid_share within [0, 1]", gxe.ExpectColumnValuesToBeBetween(column="valid_share", min_value=0, max_value=1)),
+        ("valid_share within [0, 1]",
+         gxe.ExpectColumnValuesToBeBetween(column="valid_share", min_value=0, max_value=1)),
     ]
     if "cloud_share" in index.columns:
         # NaN (unknown cloud share, e.g. a GeoTIFF without a QA band) counts as missing and passes.

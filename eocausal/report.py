@@ -87,7 +87,8 @@ def forest_plot(estimates: pd.DataFrame, truth: float | None, path: Path) -> Pat
     sets = _ordered_sets(est["feature_set"])
     estimators = list(dict.fromkeys(est["estimator"]))
     # With outcome imputation each spec has several rows (outcome_source): one line each.
-    sources = list(dict.fromkeys(est["outcome_source"].fillna("measured"))) if "outcome_source" in est.columns else [None]
+    sources = (list(dict.fromkeys(est["outcome_source"].fillna("measured")))
+               if "outcome_source" in est.columns else [None])
     markers = dict(zip(sources, "osD^v"))
     fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(est) + 0.35 * len(estimators) + 1.2))
     y, ticks = 0.0, []
@@ -197,7 +198,8 @@ def cate_distribution_plot(predictions: pd.DataFrame, truth_tau: pd.DataFrame | 
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    values = [predictions.loc[predictions["feature_set"] == fs, "cate"] for fs in _ordered_sets(predictions["feature_set"])]
+    values = [predictions.loc[predictions["feature_set"] == fs, "cate"]
+              for fs in _ordered_sets(predictions["feature_set"])]
     lo = min(float(v.min()) for v in values)
     hi = max(float(v.max()) for v in values)
     if truth_tau is not None and len(truth_tau):
@@ -228,7 +230,8 @@ def rate_plot(evaluation: pd.DataFrame, path: Path) -> Path | None:
         d = json.loads(r.details)
         q, toc, se = np.asarray(d["q"]), np.asarray(d["toc"]), np.asarray(d["toc_std_error"])
         colour = _COLOURS.get(r.feature_set, "k")
-        ax.plot(q, toc, color=colour, label=f"{r.feature_set}: AUTOC {r.estimate:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]")
+        ax.plot(q, toc, color=colour,
+                label=f"{r.feature_set}: AUTOC {r.estimate:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]")
         ax.fill_between(q, toc - 1.96 * se, toc + 1.96 * se, color=colour, alpha=0.15)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("treated fraction q (units ranked by held-out CATE)")
@@ -282,12 +285,16 @@ def _fmt(v, digits=3) -> str:
     return f"{float(v):.{digits}f}"
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (float, np.floating, int, np.integer)) and not isinstance(v, bool)
+
+
 def _table(frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = []
     for row in frame.itertuples(index=False):
         cells = "".join(
-            f"<td>{html.escape(_fmt(v) if isinstance(v, (float, np.floating, int, np.integer)) and not isinstance(v, bool) else str(v))}</td>"
+            f"<td>{html.escape(_fmt(v) if _is_number(v) else str(v))}</td>"
             for v in row
         )
         body.append(f"<tr>{cells}</tr>")
@@ -297,12 +304,14 @@ def _table(frame: pd.DataFrame) -> str:
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
        color: #222; line-height: 1.45; padding: 0 1rem; }
-h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2rem; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.6rem 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: 0.6rem 0; }
-.muted { color: #777; } .kpi { display: inline-block; margin: 0 1.2rem 0.6rem 0; padding: 0.4rem 0.8rem; background: #f6f8fa;
+.muted { color: #777; }
+.kpi { display: inline-block; margin: 0 1.2rem 0.6rem 0; padding: 0.4rem 0.8rem; background: #f6f8fa;
        border-radius: 6px; } .kpi b { display: block; font-size: 1.15rem; }
 .ok { color: #2a7d2a; } .warn { color: #b35900; }
 """
@@ -322,7 +331,8 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> Report:
     add("forest", forest_plot(est, inputs.truth_ate, out_dir / "forest.png"))
     add("overlap", overlap_plot(est, out_dir / "overlap.png"))
     add("balance", love_plot(est, out_dir / "balance.png"))
-    add("cate_distribution", cate_distribution_plot(inputs.cate_predictions, inputs.truth_tau, out_dir / "cate_distribution.png"))
+    add("cate_distribution",
+        cate_distribution_plot(inputs.cate_predictions, inputs.truth_tau, out_dir / "cate_distribution.png"))
     add("rate", rate_plot(inputs.cate_evaluation, out_dir / "rate.png"))
     add("clusters", cluster_plot(inputs.clusters, out_dir / "clusters.png"))
     if inputs.transport_png is not None and Path(inputs.transport_png).exists():
@@ -459,7 +469,8 @@ def _transport_section(inputs: ReportInputs, figures) -> list[str]:
     s = inputs.transport_summary
     if s:
         out.append(f"<p>{s.get('n_predicted', 0)} of {s.get('n_cells', 0)} grid cells predicted "
-                   f"({s.get('cell_size_km', float('nan')):.2f} km cells); {s.get('n_outside_hull', 0)} lie outside the "
+                   f"({s.get('cell_size_km', float('nan')):.2f} km cells); "
+                   f"{s.get('n_outside_hull', 0)} lie outside the "
                    "convex hull of the study's units, where the map extrapolates. The standard error is the "
                    "sampling error of the fitted image model, not the error of extrapolation.</p>")
     out.append(_img(figures.get("transport"), "transport map"))

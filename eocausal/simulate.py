@@ -3,8 +3,9 @@
 - :func:`write_demo_study` builds a semi-synthetic study on a real (or procedural) scene: units on
   valid pixels, an image-borne confounder measured from the real pixels around each unit (the
   built-up share within ~750 m: bright and textured pixels), a weak tabular proxy of it,
-  treatment targeted by the confounder, and outcomes with a known, heterogeneous effect. It writes ``study.yaml``, ``villages.csv``, ``truth.json`` and
-  ``truth_units.csv``; the same arguments always give byte-identical files.
+  treatment targeted by the confounder, and outcomes with a known, heterogeneous effect. It
+  writes ``study.yaml``, ``villages.csv``, ``truth.json`` and ``truth_units.csv``; the same
+  arguments always give byte-identical files.
 - :func:`write_procedural_scene` writes a textured GeoTIFF of any size for scale tests and fast
   fixtures.
 
@@ -1057,7 +1058,8 @@ def coverage_table(results: pd.DataFrame) -> pd.DataFrame:
             "mean_ci_width": float((g["ci_high"] - g["ci_low"]).mean()),
         })
     table = pd.DataFrame(rows)
-    return table.sort_values(["estimator", "outcome_source"], key=lambda c: c.map(order) if c.name == "outcome_source" else c).reset_index(drop=True)
+    return table.sort_values(["estimator", "outcome_source"],
+                             key=lambda c: c.map(order) if c.name == "outcome_source" else c).reset_index(drop=True)
 
 
 def sensitivity_monte_carlo(
@@ -1075,7 +1077,10 @@ def sensitivity_monte_carlo(
     covariate), beside its actual strengths, and whether the bounds at those strengths cover
     the truth. Returns the rows and the strengths."""
     from eocausal.estimate.sensitivity import (
-        bounds, robustness_value, robustness_value_alpha, sensitivity_for_effects,
+        bounds,
+        robustness_value,
+        robustness_value_alpha,
+        sensitivity_for_effects,
     )
 
     process = process or HiddenConfounderProcess()
@@ -1108,7 +1113,8 @@ def sensitivity_monte_carlo(
                     "bounds_at_actual_cover_truth": bool(
                         float(at_actual["ci_lower"]) <= truth[estimator] <= float(at_actual["ci_upper"])
                     ),
-                    "bounds_at_actual_include_zero": bool(float(at_actual["theta_lower"]) <= 0 <= float(at_actual["theta_upper"])),
+                    "bounds_at_actual_include_zero":
+                        bool(float(at_actual["theta_lower"]) <= 0 <= float(at_actual["theta_upper"])),
                 })
         if log and (rep + 1) % 10 == 0:
             log(f"sensitivity Monte Carlo: {rep + 1}/{n_replications} replications")

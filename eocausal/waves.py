@@ -97,7 +97,8 @@ def _sha256(path: Path) -> str:
 
 
 def _rejected(path: Path, sha: str, rule: str, message: str) -> WaveCheck:
-    return WaveCheck(path, sha, False, message, [{"rule": rule, "column": None, "n_rows": 0, "rows": [], "unit_ids": []}])
+    return WaveCheck(path, sha, False, message,
+                     [{"rule": rule, "column": None, "n_rows": 0, "rows": [], "unit_ids": []}])
 
 
 def check_wave(path: Path, study: Study) -> WaveCheck:
@@ -105,7 +106,8 @@ def check_wave(path: Path, study: Study) -> WaveCheck:
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         # A link could pull a file from anywhere into the study.
-        return _rejected(path, "", "wave is a regular file", f"{path.name}: not a regular file (links and folders are not read)")
+        return _rejected(path, "", "wave is a regular file",
+                         f"{path.name}: not a regular file (links and folders are not read)")
     sha = _sha256(path)
     expected = study.survey_path.suffix.lower()
     if path.suffix.lower() != expected:

@@ -73,7 +73,8 @@ def group_band_files(files: list[Path], bands: list[int] | None = None) -> tuple
         for f, m in members:
             number = _band_number(m)
             if number in by_number:
-                raise BandFileError(f"scene {scene_name}: band {number} in two files: {by_number[number][0].name}, {f.name}")
+                raise BandFileError(
+                    f"scene {scene_name}: band {number} in two files: {by_number[number][0].name}, {f.name}")
             by_number[number] = (f, m)
         if bands is not None:
             missing = [b for b in bands if b not in by_number]
@@ -84,7 +85,8 @@ def group_band_files(files: list[Path], bands: list[int] | None = None) -> tuple
                 )
             chosen = [by_number[b] for b in bands]
         else:
-            reflective = [by_number[n] for n in sorted(by_number) if (by_number[n][1].group("prefix") or "").upper() != "ST_"]
+            reflective = [by_number[n] for n in sorted(by_number)
+                          if (by_number[n][1].group("prefix") or "").upper() != "ST_"]
             chosen = _on_common_grid(scene_name, reflective or [by_number[n] for n in sorted(by_number)])
         qa = next((f for f in files if (q := _QA_RE.match(f.name)) and q.group("scene") == scene_name), None)
         product = bool(_L2_PRODUCT_RE.match(scene_name))

@@ -265,12 +265,25 @@ def _project_from_environment() -> str | None:
     return None
 
 
+def _require_client() -> None:
+    """The Earth Engine client is an optional part (the `earthengine` extra): say how to get it."""
+    try:
+        import ee  # noqa: F401
+        import google.auth  # noqa: F401
+    except ImportError:
+        raise EarthEngineError(
+            "imagery.source 'earthengine' needs the Earth Engine client, which is not installed: "
+            "pip install 'eocausal[earthengine]'"
+        ) from None
+
+
 def load_credentials() -> tuple[Any, str | None]:
     """(credentials, project id or None) from the environment; never logs or returns secrets as text.
 
     Order: the service-account key file named by ``EOCAUSAL_EE_SERVICE_ACCOUNT_KEY``, else
     Application Default Credentials. Raises :class:`EarthEngineCredentialsError` with what to set.
     """
+    _require_client()
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
     from google.oauth2 import service_account
@@ -310,6 +323,7 @@ class EarthEngineApi:
         self._ee = None
 
     def initialize(self, *, project: str | None, high_volume: bool, timeout_s: float) -> None:
+        _require_client()
         import ee
 
         credentials, credential_project = load_credentials()
@@ -325,7 +339,8 @@ class EarthEngineApi:
         except ee.EEException as exc:
             raise EarthEngineError(f"Earth Engine initialisation failed for project {project!r}: {exc}") from None
         self._ee = ee
-        log.info("Earth Engine initialised (project %s, %s endpoint)", project, "high-volume" if high_volume else "standard")
+        log.info("Earth Engine initialised (project %s, %s endpoint)", project,
+                 "high-volume" if high_volume else "standard")
 
     def _composite(self, recipe: CompositeRecipe) -> Any:
         with self._lock:
@@ -348,7 +363,8 @@ PERMANENT = "permanent"
 FATAL = "fatal"
 
 _TRANSIENT_WORDS = (
-    "too many requests", "too many concurrent", "rate limit", "quota exceeded", "resource exhausted", "resource_exhausted",
+    "too many requests", "too many concurrent", "rate limit", "quota exceeded", "resource exhausted",
+    "resource_exhausted",
     "timed out", "timeout", "deadline", "internal error", "backend error", "service unavailable",
     "unavailable", "temporarily", "try again", "connection reset", "bad gateway",
 )
@@ -540,7 +556,8 @@ class EarthEngineSource:
                 raise ImageryError(f"imagery.crs {crs!r} is not a usable CRS: {exc}") from exc
 
     @classmethod
-    def from_spec(cls, spec: "ImagerySpec", period: "PeriodSpec", client: EarthEngineClient, **kwargs) -> "EarthEngineSource":
+    def from_spec(cls, spec: "ImagerySpec", period: "PeriodSpec", client: EarthEngineClient,
+                  **kwargs) -> "EarthEngineSource":
         coll = collection(spec.collection)
         bands = tuple(spec.band_names) if spec.band_names else coll.default_bands
         recipe = CompositeRecipe(
@@ -718,4 +735,5 @@ class EarthEngineSource:
         )
 
     def __repr__(self) -> str:
-        return f"EarthEngineSource({self.recipe.collection!r}, period={self.period_name!r}, bands={list(self.recipe.bands)})"
+        return (f"EarthEngineSource({self.recipe.collection!r}, period={self.period_name!r}, "
+                f"bands={list(self.recipe.bands)})")
