@@ -12,10 +12,10 @@ import json
 import re
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from eocausal.imagery.ee_collections import COLLECTIONS
 
@@ -286,6 +286,13 @@ class EmbeddingSpec(_Strict):
         return self
 
 
+class LearnerSpec(_Strict):
+    """A nuisance learner by name (eocausal.estimate.nuisance.NAMED_LEARNERS) and its parameters."""
+
+    name: Literal["linear", "boosting", "random_forest", "extra_trees", "lasso", "knn"] = "linear"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class AnalysisSpec(_Strict):
     estimators: list[Literal["difference_in_means", "ipw", "aipw", "dml"]] = Field(
         default_factory=lambda: list(ESTIMATORS)
@@ -318,6 +325,38 @@ class AnalysisSpec(_Strict):
     propensity_trim: float | None = Field(None, gt=0.0, lt=0.5)
     # Repeated cross-fitting: the median over this many independent fold splits.
     cross_fit_repetitions: int = Field(1, ge=1, le=100)
+    # The nuisance learners, by role: {propensity: {name: random_forest, params: {...}}, outcome: ...};
+    # a role left out keeps the built-in penalised linear learner.
+    learners: dict[Literal["propensity", "outcome"], LearnerSpec] = Field(default_factory=dict)
+
+    def nuisance_learners(self) -> dict | None:
+        """The learners option of eocausal.estimate (None when every role keeps the built-in one)."""
+        from eocausal.estimate.nuisance import named_learner
+
+        built = {role: named_learner(spec.name, role, spec.params, self.seed) for role, spec in self.learners.items()}
+        built = {role: est for role, est in built.items() if est is not None}
+        return built or None
+
+    @model_serializer(mode="wrap")
+    def _without_default_learners(self, handler):
+        # An analysis on the built-in learners serialises as before the option existed, so its
+        # versions (and the analysis_spec column) are unchanged.
+        data = handler(self)
+        if isinstance(data, dict) and not self.learners:
+            data.pop("learners", None)
+        return data
+
+    @field_validator("learners")
+    @classmethod
+    def _learners_build(cls, v):
+        from eocausal.estimate.nuisance import named_learner
+
+        for role, spec in v.items():
+            try:
+                named_learner(spec.name, role, spec.params)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"learners.{role}: {exc}") from None
+        return v
 
     @property
     def fixed_image_components(self) -> int:

@@ -40,11 +40,14 @@ from eocausal.estimate.nuisance import (
     cross_fit_outcome,
     cross_fit_propensity,
     gram_blocks,
+    learner_names,
 )
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
-OPTIONS = ("learner", "pca_components", "pca_columns", "solver", "predictions", "undersmooth")
+OPTIONS = ("learner", "learners", "pca_components", "pca_columns", "solver", "predictions", "undersmooth")
+# Keys of the ``learners`` option: the caller's own estimator for each nuisance.
+LEARNER_ROLES = ("propensity", "outcome")
 # Keys of the ``predictions`` option, and the nuisance function each one stands for.
 PREDICTION_KEYS = {"propensity": "e_raw", "outcome_control": "mu0", "outcome_treated": "mu1", "outcome": "l"}
 # Leading principal components of the reduced (image) block that get a balance row too.
@@ -110,7 +113,10 @@ def estimate_effect(
       (split 0 is the single-split estimate; the diagnostics returned are split 0's, plus the
       per-split estimates under ``diagnostics["repeated_cross_fitting"]``).
     - ``balance_columns``: names (or indexes) of the columns to report balance rows for.
-    - ``opts``: ``learner`` ("linear" | "boosting"); ``pca_components`` and ``pca_columns``
+    - ``opts``: ``learner`` ("linear" | "boosting"); ``learners``: your own scikit-learn-compatible
+      estimators, ``{"propensity": classifier, "outcome": regressor}`` (either may be left out;
+      each is cloned for every fold and arm, behind the per-fold PCA when one is asked for; the
+      diagnostics' ``learners`` say which ran); ``pca_components`` and ``pca_columns``
       (reduce those columns, e.g. an image embedding, to principal components inside each fold);
       ``solver`` ("fast" | "sklearn": how the linear learner is fitted; same statistics);
       ``predictions``: a dict of out-of-fold nuisance predictions to use instead of fitting any
@@ -176,7 +182,9 @@ def _estimate_effects(
     X, names = _validate_features(X, n, feature_names)
     groups = _validate_groups(groups, n)
     pca_columns = opts.get("pca_columns")
+    own = _own_learners(opts.get("learners"))
     spec = NuisanceSpec(
+        **own,
         learner=opts.get("learner", "linear"),
         seed=seed,
         pca_components=opts.get("pca_components"),
@@ -504,6 +512,19 @@ def _validate_groups(groups, n: int) -> np.ndarray | None:
     return codes.ravel()
 
 
+def _own_learners(learners) -> dict:
+    """The ``learners`` option as NuisanceSpec fields (checked there)."""
+    if learners is None:
+        return {}
+    if not isinstance(learners, dict):
+        raise ValueError(f"learners must be a dict with keys from {list(LEARNER_ROLES)}, e.g. "
+                         "{'propensity': LogisticRegression(), 'outcome': RandomForestRegressor()}")
+    unknown = sorted(set(learners) - set(LEARNER_ROLES))
+    if unknown:
+        raise ValueError(f"learners: unknown key(s) {unknown}; known keys are {list(LEARNER_ROLES)}")
+    return {f"{role}_learner": learners.get(role) for role in LEARNER_ROLES}
+
+
 def _column_indexes(columns, names: list[str], what: str) -> list[int]:
     if not names:
         raise ValueError(f"{what} given but X has no columns")
@@ -556,6 +577,7 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             "group-wise, balanced by treatment" if groups is not None else "stratified by treatment"
         ),
         "learner": spec.learner,
+        "learners": learner_names(spec),
     }
     if spec.learner == "linear":
         base["solver"] = spec.solver

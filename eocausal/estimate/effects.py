@@ -180,6 +180,7 @@ def estimate_study(
             PLUGIN: (everyone, imputed.filled),
         }
     rows, results = [], []
+    learners = analysis.nuisance_learners()  # None: the built-in learners
     headline_fits: dict = {}  # feature set -> its AIPW ATE on the measured outcomes, for the fragility checks
     all_feature_sets = feature_sets(units, covariates, analysis, pca)
     # one step per estimator x feature set x estimand x outcome source, and the fragility checks
@@ -198,7 +199,7 @@ def estimate_study(
                         y_s, d, X, estimator=estimator, estimand=estimand, folds=analysis.folds,
                         seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
                         feature_names=names or None, trim=analysis.propensity_trim,
-                        repetitions=analysis.cross_fit_repetitions,
+                        repetitions=analysis.cross_fit_repetitions, learners=learners,
                     )
                     if imputed is not None:
                         annotate(res, source, imputed)
@@ -257,7 +258,8 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
     groups = None if groups is None else groups[keep]
     X, _ = all_feature_sets[headline_set]
     X = X[keep]
-    options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip)
+    options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
+                   learners=analysis.nuisance_learners())
     headline = (fitted or {}).get(headline_set)
     if headline is None or headline.influence is None:
         headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]

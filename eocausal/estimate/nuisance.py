@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin, clone, is_classifier
 from sklearn.decomposition import PCA
 from sklearn.dummy import DummyRegressor
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -75,8 +75,13 @@ class NuisanceSpec:
     pca_columns: tuple[int, ...] | None = None  # column indexes to reduce; None = all columns
     solver: str = "fast"  # linear learner only: "fast" (eocausal.estimate.linear) | "sklearn"
     undersmooth: float = UNDERSMOOTH  # linear learner only: final fit at penalty / undersmooth
+    # The caller's own scikit-learn estimators (cloned for every fit), in place of ``learner`` for
+    # that nuisance: a classifier with predict_proba for the propensity, a regressor for the outcomes.
+    propensity_learner: object = field(default=None, compare=False)
+    outcome_learner: object = field(default=None, compare=False)
 
     def __post_init__(self):
+        check_own_learners(self.propensity_learner, self.outcome_learner)
         if not (self.undersmooth >= 1.0):
             raise ValueError(f"undersmooth must be >= 1 (1 = the CV choice), got {self.undersmooth!r}")
         if self.learner not in LEARNERS:
@@ -85,6 +90,85 @@ class NuisanceSpec:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.pca_components is not None and int(self.pca_components) < 1:
             raise ValueError(f"pca_components must be a positive integer, got {self.pca_components!r}")
+
+
+def check_own_learners(propensity=None, outcome=None) -> None:
+    """Reject what cannot serve as the caller's own propensity or outcome learner, by name."""
+    for role, est, needs in (("propensity", propensity, ("fit", "predict_proba")), ("outcome", outcome, ("fit", "predict"))):
+        if est is None:
+            continue
+        if isinstance(est, type):
+            raise ValueError(f"learners[{role!r}] must be an estimator instance, got the class {est.__name__}; "
+                             f"write {est.__name__}()")
+        missing = [m for m in needs if not callable(getattr(est, m, None))]
+        if missing or not hasattr(est, "get_params"):
+            raise ValueError(f"learners[{role!r}] must be a scikit-learn-compatible estimator with get_params and "
+                             f"{' and '.join(needs)}; {type(est).__name__} lacks {missing or ['get_params']}")
+        if role == "propensity" and not is_classifier(est):
+            raise ValueError(f"learners['propensity'] must be a classifier (predict_proba of D=1); "
+                             f"{type(est).__name__} is not")
+
+
+# Learners a study file can name (analysis.learners), per nuisance role, with their defaults; the
+# study's params are passed on as keyword arguments. "linear" is the built-in default.
+NAMED_LEARNERS = {
+    "boosting": ("sklearn.ensemble.HistGradientBoostingClassifier", "sklearn.ensemble.HistGradientBoostingRegressor",
+                 {**_BOOSTING, "early_stopping": True}),
+    "random_forest": ("sklearn.ensemble.RandomForestClassifier", "sklearn.ensemble.RandomForestRegressor",
+                      {"n_estimators": 500, "min_samples_leaf": 5, "n_jobs": 1}),
+    "extra_trees": ("sklearn.ensemble.ExtraTreesClassifier", "sklearn.ensemble.ExtraTreesRegressor",
+                    {"n_estimators": 500, "min_samples_leaf": 5, "n_jobs": 1}),
+    "lasso": ("sklearn.linear_model.LogisticRegressionCV", "sklearn.linear_model.LassoCV",
+              {}),
+    "knn": ("sklearn.neighbors.KNeighborsClassifier", "sklearn.neighbors.KNeighborsRegressor",
+            {"n_neighbors": 25}),
+}
+_NAMED_ROLE_DEFAULTS = {("lasso", "propensity"): {"l1_ratios": (1.0,), "solver": "saga", "Cs": 10, "max_iter": 2000,
+                                                  "scoring": "neg_log_loss", "use_legacy_attributes": False},
+                        ("lasso", "outcome"): {"n_alphas": 30, "max_iter": 5000}}
+
+
+def named_learner(name: str, role: str, params: dict | None = None, seed: int = 0):
+    """The study file's learner ``name`` for ``role`` ("propensity" | "outcome") with ``params``
+    over its defaults (random_state = the analysis seed where the estimator has one); None for
+    "linear", the built-in default. Unknown names or parameters: ValueError naming them."""
+    import importlib
+
+    if name == "linear":
+        if params:
+            raise ValueError(f"learner 'linear' (the built-in default) takes no params, got {sorted(params)}")
+        return None
+    if name not in NAMED_LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; choose from {['linear', *NAMED_LEARNERS]}")
+    classifier, regressor, defaults = NAMED_LEARNERS[name]
+    module, _, cls_name = (classifier if role == "propensity" else regressor).rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    accepted = cls().get_params()
+    kwargs = {**defaults, **_NAMED_ROLE_DEFAULTS.get((name, role), {})}
+    if "random_state" in accepted:
+        kwargs["random_state"] = seed
+    unknown = sorted(set(params or {}) - set(accepted))
+    if unknown:
+        raise ValueError(f"learner {name!r} ({cls_name}) has no parameter(s) {unknown}; its parameters are "
+                         f"{sorted(accepted)}")
+    kwargs.update(params or {})
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def learner_names(spec: "NuisanceSpec") -> dict[str, str]:
+    """Which learner fits each nuisance, for the diagnostics."""
+    default = {"linear": "penalised linear (l2, inner-CV penalty" + (f", undersmoothed x{spec.undersmooth:g})"
+                                                                      if spec.undersmooth != 1.0 else ")"),
+               "boosting": "histogram gradient boosting"}[spec.learner]
+    return {
+        "propensity": _describe(spec.propensity_learner) if spec.propensity_learner is not None else default,
+        "outcome": _describe(spec.outcome_learner) if spec.outcome_learner is not None else default,
+    }
+
+
+def _describe(est) -> str:
+    text = repr(est)
+    return " ".join(text.split())[:300]
 
 
 @dataclass
@@ -223,6 +307,8 @@ def _front(spec: NuisanceSpec, linear: bool) -> list:
 
 def propensity_model(spec: NuisanceSpec, smaller_class_count: int):
     """An unfitted classifier for P(D=1 | X)."""
+    if spec.propensity_learner is not None:
+        return Pipeline(_front(spec, linear=False) + [("model", clone(spec.propensity_learner))])
     if spec.learner == "boosting":
         model = HistGradientBoostingClassifier(
             **_BOOSTING, early_stopping=smaller_class_count >= MIN_FOR_EARLY_STOPPING, random_state=spec.seed
@@ -254,6 +340,8 @@ def outcome_model(spec: NuisanceSpec, n_train: int):
     """An unfitted regressor for E[Y | X] (on one arm or on all units)."""
     if n_train < MIN_FOR_INNER_CV:
         return DummyRegressor(strategy="mean")
+    if spec.outcome_learner is not None:
+        return Pipeline(_front(spec, linear=False) + [("model", clone(spec.outcome_learner))])
     if spec.learner == "boosting":
         model = HistGradientBoostingRegressor(
             **_BOOSTING, early_stopping=n_train >= MIN_FOR_EARLY_STOPPING, random_state=spec.seed
@@ -295,7 +383,8 @@ def _fit_logged(model, X, target, log: CrossFitLog, centred_gram=None):
 
 def gram_blocks(X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec) -> GramBlocks | None:
     """Shared Gram blocks for the fast linear fits on the raw columns (p <= n), else None."""
-    usable = spec.learner == "linear" and spec.solver == "fast" and spec.pca_components is None
+    usable = (spec.learner == "linear" and spec.solver == "fast" and spec.pca_components is None
+              and spec.propensity_learner is None and spec.outcome_learner is None)
     if not usable or X.shape[1] > X.shape[0] // 2:
         return None
     return GramBlocks(X, fold_ids, d)
