@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The demo's runs are recorded where `make dev` looks (.dagster_home).
 demo: $(STAMP)
-	$(VENV)/bin/eocausal demo --workdir demo_run
+	DAGSTER_HOME=$(CURDIR)/.dagster_home $(VENV)/bin/eocausal demo --workdir demo_run
 
 test: $(STAMP) browser lint
 	$(PY) -m pytest

@@ -52,7 +52,9 @@ def build_assets(periods: list[str], analysis_period: str) -> list[dg.AssetsDefi
 def build_definitions(study_path: str, workdir: str) -> dg.Definitions:
     """Definitions bound to one study file (its imagery periods are the partitions) and one working folder."""
     periods, analysis_period = imagery_periods(study_path)
-    study_job = dg.define_asset_job(STUDY_JOB, selection=dg.AssetSelection.all(),
+    # One process per run (in_process executor): the run holds its working folder from its first
+    # step to its last (WarehouseResource), whether the CLI, the UI, a schedule or a sensor started it.
+    study_job = dg.define_asset_job(STUDY_JOB, selection=dg.AssetSelection.all(), executor_def=dg.in_process_executor,
                                     description="Survey + imagery -> embeddings -> warehouse -> effect estimates. "
                                                 "Partitioned by imagery period; the analysis uses "
                                                 f"{analysis_period!r}.")

@@ -12,12 +12,17 @@ no telemetry, and the library's loggers (``eocausal.*``) captured into the run l
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import dagster as dg
 import yaml
 
 DAGSTER_HOME_FOLDER = "dagster_home"
+# Tags every run of the study job carries once it holds its working folder (assets/resources.py).
+WORKDIR_TAG = "eocausal/workdir"
+HOST_TAG = "eocausal/host"
+PID_TAG = "eocausal/pid"
 
 INSTANCE_CONFIG: dict = {
     # DuckDB admits one writing process and, while it writes, no other reader: every asset that
@@ -45,3 +50,39 @@ def open_instance(home: str | Path) -> dg.DagsterInstance:
         tmp.write_text(yaml.safe_dump(INSTANCE_CONFIG, sort_keys=False))
         os.replace(tmp, config)
     return dg.DagsterInstance.from_config(str(home))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def record_holder(instance: dg.DagsterInstance, run_id: str, workdir: Path) -> list[str]:
+    """Tag run ``run_id`` as the holder of ``workdir`` (this host and process), and settle the runs
+    that held it before and died with it: marked failed, their concurrency slots freed.
+
+    Called by a run once it holds the working folder, so no other live run can be using it: a run
+    on the same folder still STARTED whose process (on this host) is gone was killed, and would
+    otherwise stay "started" in the UI and keep its warehouse-pool slot forever. Returns the ids of
+    the runs settled.
+    """
+    host = socket.gethostname()
+    instance.add_run_tags(run_id, {WORKDIR_TAG: str(workdir), HOST_TAG: host, PID_TAG: str(os.getpid())})
+    unfinished = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]
+    settled = []
+    for run in instance.get_runs(dg.RunsFilter(statuses=unfinished, tags={WORKDIR_TAG: str(workdir), HOST_TAG: host})):
+        pid = run.tags.get(PID_TAG, "")
+        if run.run_id == run_id or not pid.isdigit() or _alive(int(pid)):
+            continue
+        instance.report_run_failed(
+            run, f"the process running it (pid {pid}) ended before the run did (killed?); marked failed by "
+                 f"run {run_id}, the next to hold the working folder {workdir}")
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        settled.append(run.run_id)
+    return settled

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import dagster as dg
 
+from assets.instance import record_holder
 from eocausal.study import Study, load_study
 from eocausal.warehouse import check_sql_safe_path
+from eocausal.workdir import exclusive_workdir, held_by_this_process
 
 
 class StudyResource(dg.ConfigurableResource):
@@ -23,6 +27,20 @@ class WarehouseResource(dg.ConfigurableResource):
     """One working folder per study: Parquet lake, content cache, DuckDB warehouse and its published copy."""
 
     root: str
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[WarehouseResource]:
+        """Every run holds its working folder while it runs, however it was launched (UI,
+        schedule, sensor, `eocausal run`): a second run on the folder fails at once, naming the
+        first (eocausal/workdir.py). `eocausal run` holds it around its runs already. The study
+        job runs its steps in one process (in_process executor), so the hold covers the whole run."""
+        root = self.root_path
+        with ExitStack() as stack:
+            if not held_by_this_process(root):
+                stack.enter_context(exclusive_workdir(root))
+            if context.instance is not None and context.run_id:
+                record_holder(context.instance, context.run_id, root)
+            yield self
 
     @property
     def root_path(self) -> Path:

@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.definitions import STUDY_JOB, build_definitions
+from assets.instance import dagster_home, open_instance
 from assets.partitions import PERIOD_RUN_KEYS
 from eocausal import failures
 from eocausal.study import default_workdir, load_study
@@ -33,6 +34,7 @@ class RunOutcome:
     # 5 Earth Engine access refused
     exit_code: int = failures.EXIT_OK
     traces: list[str] = field(default_factory=list)  # the failures' full traces, for the failure log
+    dagster_home: Path | None = None  # the persistent Dagster instance the runs are recorded in
 
 
 def _plain(value):
@@ -79,7 +81,10 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
     analysis_period = study.imagery.analysis_period_name()
     other_periods = [p for p in study.imagery.period_names() if p != analysis_period]
     with ExitStack() as stack:
-        inst = stack.enter_context(dg.DagsterInstance.ephemeral() if instance is None else nullcontext(instance))
+        # Every run on the record: the persistent instance ($DAGSTER_HOME, else <workdir>/dagster_home)
+        # keeps the runs, materialisations, checks and lineage for `dagster dev` and the asset catalog.
+        home = dagster_home(workdir) if instance is None else None
+        inst = stack.enter_context(open_instance(home) if home is not None else nullcontext(instance))
         log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
         stack.enter_context(redirect_stdout(log))
         if log_level.upper() not in ("DEBUG", "INFO"):
@@ -144,7 +149,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
         except OSError:  # a full disk: the failure log (eocausal.failures) still gets them
             pass
     return RunOutcome(bool(success), workdir, estimates, errors, failed_checks, metadata, log_path,
-                      exit_code=code, traces=list(dict.fromkeys(traces)))
+                      exit_code=code, traces=list(dict.fromkeys(traces)), dagster_home=home)
 
 
 def _error_names(err) -> list[str]:

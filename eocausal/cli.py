@@ -205,6 +205,9 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | No
     report = outcome.metadata.get("study_report", {}).get("path")
     if report:
         print(f"study report: {report}")
+    home = getattr(outcome, "dagster_home", None)
+    if home is not None:
+        print(f"Dagster instance (runs, checks, lineage): {home}")
     return 0
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 from eocausal.faults import write_point
 
 LOCK_NAME = ".eocausal-run.lock"
+# The working folders this process holds (resolved): a Dagster run that `eocausal run` executes in
+# this process finds its folder held by its own process and does not ask for it again.
+_HELD_HERE: set[Path] = set()
 
 
 class WorkdirBusy(RuntimeError):
@@ -121,6 +124,11 @@ def prepare_workdir(workdir: Path) -> Path:
     return workdir
 
 
+def held_by_this_process(workdir: str | os.PathLike) -> bool:
+    """Whether this process holds ``workdir`` (inside :func:`exclusive_workdir`)."""
+    return Path(workdir).resolve() in _HELD_HERE
+
+
 @contextmanager
 def exclusive_workdir(workdir: Path) -> Iterator[Path]:
     """Hold ``workdir`` for this process (see the module docstring); raises :class:`WorkdirBusy`,
@@ -146,6 +154,11 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
             os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
         except OSError as exc:
             raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: {exc}") from None
-        yield path
+        held = workdir.resolve()
+        _HELD_HERE.add(held)
+        try:
+            yield path
+        finally:
+            _HELD_HERE.discard(held)
     finally:
         os.close(fd)  # releases the lock

@@ -5,6 +5,7 @@ Keep fixtures small and fast; build anything large inside the test that needs it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ import rasterio
 from affine import Affine
 
 from eocausal.simulate import write_demo_study, write_procedural_scene
+
+# Runs record into each working folder's own Dagster instance, never into a developer's DAGSTER_HOME.
+os.environ.pop("DAGSTER_HOME", None)
 
 
 @pytest.fixture(autouse=True)
