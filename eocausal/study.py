@@ -504,8 +504,14 @@ def load_study(path: str | Path) -> Study:
         path = path / "study.yaml"
     if not path.exists():
         raise StudyError(f"study file not found: {path}")
+    if not path.is_file():
+        raise StudyError(f"{path} is not a file: give the study file (study.yaml) or the folder that holds it")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is fine
+    except UnicodeDecodeError as exc:
+        raise StudyError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as exc:
         raise StudyError(
             f"{path}: rule 'study file keys unique' failed: {exc} - YAML would silently keep the last; "

@@ -56,9 +56,13 @@ def read_survey_table(path: Path, id_column: str | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise SurveyError(f"survey file not found: {path}")
+    if not path.is_file():  # a FIFO would block the read forever; a folder cannot be read as a table
+        kind = "a folder" if path.is_dir() else "a named pipe (FIFO)" if path.is_fifo() else "a device or socket"
+        raise SurveyError(f"survey path {path} is {kind}, not a file: survey.path must name a CSV or Parquet file")
     if path.stat().st_size == 0:
         raise SurveyError(f"survey file is empty: {path}")
     suffix = path.suffix.lower()
+    _check_not_disguised(path, suffix)
     try:
         if suffix in (".parquet", ".pq"):
             import pyarrow.parquet as pq
@@ -85,13 +89,34 @@ def read_survey_table(path: Path, id_column: str | None = None) -> pd.DataFrame:
     raise SurveyError(f"survey file {path.name}: unsupported format {suffix!r} (use .csv or .parquet)")
 
 
+# What a file is by its first bytes, for a file whose name says CSV (or Parquet) but whose bytes do not.
+_MAGIC = {b"PAR1": ("a Parquet file", "name it .parquet"), b"\x1f\x8b": ("gzip-compressed", "decompress it"),
+          b"PK\x03\x04": ("a zip archive (an Excel workbook?)", "export the sheet as CSV"),
+          b"\xd0\xcf\x11\xe0": ("an old Excel/Office file", "export the sheet as CSV")}
+
+
+def _check_not_disguised(path: Path, suffix: str) -> None:
+    """A survey whose bytes are another format than its name says: name the format (a Parquet file
+    saved as .csv would otherwise read as 'not UTF-8')."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, (what, fix) in _MAGIC.items():
+        if head.startswith(magic) and not (magic == b"PAR1" and suffix in (".parquet", ".pq")):
+            raise SurveyError(f"survey file {path.name} is {what}, not {suffix or 'a table'} text: {fix}")
+
+
 def _csv_header(path: Path, sep: str) -> list[str]:
     """The CSV's header as written (pandas renames repeated names; this reads them as they are)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for row in csv.reader(f, delimiter=sep):
-            if any(cell.strip() for cell in row):  # pandas skips blank lines before the header too
-                return row
-    return []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long header cell is legal (pandas reads it); the csv module's limit is 128 KiB
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for row in csv.reader(f, delimiter=sep):
+                if any(cell.strip() for cell in row):  # pandas skips blank lines before the header too
+                    return row
+        return []
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _check_unique_names(path: Path, names: list[str]) -> None:
@@ -166,21 +191,26 @@ def canonicalise(raw: pd.DataFrame, spec: SurveySpec) -> tuple[pd.DataFrame, lis
     mapping.update(cov_names)
     missing = [c for c in mapping if c not in raw.columns]
     if missing:
+        failures = [RuleFailure(rule=f"required column '{c}' present", column=c, rows=[], unit_ids=[])
+                    for c in missing]
+        if len(missing) == len(mapping):  # not one of them: the header is probably not the header
+            header = [str(c) if len(str(c)) <= 60 else str(c)[:57] + "..." for c in list(raw.columns)[:6]]
+            failures[0].examples = [f"none of the study's columns is in the header, which reads {header}: is there "
+                                    "a line above the header, or a delimiter other than ','?"]
         raise DataQualityError(
-            QualityReport(
-                suite="survey",
-                n_rows=len(raw),
-                n_expectations=len(mapping),
-                failures=[RuleFailure(rule=f"required column '{c}' present", column=c, rows=[], unit_ids=[])
-                          for c in missing],
-            )
+            QualityReport(suite="survey", n_rows=len(raw), n_expectations=len(mapping), failures=failures)
         )
     df = raw[list(mapping)].rename(columns=mapping).reset_index(drop=True)
     df["unit_id"] = df["unit_id"].map(_unit_id)
     parse_failures = []
     for col in (*_NUMERIC, *cov_names.values()):
         original = df[col]
-        numeric = pd.to_numeric(original, errors="coerce")
+        if pd.api.types.is_datetime64_any_dtype(original) or pd.api.types.is_timedelta64_dtype(original):
+            # pandas would turn dates into nanosecond counts: a date is not a number (say which type)
+            numeric = pd.Series(np.nan, index=original.index)
+            original = original.astype(str).radd(f"{original.dtype} ")
+        else:
+            numeric = pd.to_numeric(original, errors="coerce")
         bad = original.notna() & numeric.isna()
         if bad.any():
             rows = np.flatnonzero(bad.to_numpy()).tolist()

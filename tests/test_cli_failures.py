@@ -46,6 +46,12 @@ def fake_runner(monkeypatch):
     module = types.ModuleType("assets.runner")
     module.run_study = run_study
     monkeypatch.setitem(sys.modules, "assets.runner", module)
+    try:  # the command line finds the orchestration layer by entry point (eocausal.launch)
+        import eocausal.launch
+
+        monkeypatch.setattr(eocausal.launch, "find_launcher", lambda: module)
+    except ImportError:
+        pass
     return state
 
 

@@ -152,3 +152,20 @@ def test_names_at_the_edges_rejected(tmp_path, name):
     with pytest.raises(StudyError) as exc:
         load_study(write(tmp_path, {**BASE, "name": name}))
     assert "name" in str(exc.value)
+
+
+def test_study_file_encoding_and_kind(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # reading it would block for ever
+    with pytest.raises(StudyError, match="is not a file"):
+        load_study(tmp_path / "pipe.yaml")
+    text = STUDY_TEXT + "# résumé\n"
+    latin = write_text(tmp_path, "")
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(StudyError, match="not UTF-8 text .* save it as UTF-8"):
+        load_study(latin)
+    latin.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # a BOM is fine
+    (tmp_path / "units.csv").write_text("id\n")
+    (tmp_path / "imagery").mkdir()
+    assert load_study(latin).name == "s1"

@@ -271,3 +271,66 @@ def test_constant_covariate(tmp_path):
 def test_design_rules_pass_on_a_good_survey(tmp_path):
     _, report = load_survey(write_csv(tmp_path, good_frame()), SPEC, folds=6)
     assert report.success
+
+
+# -- issue 16 item 6: file kinds, disguised formats, types that are not numbers ----------------------
+
+def test_a_folder_or_a_fifo_is_not_a_survey_file(tmp_path):
+    import os
+
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(SurveyError, match="folder.csv is a folder, not a file"):
+        load_survey(tmp_path / "folder.csv", SPEC)
+    os.mkfifo(tmp_path / "pipe.csv")  # reading it would block for ever
+    with pytest.raises(SurveyError, match=r"pipe.csv is a named pipe \(FIFO\), not a file"):
+        load_survey(tmp_path / "pipe.csv", SPEC)
+
+
+def _zip_with_a_sheet(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("xl/worksheets/sheet1.xml", "<worksheet/>")
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("s.csv", lambda df, p: df.to_parquet(p), "is a Parquet file, not .csv text: name it .parquet"),
+    ("s.csv.gz", lambda df, p: df.to_csv(p, index=False, compression="gzip"), "is gzip-compressed"),
+    ("s.xlsx", lambda df, p: _zip_with_a_sheet(p), "zip archive (an Excel workbook?)"),
+])
+def test_a_file_in_another_format_than_its_name_is_named(tmp_path, name, data, words):
+    data(good_frame(), tmp_path / name)
+    with pytest.raises(SurveyError, match=words.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        load_survey(tmp_path / name, SPEC)
+
+
+def test_a_timestamp_is_not_a_number(tmp_path):
+    df = good_frame()
+    df["assets"] = pd.Timestamp("1970-01-01") + pd.to_timedelta(np.arange(len(df)), "s")
+    df.to_parquet(tmp_path / "s.parquet")
+    with pytest.raises(DataQualityError, match=r"rule 'outcome numeric' failed.*datetime64"):
+        load_survey(tmp_path / "s.parquet", SPEC)
+
+
+def test_boolean_treatment_and_padded_numbers_work(tmp_path):
+    df = good_frame()
+    df["aid"] = df["aid"].astype(bool)
+    df.to_parquet(tmp_path / "s.parquet")
+    assert load_survey(tmp_path / "s.parquet", SPEC)[0]["treatment"].tolist() == [i % 2 for i in range(12)]
+    text = good_frame().astype(str).apply(lambda c: " " + c + " ")
+    text.to_csv(tmp_path / "p.csv", index=False)
+    assert load_survey(tmp_path / "p.csv", SPEC)[0]["outcome"].notna().all()
+
+
+def test_a_long_header_cell_is_read(tmp_path):
+    df = good_frame()
+    df["n" * 200_000] = 1
+    assert len(load_survey(write_csv(tmp_path, df), SPEC)[0]) == 12
+
+
+def test_a_header_without_any_mapped_column_says_what_it_read(tmp_path):
+    p = write_csv(tmp_path, good_frame())
+    p.write_text("# exported by SurveyTool\n" + p.read_text())
+    with pytest.raises(DataQualityError) as exc:
+        load_survey(p, SPEC)
+    assert "none of the study's columns is in the header, which reads ['# exported by SurveyTool']" in str(exc.value)

@@ -48,3 +48,26 @@ def test_copy_left_by_a_killed_publish_is_removed_by_the_next(tmp_path):
     live.write_bytes(b"partial")
     publish(db, folder / "warehouse.duckdb")
     assert not dead.exists() and live.exists()
+
+
+def test_a_disk_that_fills_during_publish_leaves_the_published_copy_as_it_was(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from eocausal import faults
+    from eocausal.workdir import disk_problem
+
+    db, _ = _warehouse(tmp_path)
+    published = publish(db, tmp_path / "published" / "warehouse.duckdb")
+    before = published.read_bytes()
+    with duckdb.connect(str(db)) as con:
+        con.execute("insert into marts.units values ('c', 3.0)")
+    monkeypatch.setenv(faults.FS_FAULT_ENV, "ENOSPC")
+    monkeypatch.setenv(faults.FS_FAULT_PATH_ENV, "published")
+    with pytest.raises(OSError) as caught:
+        publish(db, published)
+    assert caught.value.errno == errno.ENOSPC
+    assert "is out of space: writing" in disk_problem(tmp_path, caught.value)
+    assert published.read_bytes() == before
+    assert sorted(os.listdir(published.parent)) == ["warehouse.duckdb"]  # no partial copy left
