@@ -30,7 +30,8 @@ test: $(STAMP) browser lint
 
 # Fast, lint only (configured in pyproject.toml): ruff on the library and the Dagster layer, mypy on the library.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check eocausal assets sensors
+	$(VENV)/bin/ruff check eocausal assets sensors || \
+		(echo "make lint: most of these are fixed by $(VENV)/bin/ruff check --fix eocausal assets sensors"; exit 1)
 	$(VENV)/bin/mypy
 
 # Long suites (Monte Carlo, fault matrix): run deliberately.

@@ -25,10 +25,10 @@ from eocausal import __version__
 from eocausal import failures
 from eocausal.failures import InputRejected
 
-# Offline by default: no usage statistics from dbt or great-expectations.
-os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "true")
+# Offline by default: no usage statistics from dbt, great-expectations or Dagster (set by main(),
+# not on import).
+_OFFLINE_ENV = {"DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "GX_ANALYTICS_ENABLED": "false",
+                "DAGSTER_DISABLE_TELEMETRY": "true"}
 
 JSON_COLUMNS = ["estimand", "estimator", "feature_set", "estimate", "std_error", "ci_low", "ci_high", "n",
                 "estimate_version", "study", "n_treated", "n_control", "n_features", "code_version",
@@ -173,8 +173,10 @@ def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | No
     _check_survey(study)  # before Dagster and dbt are even imported
     _check_imagery(study)
     prepare_workdir(_invocation["workdir"])  # a file, read-only or full: say so before Dagster starts
-    from assets.runner import run_study
     from eocausal.estimate.effects import estimates_markdown
+    from eocausal.launch import find_launcher
+
+    run_study = find_launcher().run_study  # the orchestration layer (Dagster), found by entry point
 
     with _terminal_progress(as_json):
         outcome = run_study(study_path, workdir, log_level=log_level)
@@ -231,12 +233,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_docs(args) -> int:
-    from assets.warehouse_docs import generate_docs
+    from eocausal.launch import find_launcher
     from eocausal.study import default_workdir, load_study
 
     study = load_study(args.study)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.study)
-    page = generate_docs(workdir, Path(args.out) if args.out else None, study.imagery.analysis_period_name())
+    page = find_launcher().generate_docs(workdir, Path(args.out) if args.out else None, study.imagery.analysis_period_name())
     print(f"dbt docs for the published warehouse: {page}")
     return 0
 
@@ -324,6 +326,8 @@ def cmd_simulate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)
     parser = argparse.ArgumentParser(prog="eocausal", description=__doc__.splitlines()[0],
                                      epilog=failures.exit_codes_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -67,11 +67,13 @@ def installed(tmp_path_factory):
 def test_the_wheel_holds_the_library_the_dagster_layer_and_the_dbt_project(installed):
     site = installed["site"]
     probe = _run([str(installed["python"]), "-c",
-                  "import json, eocausal, assets.dbt, sensors;"
-                  "print(json.dumps([eocausal.__file__, str(assets.dbt.DBT_PROJECT_DIR), eocausal.__version__]))"],
+                  "import json, eocausal, assets.dbt, sensors; from importlib.metadata import entry_points;"
+                  "print(json.dumps([eocausal.__file__, str(assets.dbt.DBT_PROJECT_DIR), eocausal.__version__,"
+                  " [e.value for e in entry_points(group='eocausal.launchers')]]))"],
                  installed["root"], installed["env"])
-    module, project_dir, version = json.loads(probe.stdout.strip().splitlines()[-1])
+    module, project_dir, version, launchers = json.loads(probe.stdout.strip().splitlines()[-1])
     assert Path(module).is_relative_to(site) and Path(project_dir) == site / "dbt_project"
+    assert launchers == ["assets.launcher"]  # how `eocausal run` finds the Dagster layer (eocausal/launch.py)
     assert version == "0.1.0"
     for name in ("dbt_project.yml", "profiles.yml", "models/marts/_marts.yml", "models/marts/effect_estimates.sql",
                  "models/staging/_sources.yml", "macros/generate_schema_name.sql", "tests/generic/test_between.sql"):
