@@ -237,6 +237,10 @@ def estimate_study(
     table = pd.DataFrame(rows, columns=ESTIMATE_COLUMNS)
     for col in ("robustness_value", "robustness_value_alpha"):
         table[col] = table[col].astype("float64")
+    # Text even when every row is NULL (no warning): Parquet would otherwise store a NULL-typed
+    # column, and the warehouse table created from it could not take a warning later.
+    for col in ("specification_warning", "chip_scale_warning", "sensitivity"):
+        table[col] = table[col].astype("string")
     return StudyEstimates(version=version, table=table, results=results)
 
 

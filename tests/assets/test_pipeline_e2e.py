@@ -47,6 +47,23 @@ def test_warehouse_tables_and_exclusions(e2e_run):
     assert len(latest) == 16
 
 
+def test_marts_have_contract_types_and_column_comments(e2e_run):
+    """SQL consumers see the contracts' types (a warning column stays text when every row is
+    NULL) and the column descriptions (dbt persist_docs) from the published catalog."""
+    _, outcome = e2e_run
+    columns = query(published(outcome), "select table_name, column_name, data_type, comment from duckdb_columns() "
+                                        "where schema_name = 'marts' and table_name in ('effect_estimates', 'unit_exclusions')")
+    types = {(r.table_name, r.column_name): r.data_type for r in columns.itertuples()}
+    assert types[("effect_estimates", "specification_warning")] == "VARCHAR"
+    assert types[("effect_estimates", "chip_scale_warning")] == "VARCHAR"
+    assert types[("effect_estimates", "computed_at")] == "TIMESTAMP WITH TIME ZONE"
+    comments = {(r.table_name, r.column_name): r.comment for r in columns.itertuples()}
+    assert comments[("effect_estimates", "estimate")].startswith("The effect estimate")
+    assert comments[("unit_exclusions", "reason")].startswith("Why:")
+    tables = query(published(outcome), "select comment from duckdb_tables() where table_name = 'effect_estimates'")
+    assert tables["comment"].iloc[0].startswith("Append-only history")
+
+
 def test_estimates_are_versioned_from_inputs(e2e_run):
     _, outcome = e2e_run
     row = outcome.estimates.iloc[0]

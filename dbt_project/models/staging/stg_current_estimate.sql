@@ -1,3 +1,6 @@
 {{ config(tags=['estimates']) }}
-select study, estimate_version, selected_at
+select
+    cast(study as varchar) as study,
+    cast(estimate_version as varchar) as estimate_version,
+    cast(selected_at as timestamp with time zone) as selected_at
 from {{ source('lake', 'current_estimate') }}
