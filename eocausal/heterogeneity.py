@@ -23,6 +23,7 @@ clusters' adjusted Rand index are reported. Real studies have no such files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from eocausal.estimate import transport as transport_mod
 from eocausal.lake import embedding_matrix, period_path, stored_pca, write_table_atomic
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
+
+log = logging.getLogger(__name__)
 
 CLUSTERS_CODE_VERSION = "clusters-1"
 
@@ -658,8 +661,12 @@ def run_report(study: Study, ws: Workspace, published_db: Path, estimate_version
         figures = {png.stem: png for png in sorted(out_dir.glob("*.png"))}
         if transport.summary.get("png"):
             figures["transport"] = Path(transport.summary["png"])
+        downloads = {name: out_dir / f"{name}.parquet" for name in ("units", "estimates")
+                     if (out_dir / f"{name}.parquet").is_file()}
+        if transport.summary.get("geotiff"):
+            downloads["transport_raster"] = Path(transport.summary["geotiff"])
         report = report_mod.Report(out_dir / "report.html", figures,
-                                   [n for n in ("forest", "rate", "transport") if n in figures])
+                                   [n for n in ("forest", "rate", "transport") if n in figures], downloads)
         _point_latest(ws, study, report.html_path)
         return report, version
     estimates = query(
@@ -682,6 +689,7 @@ def run_report(study: Study, ws: Workspace, published_db: Path, estimate_version
     if truth.units is not None and len(cate.predictions):
         ids = set(cate.predictions["unit_id"].astype(str))
         truth_tau = truth.units[truth.units["unit_id"].isin(ids)]
+    extras = report_extras(study, ws, exclusions, cate.predictions, clusters.table, inputs["embeddings"])
     report = report_mod.build_report(
         report_mod.ReportInputs(
             study=study.name, version=version, estimates=estimates, n_survey_units=n_survey,
@@ -692,11 +700,54 @@ def run_report(study: Study, ws: Workspace, published_db: Path, estimate_version
             transport_summary=transport.summary,
             saliency_pngs=[Path(p) for p in saliency.summary.get("panels", [])],
             saliency_summary=saliency.summary, truth_tau=truth_tau, notes=notes,
+            transport_raster=Path(transport.summary["geotiff"]) if transport.summary.get("geotiff") else None,
+            **extras,
         ),
         out_dir,
     )
     _point_latest(ws, study, report.html_path)
     return report, version
+
+
+def report_extras(study: Study | None, ws: Workspace, exclusions: pd.DataFrame, cate_predictions: pd.DataFrame | None,
+                  clusters: pd.DataFrame | None, embeddings_version: str | None, period: str | None = None,
+                  n_examples: int = 4) -> dict:
+    """What the report shows about the units, read from the lake and the chip cache: the unit table,
+    the imagery under the unit map, example chips of the most and least likely treated units, and
+    the embedding PCA's explained variance (each None where it cannot be had)."""
+    from eocausal import report as report_mod
+    from eocausal.imagery.chips import load_chips
+    from eocausal.imagery.preview import study_preview
+
+    survey = pd.read_parquet(ws.lake / "survey.parquet")
+    units = report_mod.unit_table(survey, exclusions, cate_predictions, clusters)
+    period = period or (study.imagery.analysis_period_name() if study is not None else None)
+    out: dict = {"units": units, "scene": None, "example_chips": None, "pca_explained_variance": None}
+    if study is not None and len(units):
+        lon, lat = units["lon"].astype(float), units["lat"].astype(float)
+        out["scene"] = study_preview(study, around=(lon.min(), lat.min(), lon.max(), lat.max()))
+    if period is None:
+        return out
+    chips_path = period_path(ws.lake, "image_chips", period)
+    groups = report_mod.example_units(units, n_examples)
+    if groups and chips_path.exists():
+        index = pd.read_parquet(chips_path)
+        index["unit_id"] = index["unit_id"].astype(str)
+        index = index.drop_duplicates("unit_id").set_index("unit_id")
+        chosen = {}
+        try:
+            for name, ids in groups.items():
+                ids = [u for u in ids if u in index.index]
+                data, valid = load_chips(index.loc[ids].reset_index(), ws.cache / "chips")
+                chosen[name] = (ids, data, valid)
+            out["example_chips"] = chosen
+        except Exception as exc:  # noqa: BLE001 - a missing picture never fails the report
+            log.info("no example chips in the report: %s", exc)
+    if embeddings_version:
+        pca = stored_pca(ws.lake, period, embeddings_version)
+        if pca is not None:
+            out["pca_explained_variance"] = pca.explained_variance_ratio_.tolist()
+    return out
 
 
 def _point_latest(ws: Workspace, study: Study, html_path: Path) -> None:

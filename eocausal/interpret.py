@@ -143,6 +143,11 @@ def saliency(
     return magnitude.detach().numpy(), value.detach().numpy()
 
 
+def display_rgb(chip: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A chip [C, H, W] as an RGB image [H, W, 3] in 0..1 for display (see :func:`_rgb`)."""
+    return _rgb(np.asarray(chip, dtype=float), np.asarray(valid, dtype=bool))
+
+
 def _rgb(chip: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """A display image: the first three bands in reverse order (ascending-wavelength blue, green,
     red -> RGB), each stretched between its 2nd and 98th valid-pixel percentile; nodata black."""
@@ -168,16 +173,24 @@ def plot_saliency_panel(
     chips: np.ndarray, valid: np.ndarray, treatment_maps: np.ndarray, cluster_maps: np.ndarray | None,
     labels: list[str], title: str, path: Path,
 ) -> Path:
+    """:func:`saliency_figure` written as a PNG at ``path``."""
+    from eocausal.figures import save_figure
+
+    return save_figure(saliency_figure(chips, valid, treatment_maps, cluster_maps, labels, title), path, dpi=80)
+
+
+def saliency_figure(
+    chips: np.ndarray, valid: np.ndarray, treatment_maps: np.ndarray, cluster_maps: np.ndarray | None,
+    labels: list[str], title: str,
+):
     """Rows = units; columns: chip, treatment-model saliency, (cluster-membership saliency); the
     maps are smoothed for display (see :func:`_smooth`) and scaled to their 99th percentile."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from eocausal.figures import new_figure
 
     n = len(chips)
     n_cols = 3 if cluster_maps is not None else 2
-    fig, axes = plt.subplots(n, n_cols, figsize=(3.0 * n_cols, 2.9 * n + 0.4), squeeze=False)
+    fig = new_figure((3.0 * n_cols, 2.9 * n + 0.4))
+    axes = fig.subplots(n, n_cols, squeeze=False)
     for i in range(n):
         rgb = _rgb(chips[i], valid[i])
         grey = rgb.mean(axis=2)
@@ -200,8 +213,4 @@ def plot_saliency_panel(
             ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig

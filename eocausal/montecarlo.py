@@ -425,20 +425,25 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 def plot_summary(summary: pd.DataFrame, path: Path) -> Path:
-    """Bias with 95 % Monte Carlo intervals and CI coverage, per scenario x spec (one PNG)."""
+    """:func:`summary_figure` written as a PNG at ``path``."""
+    from eocausal.figures import save_figure
+
+    return save_figure(summary_figure(summary), path, dpi=120)
+
+
+def summary_figure(summary: pd.DataFrame):
+    """Bias with 95 % Monte Carlo intervals and CI coverage, per scenario x spec (a pyplot-free Figure)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from eocausal.figures import new_figure
 
     scenarios = [s for s in SCENARIOS if s in set(summary["scenario"])]
     specs = summary[["estimator", "feature_set"]].drop_duplicates()
     labels = [f"{e} | {f}" for e, f in specs.itertuples(index=False)]
     y_pos = {label: i for i, label in enumerate(labels)}
-    colours = plt.get_cmap("tab10")
-    fig, (ax_bias, ax_cov) = plt.subplots(
-        1, 2, figsize=(13, 0.45 * len(labels) + 2.5), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
-    )
+    colours = matplotlib.colormaps["tab10"]
+    fig = new_figure((13, 0.45 * len(labels) + 2.5))
+    ax_bias, ax_cov = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     offsets = np.linspace(-0.3, 0.3, len(scenarios)) if len(scenarios) > 1 else [0.0]
     for k, scenario in enumerate(scenarios):
         part = summary[summary["scenario"] == scenario]
@@ -461,10 +466,7 @@ def plot_summary(summary: pd.DataFrame, path: Path) -> Path:
     fig.suptitle(f"eocausal Monte Carlo on the demo process ({r} replications; design-based: "
                  "units, chips, embeddings fixed)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_results(out_dir: Path, design: MonteCarloDesign, replicates: pd.DataFrame, settings: dict) -> dict:

@@ -576,8 +576,9 @@ def headline_markdown(summary: pd.DataFrame, prepared: dict[str, PreparedDesign]
 
 def plot_zoo(summary: pd.DataFrame, path: Path) -> Path:
     """Coverage and bias/SE of tabular+image AIPW per design and representation (one PNG)."""
-    import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
+
+    from eocausal.figures import save_figure
 
     aipw = summary[(summary["feature_set"] == "tabular+image") & (summary["estimator"] == "aipw")]
     designs = list(dict.fromkeys(aipw["design"]))
@@ -601,10 +602,7 @@ def plot_zoo(summary: pd.DataFrame, path: Path) -> Path:
     ax_c.set_xlabel("95% CI coverage")
     fig.suptitle("eocausal confounder zoo: tabular+image AIPW by design and image representation", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close("all")
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def run_zoo(designs, out_dir: Path, replications: int = 100, folds: int = 5, jobs: int = 1,

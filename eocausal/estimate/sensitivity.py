@@ -380,14 +380,26 @@ def contour_plot(
     rho: float = 1.0,
     max_strength: float | None = None,
 ) -> Path:
+    """:func:`contour_figure` written as a PNG at ``path``."""
+    from eocausal.figures import save_figure
+
+    fig = contour_figure(stats, title, benchmarks, rho, max_strength)
+    return save_figure(fig, path, dpi=fig.get_dpi())
+
+
+def contour_figure(
+    stats: SensitivityStats,
+    title: str = "",
+    benchmarks: dict[str, tuple[float, float]] | None = None,
+    rho: float = 1.0,
+    max_strength: float | None = None,
+):
     """Contours of the bound nearest zero over (r_d, r_y): where it reaches zero (red line) and
     where its confidence bound does (dashed orange), RV and RV_alpha on the diagonal, and
-    ``benchmarks`` (label -> (r_d, r_y)) as labelled points. Writes a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``benchmarks`` (label -> (r_d, r_y)) as labelled points (a pyplot-free Figure)."""
     from matplotlib.colors import TwoSlopeNorm
+
+    from eocausal.figures import new_figure
 
     rv, rv_a = robustness_value(stats, rho), robustness_value_alpha(stats, rho)
     points = [rv, rv_a] + [v for pair in (benchmarks or {}).values() for v in pair]
@@ -399,7 +411,8 @@ def contour_plot(
     nearest = b["theta_lower"] if sign > 0 else b["theta_upper"]
     confidence = b["ci_lower"] if sign > 0 else b["ci_upper"]
 
-    fig, ax = plt.subplots(figsize=(6.0, 5.2), dpi=110)
+    fig = new_figure((6.0, 5.2), dpi=110)
+    ax = fig.subplots()
     low, high = float(np.nanmin(nearest)), float(np.nanmax(nearest))
     # White at zero: red where the estimate keeps its sign, blue where the bias could flip it.
     norm = TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high) if low < 0 < high else None
@@ -424,8 +437,4 @@ def contour_plot(
     ax.set_title(title or f"{stats.estimator}: estimate {stats.theta:.3f} (SE {stats.std_error:.3f})", fontsize=10)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig

@@ -38,7 +38,7 @@ from eocausal.estimate.clusters import ClusterFit
 from eocausal.imagery.chips import STATUS_OK, extract_chips, load_chips
 
 # Bump when the transport code changes what it computes.
-CODE_VERSION = "transport-1"
+CODE_VERSION = "transport-2"  # 2: the raster is a COG
 
 TABLE_COLUMNS = [
     "study", "transport_version", "cell_id", "row", "col", "x", "y", "lon", "lat", "status", "reason",
@@ -319,7 +319,8 @@ def _relation_to_units(grid: TransportGrid, cells: pd.DataFrame, unit_lonlat: np
 
 
 def write_geotiff(grid: TransportGrid, table: pd.DataFrame, path: Path) -> Path:
-    """Float32 GeoTIFF, one pixel per cell: band 1 CATE, 2 its SE, 3 most likely cluster (NaN = none)."""
+    """Float32 Cloud-Optimised GeoTIFF (GDAL's COG driver: tiled, overviews, deflate), one pixel per
+    cell: band 1 CATE, 2 its SE, 3 most likely cluster (NaN = none)."""
     import rasterio
 
     bands = np.full((3, grid.height, grid.width), np.nan, dtype=np.float32)
@@ -333,7 +334,7 @@ def write_geotiff(grid: TransportGrid, table: pd.DataFrame, path: Path) -> Path:
     os.close(fd)
     try:
         with rasterio.open(
-            tmp, "w", driver="GTiff", width=grid.width, height=grid.height, count=3, dtype="float32",
+            tmp, "w", driver="COG", width=grid.width, height=grid.height, count=3, dtype="float32",
             crs=grid.crs_wkt, transform=grid.transform, nodata=float("nan"), compress="deflate",
         ) as dst:
             dst.write(bands)
@@ -349,11 +350,15 @@ def write_geotiff(grid: TransportGrid, table: pd.DataFrame, path: Path) -> Path:
 
 def plot_transport_map(grid: TransportGrid, table: pd.DataFrame, unit_lonlat: np.ndarray, path: Path,
                        title: str = "") -> Path:
-    """PNG: the CATE map and its standard error, study units as dots."""
-    import matplotlib
+    """PNG: :func:`transport_figure` written at ``path``."""
+    from eocausal.figures import save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return save_figure(transport_figure(grid, table, unit_lonlat, title), path, dpi=90)
+
+
+def transport_figure(grid: TransportGrid, table: pd.DataFrame, unit_lonlat: np.ndarray, title: str = ""):
+    """The CATE map and its standard error, study units as dots (a pyplot-free Figure)."""
+    from eocausal.figures import new_figure
 
     cate = np.full((grid.height, grid.width), np.nan)
     se = np.full((grid.height, grid.width), np.nan)
@@ -366,7 +371,8 @@ def plot_transport_map(grid: TransportGrid, table: pd.DataFrame, unit_lonlat: np
     if len(units):
         ux, uy = warp_transform("EPSG:4326", grid.crs_wkt, units[:, 0].tolist(), units[:, 1].tolist())
         ux, uy = np.asarray(ux) / 1000, np.asarray(uy) / 1000
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), constrained_layout=True)
+    fig = new_figure((10, 5.2), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, values, label, cmap in (
         (axes[0], cate, "CATE (image model)", "RdYlBu_r"),
         (axes[1], se, "standard error", "viridis"),
@@ -382,8 +388,4 @@ def plot_transport_map(grid: TransportGrid, table: pd.DataFrame, unit_lonlat: np
         axes[0].legend(loc="lower left", fontsize=7, markerscale=4)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return fig

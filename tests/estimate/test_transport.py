@@ -115,6 +115,7 @@ def test_cells_beyond_the_units_get_the_study_models_predictions(scene, tmp_path
     with rasterio.open(tif) as src:
         assert src.count == 3 and src.crs.to_epsg() == 32633
         assert src.descriptions == ("cate", "cate_std_error", "effect_cluster")
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"  # a Cloud-Optimised GeoTIFF
         band = src.read(1)
     r, c = table.loc[ok, "row"].to_numpy(), table.loc[ok, "col"].to_numpy()
     np.testing.assert_allclose(band[r, c], table.loc[ok, "cate"], rtol=1e-6)
