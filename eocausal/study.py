@@ -33,6 +33,10 @@ SEED_MAX = 2**32 - 1
 GEOTIFF_PERIOD = "geotiff"
 
 
+def _is_url(value: object) -> bool:
+    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+
+
 class StudyError(ValueError):
     """A study file that does not follow the contract."""
 
@@ -122,7 +126,9 @@ def _year_period(value):
 
 
 class ImagerySpec(_Strict):
-    source: Literal["geotiff", "earthengine"] = "geotiff"
+    source: Literal["geotiff", "earthengine", "stac"] = "geotiff"
+    # geotiff: a file or folder relative to the study file, or an http(s) URL of a COG or of a
+    # folder listing (read with ranged requests through GDAL's /vsicurl/).
     path: str | None = None
     chip_size_px: int = Field(64, ge=8, le=1024)
     # A unit whose chip has more than this share of nodata pixels is excluded (with a record).
@@ -134,8 +140,17 @@ class ImagerySpec(_Strict):
     bands: list[int] | None = None  # 1-based band indexes; None = all bands
 
     # -- source: earthengine (see eocausal.imagery.earthengine) --------------------------------
-    collection: str = "landsat8_9_sr"  # a name in eocausal.imagery.ee_collections.COLLECTIONS
-    band_names: list[str] | None = None  # the collection's band names; None = its defaults
+    # earthengine: a name in eocausal.imagery.ee_collections.COLLECTIONS; stac: the collection id.
+    collection: str = "landsat8_9_sr"
+    # earthengine: the collection's band names; stac: band asset keys; geotiff: band labels of a
+    # one-file-per-band scene (e.g. B02, B8A for Sentinel-2). None = the source's defaults.
+    band_names: list[str] | None = None
+    # -- source: stac (see eocausal.imagery.stac); periods, max_attempts, max_concurrency and
+    # request_timeout_s below apply too --------------------------------------------------------
+    catalog: str | None = None  # a STAC API or static catalog URL, or a catalog file relative to the study
+    max_cloud_cover: float | None = Field(None, ge=0, le=100)  # keep items with eo:cloud_cover <= this
+    mask_asset: str | None = None  # "SCL" / "QA_PIXEL" asset key; None = detect by key; "none" = no mask
+    max_items: int = Field(2000, ge=1, le=100_000)  # per period; more is an error (narrow the search)
     # Composite periods: a list of {name, start, end} (or bare years), or start/end for one.
     periods: list[PeriodSpec] = Field(default_factory=list)
     start: date | None = None
@@ -169,13 +184,31 @@ class ImagerySpec(_Strict):
 
     @model_validator(mode="after")
     def _periods_for_earthengine_only(self) -> "ImagerySpec":
-        if self.source != "earthengine":
+        if self.source not in ("earthengine", "stac"):
             given = [k for k in ("periods", "start", "end", "analysis_period") if getattr(self, k)]
             if given:
                 raise ValueError(
-                    f"imagery.{'/'.join(given)} apply to source 'earthengine' only; a '{self.source}' study has "
-                    f"one imagery partition, {GEOTIFF_PERIOD!r} (its files as they are)"
+                    f"imagery.{'/'.join(given)} apply to sources 'earthengine' and 'stac' only; a '{self.source}' "
+                    f"study has one imagery partition, {GEOTIFF_PERIOD!r} (its files as they are)"
                 )
+        if self.source != "stac":
+            given = [k for k in ("catalog", "max_cloud_cover", "mask_asset") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"imagery.{'/'.join(given)} apply to source 'stac' only")
+        return self
+
+    @model_validator(mode="after")
+    def _stac_settings(self) -> "ImagerySpec":
+        if self.source != "stac":
+            return self
+        if not self.catalog:
+            raise ValueError("imagery.source 'stac' needs imagery.catalog (a STAC API or catalog URL, or a "
+                             "catalog.json relative to the study file)")
+        if "collection" not in self.model_fields_set:
+            raise ValueError("imagery.source 'stac' needs imagery.collection (the STAC collection id)")
+        if self.band_names is not None and not self.band_names:
+            raise ValueError("imagery.band_names is empty; name the band asset keys, or leave it out")
+        self._check_periods()
         return self
 
     @model_validator(mode="after")
@@ -188,17 +221,20 @@ class ImagerySpec(_Strict):
         unknown = [b for b in self.band_names or [] if b not in known]
         if unknown or (self.band_names is not None and not self.band_names):
             raise ValueError(f"imagery.band_names {self.band_names} not all in {self.collection}'s bands {list(known)}")
+        self._check_periods()
+        return self
+
+    def _check_periods(self) -> None:
         if self.periods and (self.start or self.end):
             raise ValueError("give imagery.periods or imagery.start/end, not both")
         if not self.periods and not (self.start and self.end):
-            raise ValueError("imagery.source 'earthengine' needs imagery.periods, or imagery.start and imagery.end")
+            raise ValueError(f"imagery.source {self.source!r} needs imagery.periods, or imagery.start and imagery.end")
         periods = self.resolved_periods()
         names = [p.name for p in periods]
         if len(set(names)) != len(names):
             raise ValueError(f"imagery.periods names repeated: {names}")
         if self.analysis_period is not None and self.analysis_period not in names:
             raise ValueError(f"imagery.analysis_period {self.analysis_period!r} is not one of the periods {names}")
-        return self
 
     def resolved_periods(self) -> list[PeriodSpec]:
         """The study's periods, in study order (start/end make one period named start_end)."""
@@ -480,9 +516,32 @@ class Study(_Strict):
         return self.resolve(self.survey.path)
 
     @property
+    def imagery_is_remote(self) -> bool:
+        """Whether imagery.path is an http(s) URL (a remote COG or folder listing)."""
+        return _is_url(self.imagery.path)
+
+    @property
+    def imagery_location(self) -> "Path | str":
+        """imagery.path: the URL as given, or the local path resolved inside the study folder."""
+        if self.imagery_is_remote:
+            return str(self.imagery.path)
+        return self.imagery_path
+
+    @property
+    def stac_catalog(self) -> "Path | str":
+        """imagery.catalog: a URL as given, or a local catalog file resolved inside the study folder."""
+        if self.imagery.catalog is None:
+            raise StudyError("imagery.catalog is not set")
+        if _is_url(self.imagery.catalog):
+            return self.imagery.catalog
+        return self.resolve(self.imagery.catalog)
+
+    @property
     def imagery_path(self) -> Path:
         if self.imagery.path is None:
             raise StudyError("imagery.path is not set")
+        if self.imagery_is_remote:
+            raise StudyError(f"imagery.path {self.imagery.path!r} is a URL, not a local path")
         path = self.resolve(self.imagery.path)
         if path.is_dir():
             # The folder's files are read too: a link among them must not lead outside either.
@@ -531,7 +590,9 @@ def load_study(path: str | Path) -> Study:
     # Validate paths now, so a study cannot point outside its folder.
     study.survey_path
     if study.imagery.path is not None:
-        study.imagery_path
+        study.imagery_location
+    if study.imagery.catalog is not None:
+        study.stac_catalog
     return study
 
 

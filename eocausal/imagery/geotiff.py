@@ -44,7 +44,25 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from eocausal.imagery.bandfiles import BandFileError, BandFileScene, BandStack, cloudy_from_qa_pixel, group_band_files
+from eocausal.imagery.bandfiles import (
+    QA_S2_SCL,
+    BandFileError,
+    BandFileScene,
+    BandStack,
+    aligned_factor,
+    group_band_files,
+    is_s2_band_file,
+)
+from eocausal.imagery.remote import (
+    DEFAULT_REMOTE_RETRY,
+    RemoteFile,
+    gdal_env,
+    is_url,
+    list_folder,
+    remote_identity,
+    with_retries,
+)
+from eocausal.imagery.retry import GaveUp, RetryStats
 
 # Bump when the way chips are read changes, so content-addressed caches built on
 # :meth:`GeoTiffSource.fingerprint` are invalidated.
@@ -82,7 +100,10 @@ class _FileInfo:
     scales: tuple[float, ...]
     offsets: tuple[float, ...]
     band_files: tuple[Path, ...] = ()  # a one-file-per-band scene: one file per read band
-    qa_file: Path | None = None  # its Landsat QA_PIXEL file (cloud share), if any
+    qa_file: Path | None = None  # its QA file (Landsat QA_PIXEL, Sentinel-2 SCL: cloud share), if any
+    band_factors: tuple[int, ...] = ()  # per band file: its pixel size / the grid's (1 = on the grid)
+    qa_factor: int = 1
+    qa_kind: str = "landsat_qa_pixel"
 
 
 def valid_mask(raw: np.ndarray, nodata: Sequence[float | None] | None) -> np.ndarray:
@@ -148,16 +169,37 @@ def _cloud_share(cloudy: np.ndarray | None, valid: np.ndarray) -> float | None:
     return float((cloudy & valid).sum() / n_valid) if n_valid else None
 
 
-def _find_tiffs(path: Path) -> list[Path]:
+def _find_remote_tiffs(url: str) -> list[RemoteFile]:
+    """One remote COG, or the GeoTIFFs of a remote folder listing."""
+    from urllib.parse import urlsplit
+
+    try:
+        if urlsplit(url).path.lower().endswith(_TIFF_SUFFIXES):
+            return [RemoteFile(url)]
+        files = list_folder(url, _TIFF_SUFFIXES)
+    except GaveUp as exc:
+        raise ImageryError(f"imagery path {url}: {exc}") from None
+    if not files:
+        raise ImageryError(f"no GeoTIFF (*.tif, *.tiff) linked from the folder listing {url}")
+    return files
+
+
+def _find_tiffs(path: Path | str) -> list:
+    if isinstance(path, str):
+        return _find_remote_tiffs(path)
     if not path.exists():
         raise ImageryError(f"imagery path not found: {path}")
     if path.is_file():
         return [path]
-    # Top level only; hidden files (e.g. macOS '._x.tif' resource forks) are not imagery.
+    # Top level only; hidden files (e.g. macOS '._x.tif' resource forks) are not imagery. Sentinel-2
+    # band files may also be JPEG 2000 and sit in a product's IMG_DATA/R10m, R20m, R60m folders.
+    folders = [path] + [path / sub for sub in ("R10m", "R20m", "R60m") if (path / sub).is_dir()]
     files = sorted(
         p
-        for p in path.iterdir()
-        if p.is_file() and p.suffix.lower() in _TIFF_SUFFIXES and not p.name.startswith(".")
+        for folder in folders
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".")
+        and (p.suffix.lower() in _TIFF_SUFFIXES or (p.suffix.lower() == ".jp2" and is_s2_band_file(p.name)))
     )
     if not files:
         raise ImageryError(f"no GeoTIFF (*.tif, *.tiff) found in folder {path}")
@@ -178,20 +220,29 @@ class GeoTiffSource:
     :class:`ImageryError` naming it; pixel data is read only by :meth:`read_chip`/:meth:`read_chips`.
     """
 
-    def __init__(self, path: Path, nodata: float | None = None, bands: list[int] | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, nodata: float | None = None, bands: list[int] | None = None,
+                 band_names: list[str] | None = None):
+        self.remote = is_url(path)
+        self.path: Path | str = str(path) if self.remote else Path(path)
+        self.band_names = None if band_names is None else [str(b) for b in band_names]
         self.nodata = None if nodata is None else float(nodata)
         self.bands = None if bands is None else [int(b) for b in bands]
         if self.bands is not None and not self.bands:
             raise ImageryError(f"{self.path}: 'bands' is empty; give 1-based band indexes or None")
+        self.fetch_stats = RetryStats()  # remote reads: attempts and retries
         files = _find_tiffs(self.path)
-        root = self.path if self.path.is_dir() else self.path.parent
+        is_folder = len(files) > 1 or (not self.remote and Path(self.path).is_dir())
         try:
-            plain, scenes = group_band_files(files, self.bands) if self.path.is_dir() else (files, [])
+            plain, scenes = group_band_files(files, self.bands, self.band_names) if is_folder else (files, [])
         except BandFileError as exc:
             raise ImageryError(f"{self.path}: {exc}") from exc
-        infos = [self._read_header(f, f.relative_to(root).as_posix()) for f in plain]
-        infos += [self._read_scene_header(scene) for scene in scenes]
+        if self.remote:
+            infos = [self._remote_call(lambda f=f: self._read_header(f, f.name), str(f)) for f in plain]
+            infos += [self._remote_call(lambda sc=sc: self._read_scene_header(sc), sc.name) for sc in scenes]
+        else:
+            root = Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent
+            infos = [self._read_header(f, f.relative_to(root).as_posix()) for f in plain]
+            infos += [self._read_scene_header(scene) for scene in scenes]
         self._files = tuple(sorted(infos, key=lambda info: info.name))
         counts = {len(f.band_indexes) for f in self._files}
         if len(counts) > 1:
@@ -250,38 +301,56 @@ class GeoTiffSource:
             raise ImageryError(f"{path}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
 
     def _read_scene_header(self, scene: BandFileScene) -> _FileInfo:
-        """Header of a one-file-per-band scene: every band file (and QA file) on one grid."""
-        grid = None
+        """Header of a one-file-per-band scene: the band files (and QA file) on one grid.
+
+        Landsat: every file on the same grid. Sentinel-2: the grid of the finest band chosen; a
+        coarser band (20 m, 60 m) must lie on the same lattice with whole-multiple pixels, and is
+        read by repeating each of its pixels (nearest neighbour).
+        """
+        headers = []
+        for f in scene.band_files:
+            try:
+                with _open_quietly(f) as src:
+                    allowed = ("GTiff", "JP2OpenJPEG") if scene.multi_resolution else ("GTiff",)
+                    if src.driver not in allowed or src.crs is None or src.transform.is_identity:
+                        raise ImageryError(f"{f}: not a georeferenced GeoTIFF")
+                    headers.append((f, src.crs.to_wkt(), src.transform, src.width, src.height, src.res,
+                                    src.nodatavals[0], float(src.scales[0]), float(src.offsets[0])))
+            except RasterioError as exc:
+                raise ImageryError(f"{f}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
+        ref = min(headers, key=lambda h: h[5][0]) if scene.multi_resolution else headers[0]
+        grid = (ref[1], ref[2], ref[3], ref[4])
         nodata: list[float | None] = []
         scales: list[float] = []
         offsets: list[float] = []
-        for f, product_scaling in zip(scene.band_files, scene.product_scaling):
-            try:
-                with _open_quietly(f) as src:
-                    if src.driver != "GTiff" or src.crs is None or src.transform.is_identity:
-                        raise ImageryError(f"{f}: not a georeferenced GeoTIFF")
-                    this = (src.crs.to_wkt(), src.transform, src.width, src.height)
-                    if grid is not None and (this[0] != grid[0] or not this[1].almost_equals(grid[1])
-                                             or this[2:] != grid[2:]):
-                        raise ImageryError(
-                            f"{f}: band file on a different grid ({src.width}x{src.height} px, {src.res} m) "
-                            f"from {scene.band_files[0].name}; a scene's bands must share one grid"
-                        )
-                    grid = grid or this
-                    nodata.append(self.nodata if self.nodata is not None else src.nodatavals[0])
-                    scale, offset = float(src.scales[0]), float(src.offsets[0])
-                    if (scale, offset) == (1.0, 0.0) and product_scaling is not None:
-                        scale, offset = product_scaling  # the product's documented scaling
-                    scales.append(scale)
-                    offsets.append(offset)
-            except RasterioError as exc:
-                raise ImageryError(f"{f}: cannot open as a GeoTIFF (corrupt or not a TIFF): {exc}") from exc
-        assert grid is not None
+        factors: list[int] = []
+        for (f, crs_wkt, transform, width, height, res, nd, scale, offset), product_scaling in zip(
+                headers, scene.product_scaling):
+            same = crs_wkt == grid[0] and transform.almost_equals(grid[1]) and (width, height) == grid[2:]
+            factor = 1 if same else (aligned_factor(transform, grid[1]) if scene.multi_resolution
+                                     and crs_wkt == grid[0] else None)
+            if factor is None:
+                raise ImageryError(
+                    f"{f}: band file on a different grid ({width}x{height} px, {res} m) from {ref[0].name}; "
+                    "a scene's bands must share one grid"
+                    + (" (or lie on its lattice with whole-multiple pixels)" if scene.multi_resolution else "")
+                )
+            factors.append(factor)
+            nodata.append(self.nodata if self.nodata is not None else nd)
+            if (scale, offset) == (1.0, 0.0) and product_scaling is not None:
+                scale, offset = product_scaling  # the product's documented scaling
+            scales.append(scale)
+            offsets.append(offset)
+        qa_factor = 1
         if scene.qa_file is not None:
+            qa_name = "SCL" if scene.qa_kind == QA_S2_SCL else "QA_PIXEL"
             try:
                 with _open_quietly(scene.qa_file) as qa:
-                    if (qa.width, qa.height) != grid[2:] or not qa.transform.almost_equals(grid[1]):
-                        raise ImageryError(f"{scene.qa_file}: QA_PIXEL file on a different grid from the bands")
+                    same = (qa.width, qa.height) == grid[2:] and qa.transform.almost_equals(grid[1])
+                    factor = 1 if same else (aligned_factor(qa.transform, grid[1]) if scene.multi_resolution else None)
+                    if factor is None:
+                        raise ImageryError(f"{scene.qa_file}: {qa_name} file on a different grid from the bands")
+                    qa_factor = factor
             except RasterioError as exc:
                 raise ImageryError(f"{scene.qa_file}: cannot open as a GeoTIFF: {exc}") from exc
         return _FileInfo(
@@ -298,7 +367,24 @@ class GeoTiffSource:
             offsets=tuple(offsets),
             band_files=scene.band_files,
             qa_file=scene.qa_file,
+            band_factors=tuple(factors),
+            qa_factor=qa_factor,
+            qa_kind=scene.qa_kind,
         )
+
+    def _remote_call(self, fn, what: str):
+        """``fn()`` under GDAL's remote settings and our retry policy (local sources: just ``fn()``)."""
+        if not self.remote:
+            return fn()
+
+        def attempt():
+            with gdal_env():
+                return fn()
+
+        try:
+            return with_retries(attempt, policy=DEFAULT_REMOTE_RETRY, stats=self.fetch_stats)
+        except GaveUp as exc:
+            raise ImageryError(f"{what}: {exc}") from None
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -319,10 +405,20 @@ class GeoTiffSource:
         """
         digest = hashlib.sha256()
         config = {"reader": READER_VERSION, "nodata": self.nodata, "bands": self.bands}
+        if self.band_names is not None:
+            config["band_names"] = self.band_names
         digest.update(json.dumps(config, sort_keys=True).encode())
         for info in self._files:
             members = info.band_files + ((info.qa_file,) if info.qa_file else ()) if info.band_files else (info.path,)
             for path in members:
+                if isinstance(path, RemoteFile):
+                    # Size, ETag and Last-Modified from a HEAD request: no download.
+                    try:
+                        content = remote_identity(path.url, stats=self.fetch_stats)
+                    except GaveUp as exc:
+                        raise ImageryError(f"{path}: cannot fingerprint the remote file: {exc}") from None
+                    digest.update(f"\n{info.name}/{path.name}\0remote\0{content}".encode())
+                    continue
                 try:
                     size = path.stat().st_size
                     content = _content_sha256(path)
@@ -365,12 +461,23 @@ class GeoTiffSource:
             covered = [(k, pixel) for k, pixel in enumerate(pixels) if pixel is not None]
             if not covered:
                 continue
-            with self._open(info) as src:
-                for k, chip in self._read_windows(src, info, covered, size_px):
-                    n_valid = int(chip.valid.sum())
-                    if n_valid > best_valid[k]:
-                        chips[k], best_valid[k] = chip, n_valid
+            for k, chip in self._read_file(info, covered, size_px):
+                n_valid = int(chip.valid.sum())
+                if n_valid > best_valid[k]:
+                    chips[k], best_valid[k] = chip, n_valid
         return chips
+
+    def _read_file(self, info: _FileInfo, covered: list[tuple[int, tuple[int, int]]], size_px: int):
+        """(point index, chip) of one file; a remote file's reads are retried as a whole."""
+        def read():
+            with self._open(info) as src:
+                return list(self._read_windows(src, info, covered, size_px))
+
+        if not self.remote:
+            with self._open(info) as src:
+                yield from self._read_windows(src, info, covered, size_px)
+            return
+        yield from self._remote_call(read, str(info.path))
 
     @classmethod
     def _read_windows(cls, src, info: _FileInfo, covered: list[tuple[int, tuple[int, int]]], size_px: int):
@@ -412,7 +519,8 @@ class GeoTiffSource:
     def _open(info: _FileInfo):
         try:
             if info.band_files:
-                return BandStack(info.band_files, info.qa_file)
+                return BandStack(info.band_files, info.qa_file, factors=info.band_factors,
+                                 qa_factor=info.qa_factor, qa_kind=info.qa_kind)
             return rasterio.open(info.path)
         except RasterioError as exc:
             raise ImageryError(f"{info.path}: cannot open: {exc}") from exc
@@ -502,11 +610,11 @@ class GeoTiffSource:
         cloudy = None
         if info.qa_file is not None:
             try:
-                qa = src.read_qa(window=window)
+                qa_cloudy = src.read_cloudy(window=window)
             except RasterioError as exc:
                 raise ImageryError(f"{info.qa_file}: cannot read QA pixels: {exc}") from exc
             cloudy = np.zeros((n_rows, n_cols), dtype=bool)
-            cloudy[rs, cs] = cloudy_from_qa_pixel(qa)[0]
+            cloudy[rs, cs] = qa_cloudy
         return data, valid, cloudy
 
     def __repr__(self) -> str:

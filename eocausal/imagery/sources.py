@@ -64,7 +64,7 @@ def earthengine_client_from_env() -> "EarthEngineClient":
 
 
 def open_source(study: "Study", period: str | None = None, ee_client: "EarthEngineClient | None" = None) -> ChipSource:
-    """The chip source a study names (``imagery.source``); for Earth Engine, one period's composite.
+    """The chip source a study names (``imagery.source``); for Earth Engine and STAC, one period's composite.
 
     ``period`` is a period name (None = the analysis period); a GeoTIFF study has the one period
     ``geotiff`` (its files as they are). An unknown name is a StudyError naming the study's
@@ -76,7 +76,12 @@ def open_source(study: "Study", period: str | None = None, ee_client: "EarthEngi
     if spec.source == "geotiff":
         from eocausal.imagery.geotiff import GeoTiffSource
 
-        return GeoTiffSource(study.imagery_path, nodata=spec.nodata, bands=spec.bands)
+        return GeoTiffSource(study.imagery_location, nodata=spec.nodata, bands=spec.bands,
+                             band_names=spec.band_names)
+    if spec.source == "stac":
+        from eocausal.imagery.stac import StacSource
+
+        return StacSource.from_spec(spec, spec.period(period), study.stac_catalog)
     if spec.source == "earthengine":
         from eocausal.imagery.earthengine import EarthEngineSource
 
