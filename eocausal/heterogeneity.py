@@ -546,11 +546,9 @@ def run_transport(study: Study, ws: Workspace, cate: CateStage, clusters: Cluste
 def _tiffs(study: Study) -> list[Path]:
     """The study's GeoTIFF files (one file, or a folder's top-level *.tif/*.tiff; per-band products
     share their scene's footprint, so the union of all files is the imagery's footprint)."""
-    path = study.imagery_path
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.iterdir()
-                  if p.is_file() and p.suffix.lower() in (".tif", ".tiff") and not p.name.startswith("."))
+    from eocausal.imagery.geotiff import find_imagery_files
+
+    return find_imagery_files(study.imagery_location)  # remote files open through GDAL's /vsicurl/
 
 
 # --- stage: saliency --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ and windows are visited in row-major order so that each tile is decompressed abo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -184,6 +185,12 @@ def _find_remote_tiffs(url: str) -> list[RemoteFile]:
     return files
 
 
+def find_imagery_files(location: Path | str) -> list:
+    """The files a GeoTIFF source reads: one file, a folder's GeoTIFFs (and Sentinel-2 band files), or a
+    remote COG or folder listing (as :class:`~eocausal.imagery.remote.RemoteFile`, which rasterio opens)."""
+    return _find_tiffs(location)
+
+
 def _find_tiffs(path: Path | str) -> list:
     if isinstance(path, str):
         return _find_remote_tiffs(path)
@@ -233,7 +240,8 @@ class GeoTiffSource:
         files = _find_tiffs(self.path)
         is_folder = len(files) > 1 or (not self.remote and Path(self.path).is_dir())
         try:
-            plain, scenes = group_band_files(files, self.bands, self.band_names) if is_folder else (files, [])
+            with gdal_env() if self.remote else contextlib.nullcontext():
+                plain, scenes = group_band_files(files, self.bands, self.band_names) if is_folder else (files, [])
         except BandFileError as exc:
             raise ImageryError(f"{self.path}: {exc}") from exc
         if self.remote:
