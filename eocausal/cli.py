@@ -135,11 +135,16 @@ def _terminal_progress(as_json: bool) -> Iterator[None]:
 
 def _check_survey(study):
     """The survey suite and the design rules, with the study's settings, before any chip is cut."""
+    return _checked_survey(study)[1]
+
+
+def _checked_survey(study):
+    """(the canonical survey, its quality report); a rejection names the rule and the rows."""
     from eocausal.quality import DataQualityError
     from eocausal.survey import SurveyError, load_study_survey
 
     try:
-        return load_study_survey(study)[1]
+        return load_study_survey(study)
     except (DataQualityError, SurveyError) as exc:
         raise InputRejected(f"survey rejected: {exc}") from None
 
@@ -157,6 +162,21 @@ def _check_imagery(study) -> None:
 
     try:
         open_source(study)
+    except (ImageryError, BandFileError) as exc:
+        raise InputRejected(f"imagery rejected: {exc}") from None
+
+
+def _check_coverage(study, survey):
+    """Every unit against the local imagery (coverage, nodata share of its chip window), the files'
+    CRS and bands: eocausal.imagery.preflight. Reads windows, writes nothing."""
+    from eocausal.imagery.bandfiles import BandFileError
+    from eocausal.imagery.geotiff import ImageryError
+    from eocausal.imagery.preflight import ImageryRejected, check_imagery
+
+    try:
+        return check_imagery(study, survey)
+    except ImageryRejected as exc:
+        raise InputRejected(str(exc)) from None
     except (ImageryError, BandFileError) as exc:
         raise InputRejected(f"imagery rejected: {exc}") from None
 
@@ -265,13 +285,14 @@ def cmd_report(args) -> int:
 def cmd_validate(args) -> int:
     from eocausal.study import load_study
 
-    # The checks `eocausal run` makes before any work; a rejection exits 2, as there.
+    # The checks `eocausal run` makes before any work, and the imagery against every unit (coverage,
+    # nodata share of each chip window, CRS, bands); a rejection exits 2, as there. Nothing is
+    # written: no chip is cut, no cache filled.
     study = load_study(args.study)
-    report = _check_survey(study)
+    survey, report = _checked_survey(study)
     _check_imagery(study)
     print(report.message())
-    if study.imagery.source == "geotiff":
-        print(f"imagery: {study.imagery_path} opens as GeoTIFF")
+    print(_check_coverage(study, survey).message())
     return 0
 
 
@@ -407,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("validate", parents=[common],
-                       help="check the study file, the survey (GX suite, design rules) and that the imagery opens, "
-                       "as `run` does before any work; write nothing (but a log when it rejects)",
+                       help="check the study file, the survey (GX suite, design rules) and the imagery (it opens; "
+                       "every unit's coverage and chip-window nodata share; CRS; bands) before any chip is cut; "
+                       "write nothing (but a log when it rejects)",
                        epilog=failures.exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study")
     p.set_defaults(func=cmd_validate)

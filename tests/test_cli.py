@@ -30,13 +30,14 @@ def study_folder(tmp_path: Path, n: int = 12, name: str = "s1", analysis: dict |
     if change:
         change(df)
     df.to_csv(tmp_path / "units.csv", index=False)
-    # run and validate check that the imagery opens before any work: a tiny scene over the units
-    write_geotiff(tmp_path / "imagery" / "scene.tif", np.ones((1, 16, 16), dtype="uint8"), "EPSG:4326",
-                  from_origin(-54.0, -24.0, 1 / 16, 1 / 16))
+    # run and validate check the imagery before any work: a small scene with every unit's chip window
+    # inside it (units in lon -54..-53, lat -25..-24; 16 px chips of 1/32 degree)
+    write_geotiff(tmp_path / "imagery" / "scene.tif", np.ones((1, 96, 96), dtype="uint8"), "EPSG:4326",
+                  from_origin(-55.0, -23.0, 1 / 32, 1 / 32))
     doc = {"name": name,
            "survey": {"path": "units.csv", "unit_id": "code", "lat": "lat", "lon": "lon", "treatment": "aid",
                       "outcome": "assets", "covariates": ["hh"]},
-           "imagery": {"source": "geotiff", "path": "imagery/"},
+           "imagery": {"source": "geotiff", "path": "imagery/", "chip_size_px": 16},
            "analysis": analysis or ANALYSIS}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return tmp_path / "study.yaml"
@@ -166,3 +167,52 @@ def test_run_missing_rows_fails_naming_them(tmp_path, capsys, runner, as_json, d
     assert f"{drop} of 4 requested rows" in out.err
     assert "difference_in_means x none x ATE x measured" in out.err
     assert "Traceback" not in out.err
+
+
+# --- validate checks the imagery against every unit, and writes nothing ----------------------------
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))} if folder.exists() else {}
+
+
+def _move_units(df, outside=(), edge=()):
+    for i in outside:  # far from the scene
+        df.loc[i, "lon"], df.loc[i, "lat"] = 10.0, 10.0
+    for i in edge:  # on the scene's last column: half the chip window off the scene
+        df.loc[i, "lon"], df.loc[i, "lat"] = -52.01, -24.5
+
+
+def test_validate_names_units_outside_the_imagery_and_mostly_nodata_and_writes_nothing(tmp_path, capsys, runner):
+    study = study_folder(tmp_path, n=16, change=lambda df: _move_units(df, outside=(0, 1), edge=(2,)))
+    work = tmp_path / "eocausal_work"
+    work.mkdir()
+    (work / "keep.txt").write_text("an earlier run's file\n")
+    before = _tree(tmp_path)
+    assert main(["validate", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s) open as GeoTIFF (scene.tif); CRS EPSG:4326 (WGS 84); 1 band(s) read; chips 16 px" in out
+    assert "14 of 16 units inside the imagery; 13 usable" in out
+    assert "2 unit(s) outside the imagery, to be excluded (outside_coverage): v000, v001" in out
+    assert "1 unit(s) with more than 0.2 nodata in their chip window, to be excluded (nodata_share_above_max): " \
+           "v002 (44%)" in out
+    assert _tree(tmp_path) == before  # the study folder and the working folder are unchanged
+    assert runner.calls == []
+
+
+def test_validate_rejects_imagery_that_leaves_an_arm_too_few_units(tmp_path, capsys, runner):
+    study = study_folder(tmp_path, change=lambda df: _move_units(df, outside=range(0, 12, 2)))  # every control unit
+    before = _tree(tmp_path)
+    assert main(["validate", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "imagery rejected: rule 'units per arm >= analysis.folds (3) after imaging' failed: usable units control 0" \
+           in err and "outside: v000, v002" in err and "Traceback" not in err
+    assert _tree(tmp_path) == before
+    study = study_folder(tmp_path, change=lambda df: _move_units(df, outside=range(12)))
+    before = _tree(tmp_path)
+    assert main(["validate", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "rule 'units inside the imagery' failed: none of the 12 units lies inside the imagery" in err
+    assert "the imagery covers lon -55.0000..-52.0000, lat -26.0000..-23.0000" in err
+    assert _tree(tmp_path) == before
