@@ -57,6 +57,7 @@ from eocausal.imagery.ee_collections import (
     collection,
 )
 from eocausal.imagery.geotiff import Chip, ImageryError
+from eocausal.imagery.retry import RetryPolicy
 from eocausal.imagery.sources import ChipFailure
 
 if TYPE_CHECKING:
@@ -314,13 +315,74 @@ def load_credentials() -> tuple[Any, str | None]:
     return credentials, project
 
 
-class EarthEngineApi:
-    """The real client: ``ee.Initialize`` with environment credentials, ``ee.data.computePixels``."""
+class CountingHttp:
+    """An httplib2-style transport that counts every HTTP request it carries, by status.
 
-    def __init__(self) -> None:
+    Wraps the transport ``ee`` would use (or a given one), so the fetch statistics see each
+    attempt on the wire: with ``ee``'s own retries off, one computePixels attempt of ours is one
+    HTTP request, and a 429 is never absorbed out of sight.
+    """
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.compute_pixels = 0
+        self.by_status: dict[str, int] = {}
+
+    def request(self, uri, method="GET", body=None, headers=None, redirections=5, connection_type=None):
+        try:
+            response, content = self._inner.request(uri, method, body=body, headers=headers,
+                                                    redirections=redirections, connection_type=connection_type)
+        except Exception:
+            self._count(uri, "error")
+            raise
+        self._count(uri, str(getattr(response, "status", "unknown")))
+        return response, content
+
+    def _count(self, uri: str, status: str) -> None:
+        with self._lock:
+            self.requests += 1
+            if ":computePixels" in str(uri):
+                self.compute_pixels += 1
+            self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"requests": self.requests, "compute_pixels": self.compute_pixels,
+                    "by_status": dict(sorted(self.by_status.items()))}
+
+    def __getattr__(self, name):  # timeout, connections ... of the wrapped transport
+        return getattr(self._inner, name)
+
+
+def _default_transport(timeout_s: float) -> Any:
+    """The transport ``ee`` builds when given none: its requests-based httplib2 adapter."""
+    import requests
+    from ee import _cloud_api_utils
+
+    return _cloud_api_utils._Http(requests.Session(), timeout_s)
+
+
+class EarthEngineApi:
+    """The real client: ``ee.Initialize`` with environment credentials, ``ee.data.computePixels``.
+
+    ``ee``'s own retries are turned off (``ee.data.setMaxRetries(0)``: googleapiclient would
+    otherwise retry each 429/5xx up to 5 times inside one of our attempts, bypassing our rate
+    limiter and our counts); the source's :class:`RetryPolicy` is the only one. Every HTTP request
+    goes through a :class:`CountingHttp` (``http_transport`` overrides the transport inside it).
+    """
+
+    def __init__(self, http_transport: Any = None, ee_max_retries: int = 0) -> None:
         self._composites: dict[CompositeRecipe, Any] = {}
         self._lock = threading.Lock()
         self._ee = None
+        self._transport = http_transport
+        self._ee_max_retries = int(ee_max_retries)  # 0; tests set ee's default (5) to show the stacking
+        self.http: CountingHttp | None = None
+
+    def http_counts(self) -> dict | None:
+        return None if self.http is None else self.http.snapshot()
 
     def initialize(self, *, project: str | None, high_volume: bool, timeout_s: float) -> None:
         _require_client()
@@ -333,8 +395,19 @@ class EarthEngineApi:
                 "no Google Cloud project for Earth Engine: set imagery.project in the study, or "
                 "EOCAUSAL_EE_PROJECT (or GOOGLE_CLOUD_PROJECT) in the environment"
             )
+        self.http = CountingHttp(self._transport if self._transport is not None else _default_transport(timeout_s))
         try:
-            ee.Initialize(credentials=credentials, project=project, url=HIGH_VOLUME_URL if high_volume else None)
+            ee.data.setMaxRetries(self._ee_max_retries)  # one retry policy: ours
+            # Initialisation (discovery, algorithms) is retried here, under the same classification.
+            for attempt in range(_INIT_RETRY.max_attempts):
+                try:
+                    ee.Initialize(credentials=credentials, project=project,
+                                  url=HIGH_VOLUME_URL if high_volume else None, http_transport=self.http)
+                    break
+                except Exception as exc:  # noqa: BLE001 - classified
+                    if classify_error(exc) != TRANSIENT or attempt + 1 == _INIT_RETRY.max_attempts:
+                        raise
+                    time.sleep(_INIT_RETRY.delay(attempt, random.Random()))
             ee.data.setDeadline(int(timeout_s * 1000))
         except ee.EEException as exc:
             raise EarthEngineError(f"Earth Engine initialisation failed for project {project!r}: {exc}") from None
@@ -429,22 +502,9 @@ def classify_error(exc: BaseException) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter: attempt k waits in [d/2, d], d = min(max, initial * 2**k)."""
-
-    max_attempts: int = 10
-    initial_delay_s: float = 0.5
-    max_delay_s: float = 32.0
-    multiplier: float = 2.0
-
-    def delay(self, retry_number: int, rng: random.Random) -> float:
-        ceiling = min(self.max_delay_s, self.initial_delay_s * self.multiplier**retry_number)
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-
 # Delays suit Earth Engine's quotas; from_spec takes max_attempts from the study.
 DEFAULT_RETRY = RetryPolicy()
+_INIT_RETRY = RetryPolicy(max_attempts=5, initial_delay_s=1.0, max_delay_s=16.0)
 
 
 class _RateLimiter:
@@ -466,11 +526,13 @@ class _RateLimiter:
 
 @dataclass
 class FetchStats:
-    requests: int = 0
+    requests: int = 0  # our computePixels attempts (ee's own retries are off: one HTTP request each)
     chips: int = 0
     retries: dict[str, int] = field(default_factory=dict)  # by kind: http_429, http_5xx, timeout, ...
     failed: int = 0
     seconds: float = 0.0
+    # Every HTTP request on the wire (initialisation included), by status, where the client counts them.
+    http: dict | None = None
 
     def count_retry(self, kind: str) -> None:
         self.retries[kind] = self.retries.get(kind, 0) + 1
@@ -481,6 +543,7 @@ class FetchStats:
             "chips": self.chips,
             "retries": dict(sorted(self.retries.items())),
             "failed": self.failed,
+            **({"http": self.http} if self.http is not None else {}),
             "seconds": round(self.seconds, 3),
             "chips_per_s": round(self.chips / self.seconds, 2) if self.seconds > 0 else None,
         }
@@ -695,6 +758,9 @@ class EarthEngineSource:
             stop.set()
             executor.shutdown(wait=True, cancel_futures=True)
             self.stats.seconds += time.perf_counter() - started
+            counts = getattr(self.client, "http_counts", None)
+            if callable(counts):
+                self.stats.http = counts()
 
     def _pause(self, seconds: float, stop: threading.Event) -> None:
         if seconds <= 0:
