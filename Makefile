@@ -39,9 +39,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 # The operations suites CI runs after `make test`: crashes, bad input, read loop, credentials, dbt docs,
-# and a non-editable install of the project into a fresh venv running the demo.
+# a non-editable install of the project into a fresh venv running the demo, and the example notebooks.
 test-ops: $(STAMP) browser
-	$(PY) -m pytest -m slow tests/faults tests/test_security.py tests/ui tests/packaging
+	$(PY) -m pytest -m slow tests/faults tests/test_security.py tests/ui tests/packaging tests/examples
 
 # The UI test drives Debian's Chromium; install it (and its driver) when missing.
 browser:
