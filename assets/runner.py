@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ def _plain(value):
 
 
 def run_study(study_path: str | Path, workdir: str | Path | None = None,
-              instance: dg.DagsterInstance | None = None, log_level: str = "WARNING") -> RunOutcome:
+              instance: dg.DagsterInstance | None = None, log_level: str = "WARNING",
+              inputs_only: bool = False) -> RunOutcome:
     """Run the study job in this process: every imagery period, then the analysis.
 
     One run per imagery period other than the analysis period materialises the survey and that
@@ -53,17 +55,22 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     console log (with the stack traces of failed steps) unless `log_level` is DEBUG or INFO, when it
     is shown at that level. The outcome's `errors` and `failed_checks` say what failed in a line
     each, `exit_code` what kind of failure it was (eocausal.failures), `traces` the full traces.
+
+    `inputs_only`: materialise the survey, chips and embeddings (with their blocking checks) for
+    every period and stop there — every input is checked, nothing is estimated or published.
     """
     study = load_study(study_path)  # fail fast, with the contract's message, before any Dagster work
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
     check_sql_safe_path(workdir)  # it reaches SQL through dbt's sources: fail before any work
     try:
         with exclusive_workdir(workdir):
-            return _run_locked(study, study_path, workdir, instance, log_level)
+            return _run_locked(study, study_path, workdir, instance, log_level, inputs_only)
     except WorkdirBusy as exc:
-        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_BUSY)
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_BUSY,
+                          traces=["".join(traceback.format_exception(exc))])
     except WorkdirUnusable as exc:
-        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_WORKDIR)
+        return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_WORKDIR,
+                          traces=["".join(traceback.format_exception(exc))])
     except OSError as exc:  # outside any step (the run log, the instance) on a full or read-only disk
         problem = disk_problem(workdir, exc)
         if problem is None:
@@ -72,7 +79,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
                           traces=["".join(traceback.format_exception(exc))])
 
 
-def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> RunOutcome:
+def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inputs_only: bool = False) -> RunOutcome:
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     job = defs.resolve_job_def(STUDY_JOB)
     log_path = workdir / "logs" / "last_run.log"
@@ -98,7 +105,8 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
             for period in other_periods
         ]
         result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
-                                        partition_key=analysis_period)
+                                        partition_key=analysis_period,
+                                        asset_selection=list(PERIOD_RUN_KEYS) if inputs_only else None)
         runs.append((analysis_period, result))
     errors, failed_checks, metadata, codes, traces = [], [], {}, [], []
     imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
@@ -111,9 +119,11 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
             step = event.step_key + (where if event.step_key in imagery_steps else "")
             text = _failure_text(event, err)
             problem = disk_problem(workdir, text)
+            traces.append(f"step {step}:\n{err.to_string()}")
+            if "DagsterAssetCheckFailedError" in _error_names(err):
+                continue  # a blocking check failed: its evaluation (below) says which and why
             codes.append(failures.EXIT_WORKDIR if problem else failures.code_for_names(_error_names(err)))
             errors.append(f"{step}: {problem or text}")
-            traces.append(f"step {step}:\n{err.to_string()}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             asset = ev.asset_key.to_user_string()
@@ -141,6 +151,8 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str) -> R
         )
     success = all(r.success for _, r in runs)
     errors, failed_checks = list(dict.fromkeys(errors)), list(dict.fromkeys(failed_checks))
+    if not success and not errors and not failed_checks:
+        errors = ["the run failed without a step failure or a failed check: see the run log"]
     code = failures.EXIT_OK if success else failures.worst(codes) or failures.EXIT_FAILED
     if traces:
         try:
@@ -175,5 +187,7 @@ def _failure_text(event, err) -> str:
     cause = err
     while getattr(cause, "cause", None) is not None and (cause.cls_name or "").startswith("Dagster"):
         cause = cause.cause
-    return (cause.message if cause is not None else err.message).strip()
+    cause = cause if cause is not None else err
+    # The message, without the exception's dotted class name in front (the message is the reason).
+    return re.sub(rf"^([\w.]+\.)?{re.escape(cause.cls_name or '')}: ", "", cause.message.strip())
 

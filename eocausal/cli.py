@@ -152,9 +152,10 @@ def _checked_survey(study):
 def _check_imagery(study) -> None:
     """Local rasters open (GeoTIFF, georeferenced, the bands asked for), before any chip is cut.
 
-    Earth Engine is not asked here: a fully cached re-run needs no credentials.
+    Remote sources (Earth Engine, STAC, an http(s) COG) are not asked here: a fully cached re-run
+    needs neither credentials nor the network.
     """
-    if study.imagery.source != "geotiff":
+    if study.imagery.source != "geotiff" or getattr(study, "imagery_is_remote", False):
         return
     from eocausal.imagery.bandfiles import BandFileError
     from eocausal.imagery.geotiff import ImageryError

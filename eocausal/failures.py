@@ -63,8 +63,8 @@ class InputRejected(Exception):
 
 
 # Exception classes (by name: failures inside a Dagster run arrive as serialised errors that keep
-# only the class name) whose failure is the input's fault. tests/test_failures.py keeps these
-# lists complete: every subclass of these bases in eocausal is named.
+# only the class name) whose failure is the input's fault; their subclasses count too (found among
+# the classes imported when the failure is classified: the run that raised one imported it).
 INPUT_ERRORS = frozenset({
     "InputRejected", "StudyError", "WarehousePathError",  # the study file (and paths it implies)
     "SurveyError", "DataQualityError",  # the survey contract and the quality suites
@@ -93,11 +93,22 @@ def worst(codes: Iterable[int]) -> int:
 def code_for_names(class_names: Iterable[str]) -> int:
     """The exit code of a failure whose exception (and its causes) have these class names."""
     names = set(class_names)
-    if names & CREDENTIAL_ERRORS:
+    if names & _with_subclasses(CREDENTIAL_ERRORS):
         return EXIT_CREDENTIALS
-    if names & INPUT_ERRORS:
+    if names & _with_subclasses(INPUT_ERRORS):
         return EXIT_INPUT
     return EXIT_FAILED
+
+
+def _with_subclasses(roots: frozenset[str]) -> set[str]:
+    """``roots`` and the names of the imported eocausal exception classes that derive from one."""
+    found, stack = set(roots), [BaseException]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__.startswith("eocausal") and any(base.__name__ in roots for base in cls.__mro__):
+            found.add(cls.__name__)
+    return found
 
 
 def exception_names(exc: BaseException) -> list[str]:

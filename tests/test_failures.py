@@ -42,10 +42,13 @@ def test_every_input_and_credential_error_class_is_classified():
 
     bases = (StudyError, SurveyError, DataQualityError, ImageryError, BandFileError, EmbeddingError, TransportError,
              failures.InputRejected)
-    named = failures.INPUT_ERRORS | failures.CREDENTIAL_ERRORS
-    missing = [c.__name__ for c in _eocausal_classes() if issubclass(c, bases) and c.__name__ not in named
-               and not c.__name__.startswith("_")]
-    assert missing == []
+    classes = [c for c in _eocausal_classes() if issubclass(c, bases)]
+    assert {"WarehousePathError", "EarthEngineCredentialsError", "BandFileError"} <= {c.__name__ for c in classes}
+    wrong = [c.__name__ for c in classes if failures.code_for_names([c.__name__]) == failures.EXIT_FAILED]
+    assert wrong == []
+    from eocausal.imagery.earthengine import EarthEngineCredentialsError
+
+    assert failures.code_for_names([EarthEngineCredentialsError.__name__]) == failures.EXIT_CREDENTIALS
 
 
 def test_codes_for_names_and_precedence():
