@@ -27,7 +27,6 @@ In every case nothing already published is changed.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 import traceback
@@ -201,11 +200,3 @@ def _prune(folder: Path) -> None:
             old.unlink()
         except OSError:
             pass
-
-
-_TRACE_LINE = re.compile(r"^\s*(Traceback \(most recent call last\)|File \".*\", line \d+)")
-
-
-def one_line(text: str) -> str:
-    """``text`` without the lines of a Python traceback (for what the terminal shows)."""
-    return "\n".join(line for line in str(text).splitlines() if not _TRACE_LINE.match(line)).strip()
