@@ -52,7 +52,9 @@ def render_in_chromium(html_path: Path, screenshot: Path, profile_dir: Path) -> 
             "return {title: document.title, h1: document.querySelector('h1').innerText,"
             " h2: Array.from(document.querySelectorAll('h2')).map(e => e.innerText),"
             " images: Array.from(document.images).map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight})),"
-            " height: document.documentElement.scrollHeight}"
+            " height: document.documentElement.scrollHeight,"
+            " headline_bottom: document.querySelector('.headline') ?"
+            "   document.querySelector('.headline').getBoundingClientRect().bottom : null}"
         )
         driver.set_window_size(1280, min(int(page["height"]) + 40, 16000))
         screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert page["title"] == "eocausal report: s" and page["h1"] == "Study report: s"
     assert len(page["images"]) >= 8 and all(img["w"] > 0 and img["h"] > 0 for img in page["images"])
     assert shot.read_bytes()[:4] == b"\x89PNG"
+    # the answer is on the first screen (a 1280 x 1000 window), above every section
+    assert page["headline_bottom"] is not None and page["headline_bottom"] < 900
 
 
 # --- the answer first: headline, matrix, units, exports ------------------------------------------
@@ -346,18 +350,12 @@ import json, sys
 import matplotlib
 matplotlib.use("svg")  # whatever the caller chose must stay chosen
 sys.path.insert(0, %r)
-from tests.test_report import _inputs, _demo_like_estimates, _units
-from pathlib import Path
-import numpy as np
+from tests.test_report import _demo_like_estimates, _units
 from eocausal import report
-inputs = _inputs(Path(%r))
-figs = [report.forest_figure(inputs.estimates, 1.0), report.overlap_figure(inputs.estimates),
-        report.love_figure(inputs.estimates), report.cate_distribution_figure(inputs.cate_predictions),
-        report.rate_figure(inputs.cate_evaluation), report.cluster_figure(inputs.clusters),
-        report.unit_map_figure(_units()), report.pca_variance_figure([0.5, 0.3, 0.2], 2)]
-from eocausal.interpret import saliency_figure
-figs.append(saliency_figure(np.ones((1, 3, 8, 8)), np.ones((1, 8, 8), bool), np.ones((1, 8, 8)), None, ["u"], "t"))
-from eocausal.estimate.sensitivity import SensitivityStats, contour_figure
+est = _demo_like_estimates()
+figs = [report.forest_figure(est, 1.0), report.overlap_figure(est), report.love_figure(est),
+        report.unit_map_figure(_units()), report.pca_variance_figure([0.5, 0.3, 0.2], 2),
+        report.cluster_figure({"k": 2, "mu": [0.2, 2.1], "mu_std_error": [0.1, 0.2], "shares": [0.6, 0.4]})]
 print(json.dumps({"backend": matplotlib.get_backend(), "pyplot": "matplotlib.pyplot" in sys.modules,
                   "types": sorted({type(f).__name__ for f in figs})}))
 """
@@ -368,7 +366,7 @@ def test_figures_are_built_without_pyplot_or_a_backend(tmp_path):
     import sys
 
     repo = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", FIGURE_FUNCTIONS % (repo, str(tmp_path))], cwd=repo,
+    out = subprocess.run([sys.executable, "-c", FIGURE_FUNCTIONS % (repo,)], cwd=repo,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
