@@ -915,7 +915,7 @@ def _quality_section(inputs: ReportInputs, figures=None) -> list[str]:
     est = inputs.estimates
     n_used = int(est["n"].max()) if len(est) else 0
     reasons = inputs.exclusions["reason"].value_counts() if len(inputs.exclusions) else pd.Series(dtype=int)
-    out = ["<h2>Data quality: units and imagery</h2>",
+    out = ["<h2>Data quality</h2>",
            f"<div class='kpi'>survey units<b>{inputs.n_survey_units}</b></div>",
            f"<div class='kpi'>analysed<b>{n_used}</b></div>",
            f"<div class='kpi'>excluded<b>{len(inputs.exclusions)}</b></div>"]
