@@ -248,11 +248,28 @@ def load_survey(
     df, parse_failures = canonicalise(read_survey_table(path, id_column=spec.unit_id), spec)
     covariates = [covariate_column(c) for c in spec.covariates]
     report = validate_survey(df, covariates, outcome_may_be_missing=outcome_may_be_missing, folds=folds)
-    report.failures = parse_failures + report.failures
+    report.failures = parse_failures + _without_rows_already_named(report.failures, parse_failures)
     if not report.success:
         raise DataQualityError(report)
     df["treatment"] = df["treatment"].astype("int8")
     return df, report
+
+
+def _without_rows_already_named(failures: list[RuleFailure], parse_failures: list[RuleFailure]) -> list[RuleFailure]:
+    """The suite's 'not null' failures less the cells a 'numeric' failure already names (a value that
+    is not a number became missing when parsed: one cell, one rule)."""
+    unparsed = {f.column: set(f.rows) for f in parse_failures}
+    kept = []
+    for f in failures:
+        if f.column in unparsed and f.rule == f"{f.column} not null":
+            keep = [i for i, row in enumerate(f.rows) if row not in unparsed[f.column]]
+            if not keep:
+                continue
+            f.rows = [f.rows[i] for i in keep]
+            f.unit_ids = [f.unit_ids[i] for i in keep if i < len(f.unit_ids)]
+            f.examples = [f.examples[i] for i in keep if i < len(f.examples)]
+        kept.append(f)
+    return kept
 
 
 def load_study_survey(study: Study) -> tuple[pd.DataFrame, QualityReport]:

@@ -334,3 +334,12 @@ def test_a_header_without_any_mapped_column_says_what_it_read(tmp_path):
     with pytest.raises(DataQualityError) as exc:
         load_survey(p, SPEC)
     assert "none of the study's columns is in the header, which reads ['# exported by SurveyTool']" in str(exc.value)
+
+
+def test_a_value_that_is_not_a_number_is_named_once(tmp_path):
+    df = good_frame().astype({"assets": object})
+    df.loc[5, "assets"] = "1,5"
+    df.loc[7, "assets"] = np.nan
+    msg = rejected(tmp_path, df)
+    assert "rule 'outcome numeric' failed; on 1 row(s): rows 5; units v005; values ['1,5']" in msg
+    assert "rule 'outcome not null' failed; on 1 row(s): rows 7; units v007; values [nan]" in msg
