@@ -26,7 +26,10 @@ from assets.instance import (
     open_instance,
     record_holder,
 )
+from assets.naming import STUDY_TAG, unprefixed
+from assets.studies import study_job_name
 from eocausal.faults import CRASH_AT_ENV, CRASH_DIR_ENV
+from eocausal.study import load_study
 from tests.assets.conftest import small_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,27 +39,31 @@ EOCAUSAL = str(Path(sys.executable).with_name("eocausal"))
 def test_the_cli_run_is_in_the_instance_in_its_working_folder(e2e_run):
     study_path, outcome = e2e_run
     assert outcome.success
+    name = load_study(study_path).name  # the study's assets are keyed under its name, as in a deployment
     home = outcome.workdir / DAGSTER_HOME_FOLDER
     assert outcome.dagster_home == home
     assert yaml.safe_load((home / "dagster.yaml").read_text()) == INSTANCE_CONFIG
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # (other tests run the same study again later in the session: its first run is the oldest)
         runs = instance.get_runs()
-        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS]
-        run = runs[0]
+        assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        run = runs[-1]
         assert run.tags[WORKDIR_TAG] == str(outcome.workdir) and run.tags[PID_TAG].isdigit()
-        keys = {k.to_user_string() for k in instance.get_asset_keys()}
+        assert run.tags[STUDY_TAG] == name and run.job_name == study_job_name(name)
+        events = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        assert all(e.dagster_event.asset_key.path[0] == name for e in events)
+        mats = {unprefixed(name, e.dagster_event.asset_key).to_user_string(): e.asset_materialization for e in events}
         assert {"survey", "image_chips", "image_embeddings", "effect_estimates", "marts/analysis_units",
-                "marts/effect_estimates", "published_warehouse"} <= keys
-        # lineage: the estimate's materialisation names the versions of what it was computed from
-        estimates = instance.get_latest_materialization_event(dg.AssetKey("effect_estimates")).asset_materialization
+                "marts/effect_estimates", "published_warehouse"} <= set(mats)
+        # lineage: each materialisation names the versions of what it was computed from
+        estimates = mats["effect_estimates"]
         assert estimates.metadata["estimate_version"].value == outcome.metadata["effect_estimates"]["estimate_version"]
         assert any(tag.startswith("dagster/input_data_version/") for tag in estimates.tags)
-        chips = instance.get_latest_materialization_event(dg.AssetKey("image_chips")).asset_materialization
-        survey = instance.get_latest_materialization_event(dg.AssetKey("survey")).asset_materialization
-        assert chips.tags["dagster/input_data_version/survey"] == survey.tags["dagster/data_version"]
+        assert mats["image_chips"].tags[f"dagster/input_data_version/{name}/survey"] == \
+            mats["survey"].tags["dagster/data_version"]
         checks = instance.event_log_storage.get_asset_check_execution_history(
-            dg.AssetCheckKey(dg.AssetKey("image_chips"), "chip_usability"), limit=5)
-        assert checks and checks[0].run_id == run.run_id
+            dg.AssetCheckKey(dg.AssetKey([name, "image_chips"]), "chip_usability"), limit=100)
+        assert run.run_id in {c.run_id for c in checks}
         # the library's loggers are in the run's logs (python_logs in the instance config)
         messages = [e.user_message for e in instance.all_logs(run.run_id)]
         assert any(m.startswith("chips: ") for m in messages) and any(m.startswith("estimation: ") for m in messages)
@@ -120,16 +127,17 @@ def folder_holder(tmp_path):
 
 
 def test_a_run_launched_outside_the_cli_holds_the_folder_too(tiny_study, folder_holder, tmp_path):
-    from assets.definitions import STUDY_JOB, build_definitions
-    from assets.partitions import PERIOD_RUN_KEYS
+    from assets.partitions import period_run_keys
+    from assets.studies import build_definitions
 
     workdir, holder_pid = folder_holder
-    job = build_definitions(str(tiny_study), str(workdir)).resolve_job_def(STUDY_JOB)
+    name = load_study(tiny_study).name
+    job = build_definitions(str(tiny_study), str(workdir)).resolve_job_def(study_job_name(name))
     assert job.executor_def is dg.in_process_executor  # one process per run: the hold covers it
     # as the UI, a schedule or a sensor would run it: not through the CLI's runner
     with open_instance(tmp_path / "home") as instance:
         busy = job.execute_in_process(instance=instance, partition_key="geotiff", raise_on_error=False,
-                                      asset_selection=list(PERIOD_RUN_KEYS))
+                                      asset_selection=list(period_run_keys(name)))
         assert not busy.success
         failure = next(e for e in busy.all_events if e.is_failure)
         assert f"another eocausal run (pid {holder_pid}" in str(failure.event_specific_data.error)
