@@ -278,6 +278,22 @@ class ImagerySpec(_Strict):
         return name
 
 
+class NormalizationSpec(_Strict):
+    """A backbone's input normalisation: per band read, value = (chip * scale - mean) / std."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+    scale: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "NormalizationSpec":
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values, std {len(self.std)}: give one of each per band")
+        if min(self.std) <= 0:
+            raise ValueError("every std must be positive")
+        return self
+
+
 class EmbeddingSpec(_Strict):
     method: Literal["rcf", "backbone"] = "rcf"
     # RCF: 512 filters x 3 pooling scales (the confounder zoo's default; see eocausal.embed.rcf).
@@ -311,6 +327,9 @@ class EmbeddingSpec(_Strict):
     weights: str | None = None
     input_size_px: int | None = Field(None, ge=16, le=1024)  # resize chips for the backbone
     rgb_bands: list[int] | None = None  # which chip bands get the RGB weights (else: repeated)
+    # The input statistics the weights were trained with (value = (chip * scale - mean) / std per
+    # band read); without it chips are standardised with the study's own band statistics.
+    normalization: NormalizationSpec | None = None
     # Principal components fitted once on all embedded units and stored with the embeddings; the
     # estimators use the leading ones (analysis.image_components, "auto": chosen by CV loss).
     pca_components: int = Field(128, ge=1)

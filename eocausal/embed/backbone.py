@@ -336,6 +336,18 @@ def _check_match(arch: str, model: nn.Module, state: dict[str, torch.Tensor], pa
 # --- the embedder -------------------------------------------------------------------------------
 
 
+def _check_normalization(normalization: dict | None) -> dict | None:
+    if normalization is None:
+        return None
+    mean, std = list(normalization.get("mean") or []), list(normalization.get("std") or [])
+    scale = float(normalization.get("scale", 1.0))
+    if not mean or len(mean) != len(std):
+        raise EmbeddingError("embedding.normalization needs 'mean' and 'std' lists of the same length (one per band)")
+    if not all(np.isfinite(v) for v in [*mean, *std, scale]) or min(std) <= 0 or scale <= 0:
+        raise EmbeddingError("embedding.normalization: means must be finite, stds and scale positive")
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "scale": scale}
+
+
 class BackboneEmbedder:
     """A pretrained backbone's pooled features, with the RCFEmbedder's fit/transform API.
 
@@ -354,6 +366,7 @@ class BackboneEmbedder:
         input_size_px: int | None = None,
         rgb_bands: list[int] | None = None,
         seed: int = 0,
+        normalization: dict | None = None,
     ) -> None:
         if arch not in ARCHITECTURES:
             raise EmbeddingError(f"unknown backbone {arch!r}; known: {sorted(ARCHITECTURES)}")
@@ -371,6 +384,9 @@ class BackboneEmbedder:
         self.input_size_px = input_size_px if input_size_px is not None else _DEFAULT_INPUT_PX.get(arch)
         self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None
         self.seed = int(seed)
+        # The weights' own input statistics: value = (chip * scale - mean) / std per band, instead of
+        # the study's band statistics (see the README's table of weight families).
+        self.normalization = _check_normalization(normalization)
         resolve_dtype(self.dtype, resolve_device(self.device))
 
     def config(self) -> dict:
@@ -384,6 +400,7 @@ class BackboneEmbedder:
             "input_size_px": self.input_size_px,
             "rgb_bands": self.rgb_bands,
             "seed": self.seed,
+            **({"normalization": self.normalization} if self.normalization is not None else {}),
         }
 
     def _weights_file(self) -> Path:
@@ -414,6 +431,19 @@ class BackboneEmbedder:
         model.load_state_dict(state, strict=False)  # the classifier head stays at its init: unused
         model.eval()
 
+        if self.normalization is not None:
+            norm = self.normalization
+            if len(norm["mean"]) != n_bands:
+                raise EmbeddingError(
+                    f"embedding.normalization gives {len(norm['mean'])} band means and stds, the chips have "
+                    f"{n_bands} bands (imagery.bands): give one per band read, in that order")
+            # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
+            self.band_mean_ = np.asarray(norm["mean"], dtype=np.float64) / norm["scale"]
+            self.band_std_ = np.asarray(norm["std"], dtype=np.float64) / norm["scale"]
+            self.n_bands_ = n_bands
+            self.model_ = model
+            self.weights_sha256_ = file_sha256(self.weights)
+            return self
         rng = np.random.default_rng(self.seed)
         ok = valid & np.isfinite(chips).all(axis=1) if np.issubdtype(chips.dtype, np.floating) else valid
         flat = np.flatnonzero(ok)

@@ -81,6 +81,7 @@ def make_embedder(spec: EmbeddingSpec, weights_path: Path | None = None):
             spec.backbone, weights_path, device=spec.device, dtype=spec.dtype,
             batch_size=spec.batch_size, input_size_px=spec.input_size_px,
             rgb_bands=spec.rgb_bands, seed=spec.seed,
+            normalization=spec.normalization.model_dump() if spec.normalization is not None else None,
         )
     raise EmbeddingError(f"embedding.method {spec.method!r} is not known (use 'rcf' or 'backbone')")
 

@@ -76,6 +76,22 @@ def test_resnet18_embeds_as_the_model_does(tmp_path):
     np.testing.assert_allclose(emb.band_mean_, chips.mean(axis=(0, 2, 3)), rtol=1e-6)
 
 
+def test_weights_normalisation_replaces_the_study_statistics(tmp_path):
+    path = tmp_path / "r18.pth"
+    model = random_weights("resnet18", path).eval()
+    chips = textured_chips(2, bands=3, size=24) * 1000  # e.g. reflectance x 10,000
+    valid = all_valid(chips)
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 1e-4}
+    emb = BackboneEmbedder("resnet18", path, device="cpu", dtype="float32", normalization=imagenet).fit(chips, valid)
+    x = (chips * 1e-4 - np.array(imagenet["mean"])[:, None, None]) / np.array(imagenet["std"])[:, None, None]
+    with torch.no_grad():
+        expected = model.features(torch.from_numpy(x.astype(np.float32))).numpy()
+    np.testing.assert_allclose(emb.transform(chips, valid), expected, rtol=1e-4, atol=1e-5)
+    assert emb.config()["normalization"] == imagenet  # part of the embeddings' version
+    with pytest.raises(EmbeddingError, match="gives 3 band means and stds, the chips have 6 bands"):
+        BackboneEmbedder("resnet18", path, normalization=imagenet).fit(*_chips(bands=6))
+
+
 def test_checkpoint_wrappers_and_prefixes_are_unwrapped(tmp_path):
     plain, wrapped = tmp_path / "plain.pth", tmp_path / "wrapped.ckpt"
     random_weights("resnet18", plain, seed=1)
@@ -198,6 +214,6 @@ def test_bad_settings():
         next(BackboneEmbedder("resnet18", "w.pth").transform_stream([_chips()]))
 
 
-def _chips():
-    chips = textured_chips(2, bands=3, size=16)
+def _chips(bands=3):
+    chips = textured_chips(2, bands=bands, size=16)
     return chips, all_valid(chips)
