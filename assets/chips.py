@@ -19,20 +19,24 @@ from eocausal.quality import too_few_usable_units, validate_chip_index
 from eocausal.versioning import frame_version
 
 
-def build_image_chips(periods: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_image_chips(periods: dg.PartitionsDefinition, study: str | None = None) -> dg.AssetsDefinition:
     """The `image_chips` asset, partitioned by the study's imagery periods."""
 
+    # Keyed [study, "image_chips"] in a study's graph: its op is then <safe study>__image_chips
+    # (assets.naming.scoped), one per study, as Dagster wants one op object per op name.
+    key = dg.AssetKey([study, "image_chips"] if study else ["image_chips"])
+
     @dg.asset(
-        name="image_chips",
+        key=key,
         group_name="imagery",
         kinds={"python", "rasterio", "parquet"},
         code_version="chips-3",  # 2: any imagery source; cloud_share and detail columns; 3: one file per period
-        deps=["survey"],
+        deps=[dg.AssetKey([study, "survey"] if study else ["survey"])],
         partitions_def=periods,
         check_specs=[
             dg.AssetCheckSpec(
                 "chip_usability",
-                asset="image_chips",
+                asset=key,
                 blocking=True,
                 description="Every unit has a chip record; usable chips meet the nodata limit; "
                             "enough units are usable.",

@@ -5,6 +5,10 @@ Two @dbt_assets definitions, because the Python asset `effect_estimates` sits be
 join the `duckdb_warehouse` pool: DuckDB admits one writing process and, while it writes, no reader.
 A third, `dbt_heterogeneity_models` (tag:heterogeneity), loads the CATE, cluster and transport
 tables after their Python assets, in the same pool.
+
+Built per study (`build_dbt_assets(study)`: keys under the study's name, ops named
+<safe study>__dbt_*) when Definitions are built; importing this module runs nothing (the manifest
+is prepared by the build, `ensure_manifest`).
 """
 
 import json
@@ -18,6 +22,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
+from assets.naming import SEPARATOR, scoped
 from assets.resources import StudyResource, WarehouseResource
 from eocausal import progress
 from eocausal.faults import crash_point
@@ -48,12 +53,19 @@ def ensure_manifest(project: DbtProject = dbt_project) -> Path:
 
 
 class EocausalDbtTranslator(DagsterDbtTranslator):
+    """Models and sources keyed under the study's name ([study, "marts", "analysis_units"],
+    [study, "survey"]) in a study's graph; every model in the `warehouse` group."""
+
+    def __init__(self, study: str | None = None):
+        super().__init__()
+        self.study = study
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
+        key = super().get_asset_key(dbt_resource_props)
+        return key.with_prefix(self.study) if self.study else key
+
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         return "warehouse"
-
-
-ensure_manifest()
-_translator = EocausalDbtTranslator()
 
 
 def dbt_vars(warehouse: WarehouseResource, study: StudyResource) -> dict:
@@ -66,6 +78,11 @@ def dbt_vars(warehouse: WarehouseResource, study: StudyResource) -> dict:
             "outcome_may_be_missing": bool(loaded.analysis.outcome_imputation)}
 
 
+def _step_name(op_name: str) -> str:
+    """The stage's step name of a study's dbt op (<safe study>__dbt_analysis_models -> dbt_analysis_models)."""
+    return op_name.rsplit(SEPARATOR, 1)[-1]
+
+
 def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
            study: StudyResource):
     # Every dbt step passes the same vars, so dbt's parse (which renders the sources' locations)
@@ -74,9 +91,10 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     warehouse.root_path.mkdir(parents=True, exist_ok=True)
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
     # paths) survives between runs, so a warm run skips the full parse.
-    target = warehouse.root_path / "dbt_target" / context.op_def.name
+    step = _step_name(context.op_def.name)
+    target = warehouse.root_path / "dbt_target" / step
     # progress: one step per model and per test (dbt tests are asset checks)
-    label = context.op_def.name.removeprefix("dbt_").replace("_", " ")
+    label = step.removeprefix("dbt_").replace("_", " ")
     n_steps = len(context.selected_asset_keys) + len(context.selected_asset_check_keys)
     done = 0
     progress.report("dbt", done, n_steps, "models and tests", label)
@@ -85,46 +103,40 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
         if isinstance(event, (dg.Output, dg.AssetMaterialization, dg.AssetCheckResult)):
             done = min(done + 1, n_steps)
             progress.report("dbt", done, n_steps, "models and tests", label)
-        crash_point(f"dbt.{context.op_def.name}")  # fault tests: dbt is still building
+        crash_point(f"dbt.{step}")  # fault tests: dbt is still building
     if done < n_steps:
         progress.report("dbt", n_steps, n_steps, "models and tests", label)
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    select="tag:analysis",
-    name="dbt_analysis_models",
-    pool=WAREHOUSE_POOL,
-    dagster_dbt_translator=_translator,
-    project=dbt_project,
-)
-def dbt_analysis_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-                        study: StudyResource):
-    yield from _build(context, dbt, warehouse, study)
-
-
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    select="tag:estimates",
-    name="dbt_estimate_models",
-    pool=WAREHOUSE_POOL,
-    dagster_dbt_translator=_translator,
-    project=dbt_project,
-)
-def dbt_estimate_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-                        study: StudyResource):
-    yield from _build(context, dbt, warehouse, study)
-
-
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    select="tag:heterogeneity",
-    name="dbt_heterogeneity_models",
-    pool=WAREHOUSE_POOL,
-    dagster_dbt_translator=_translator,
-    project=dbt_project,
-)
-def dbt_heterogeneity_models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-                             study: StudyResource):
+# The three dbt steps: op name (the stage's; <safe study>__<name> in a study's graph) and model selection.
+DBT_STEPS = {
+    "dbt_analysis_models": "tag:analysis",
+    "dbt_estimate_models": "tag:estimates",
     # marts.cate_predictions, cate_evaluation, effect_clusters, transport_predictions (assets/heterogeneity.py)
-    yield from _build(context, dbt, warehouse, study)
+    "dbt_heterogeneity_models": "tag:heterogeneity",
+}
+
+
+def build_dbt_assets(study: str | None = None) -> list[dg.AssetsDefinition]:
+    """The study's three dbt steps, keyed under its name, with ops named <safe study>__<step>.
+
+    Prepares the dbt manifest first (`dbt parse` when it is missing or stale): when Definitions are
+    built, never at import."""
+    ensure_manifest()
+    translator = EocausalDbtTranslator(study)
+    steps = []
+    for name, select in DBT_STEPS.items():
+        @dbt_assets(
+            manifest=dbt_project.manifest_path,
+            select=select,
+            name=scoped(study, name) if study else name,
+            pool=WAREHOUSE_POOL,
+            dagster_dbt_translator=translator,
+            project=dbt_project,
+        )
+        def models(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                   study: StudyResource):
+            yield from _build(context, dbt, warehouse, study)
+
+        steps.append(models)
+    return steps

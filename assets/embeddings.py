@@ -16,20 +16,25 @@ from eocausal.lake import embeddings_table, period_path, write_table_atomic
 from eocausal.quality import validate_embeddings
 
 
-def build_image_embeddings(periods: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build_image_embeddings(periods: dg.PartitionsDefinition, study: str | None = None) -> dg.AssetsDefinition:
     """The `image_embeddings` asset, partitioned by the study's imagery periods (as `image_chips`)."""
 
+    # Keyed [study, "image_embeddings"] in a study's graph: its op is then <safe study>__image_embeddings
+    # (assets.naming.scoped), one per study, as Dagster wants one op object per op name.
+    key = dg.AssetKey([study, "image_embeddings"] if study else ["image_embeddings"])
+
     @dg.asset(
-        name="image_embeddings",
+        key=key,
         group_name="imagery",
         kinds={"python", "torch", "parquet"},
         code_version=CODE_VERSION,
-        deps=["image_chips"],  # same partitions: period P's embeddings read period P's chips
+        # same partitions: period P's embeddings read period P's chips
+        deps=[dg.AssetKey([study, "image_chips"] if study else ["image_chips"])],
         partitions_def=periods,
         check_specs=[
             dg.AssetCheckSpec(
                 "embeddings_valid",
-                asset="image_embeddings",
+                asset=key,
                 blocking=True,
                 description="Embeddings are finite for every unit and not constant across units.",
             )

@@ -50,7 +50,7 @@ def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
     ],
     pool=WAREHOUSE_POOL,  # reads the warehouse file, which excludes its writer
 )
-def cate_estimates(study: StudyResource, warehouse: WarehouseResource):
+def cate_estimates(context, study: StudyResource, warehouse: WarehouseResource):
     spec = study.load()
     units = query(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
     covariates = [covariate_column(c) for c in spec.survey.covariates]
@@ -59,7 +59,7 @@ def cate_estimates(study: StudyResource, warehouse: WarehouseResource):
     if stage.note:
         common["note"] = stage.note
     yield dg.MaterializeResult(
-        asset_key="cate_estimates",
+        asset_key=context.asset_key_for_output("cate_estimates"),  # [study, "cate_estimates"] in a deployment
         metadata={**table_metadata(stage.predictions, stage.paths["predictions"]), **common},
         data_version=dg.DataVersion(stage.version),
     )
@@ -70,7 +70,8 @@ def cate_estimates(study: StudyResource, warehouse: WarehouseResource):
             if row.metric in ("rate_autoc", "pehe"):
                 evaluation_meta[f"{row.metric}/{row.feature_set}"] = float(row.estimate)
     yield dg.MaterializeResult(
-        asset_key="cate_evaluation", metadata=evaluation_meta, data_version=dg.DataVersion(stage.version)
+        asset_key=context.asset_key_for_output("cate_evaluation"), metadata=evaluation_meta,
+        data_version=dg.DataVersion(stage.version),
     )
 
 

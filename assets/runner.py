@@ -11,9 +11,10 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from assets.definitions import STUDY_JOB, build_definitions
 from assets.instance import dagster_home, open_instance
-from assets.partitions import PERIOD_RUN_KEYS
+from assets.naming import unprefixed, unscoped
+from assets.partitions import PERIOD_RUN_KEYS, period_run_keys
+from assets.studies import build_definitions, study_job_name
 from eocausal import failures
 from eocausal.study import default_workdir, load_study
 from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem, exclusive_workdir
@@ -27,7 +28,8 @@ class RunOutcome:
     estimates: pd.DataFrame  # the estimate version this run produced (empty on failure)
     errors: list[str] = field(default_factory=list)
     failed_checks: list[str] = field(default_factory=list)
-    # asset key -> materialisation metadata (plain values). The imagery assets' entry is their
+    # asset key -> materialisation metadata (plain values), keyed by the stage's key without the
+    # study's prefix ("survey", "marts/analysis_units"). The imagery assets' entry is their
     # analysis-period partition's; "image_chips[<period>]" etc. hold every period's.
     metadata: dict = field(default_factory=dict)
     log_path: Path | None = None
@@ -80,8 +82,11 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
 
 
 def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inputs_only: bool = False) -> RunOutcome:
+    # The study's own definitions, with the keys (under the study's name) and job name it has in a
+    # deployment: its runs show in the UI under the same assets when the deployment holds it.
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
-    job = defs.resolve_job_def(STUDY_JOB)
+    job = defs.resolve_job_def(study_job_name(study.name))
+    selection = list(period_run_keys(study.name))
     log_path = workdir / "logs" / "last_run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
@@ -101,12 +106,12 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
             stack.enter_context(redirect_stderr(log))
         runs = [
             (period, job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
-                                            partition_key=period, asset_selection=list(PERIOD_RUN_KEYS)))
+                                            partition_key=period, asset_selection=selection))
             for period in other_periods
         ]
         result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
                                         partition_key=analysis_period,
-                                        asset_selection=list(PERIOD_RUN_KEYS) if inputs_only else None)
+                                        asset_selection=selection if inputs_only else None)
         runs.append((analysis_period, result))
     errors, failed_checks, metadata, codes, traces = [], [], {}, [], []
     imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
@@ -116,7 +121,8 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
         where = "" if period == analysis_period else f"[{period}]"
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
-            step = event.step_key + (where if event.step_key in imagery_steps else "")
+            name = unscoped(study.name, event.step_key)  # <safe study>__image_chips -> image_chips
+            step = name + (where if name in imagery_steps else "")
             text = _failure_text(event, err)
             problem = disk_problem(workdir, text)
             traces.append(f"step {step}:\n{err.to_string()}")
@@ -126,15 +132,15 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
             errors.append(f"{step}: {problem or text}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
-            asset = ev.asset_key.to_user_string()
-            asset += where if asset in imagery_steps else ""
+            stage = unprefixed(study.name, ev.asset_key).to_user_string()
+            asset = stage + (where if stage in imagery_steps else "")
             if not ev.passed:
                 failed_checks.append(f"{asset}:{ev.check_name}: {ev.description or ''}")
-                codes.append(failures.EXIT_INPUT if ev.asset_key.to_user_string() in failures.INPUT_ASSETS
-                              else failures.EXIT_FAILED)
+                codes.append(failures.EXIT_INPUT if stage in failures.INPUT_ASSETS else failures.EXIT_FAILED)
         elif event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
-            key, plain = mat.asset_key.to_user_string(), {k: _plain(v) for k, v in mat.metadata.items()}
+            key = unprefixed(study.name, mat.asset_key).to_user_string()
+            plain = {k: _plain(v) for k, v in mat.metadata.items()}
             if mat.partition is not None:
                 metadata[f"{key}[{mat.partition}]"] = plain
             if mat.partition in (None, analysis_period):

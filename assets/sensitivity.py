@@ -63,7 +63,9 @@ def effect_sensitivity(
 ) -> dg.MaterializeResult:
     spec = study.load()
     # The estimates this run materialised (the same version, whether computed or reused).
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("effect_estimates"))
+    # (the study's: [study, "effect_estimates"] in a deployment, beside this asset's own key)
+    estimates_key = dg.AssetKey([*context.asset_key.path[:-1], "effect_estimates"])
+    event = context.instance.get_latest_materialization_event(estimates_key)
     if event is None or event.asset_materialization is None:
         raise dg.Failure(description="effect_estimates has not been materialised")
     meta = event.asset_materialization.metadata

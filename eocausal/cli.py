@@ -240,16 +240,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from eocausal.simulate import write_demo_study
+    from eocausal.simulate import DEMO_SEED_VARIANT, write_demo_study, write_seed_variant
 
     root = Path(args.workdir)
     study_path = write_demo_study(root / "study", n_units=args.n_units, seed=args.seed,
                                   effect_clusters=args.effect_clusters)
+    # The demo deployment's second study (assets/defs/eocausal_demo_seed7): the same study under
+    # another analysis seed, in its own folder; `dagster dev` shows it, `eocausal run` runs it.
+    variant = write_seed_variant(study_path, root / f"study_seed{DEMO_SEED_VARIANT}")
     # The analysis units are the imageable ones (the demo's nodata rule is the study's).
     imageable = json.loads((study_path.parent / "truth.json").read_text())["imageable"]
     truth = {"ATE": imageable["ate"], "ATT": imageable["att"], "dml": imageable["variance_weighted_effect"]}
     if not args.json:
         print(f"demo study written to {study_path}")
+        print(f"the same study under analysis seed {DEMO_SEED_VARIANT} written to {variant} "
+              f"(run it: eocausal run {variant})")
     return _run(study_path, None, args.json, truth=None if args.json else truth, log_level=args.log_level)
 
 

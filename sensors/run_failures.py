@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.naming import scoped
 from eocausal.alerts import ALERTS_FOLDER, FailedStep, RunFailureAlert, write_alert
 
 RUN_FAILURE_SENSOR = "run_failure_alerts"
@@ -31,11 +32,12 @@ def _step_message(event: dg.DagsterEvent) -> str:
     return error.message.strip() if error is not None else (event.message or "")
 
 
-def build_run_failure_sensor(study_job, workdir: str) -> dg.SensorDefinition:
+def build_run_failure_sensor(study_job, workdir: str, study: str | None = None) -> dg.SensorDefinition:
+    """The study's sensor, named <safe study>__run_failure_alerts (assets.naming.scoped)."""
     alerts = Path(workdir) / ALERTS_FOLDER
 
     @dg.run_failure_sensor(
-        name=RUN_FAILURE_SENSOR,
+        name=scoped(study, RUN_FAILURE_SENSOR),
         monitored_jobs=[study_job],
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Writes an alert record for each failed run of {study_job.name} to {alerts}.",

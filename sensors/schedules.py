@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from assets.naming import scoped
 from assets.partitions import period_run_requests
 
 IMAGERY_REFRESH_SCHEDULE = "imagery_refresh"
@@ -26,9 +27,12 @@ def refresh_month(scheduled_at: datetime) -> str:
     return f"{last_month:%Y-%m}"
 
 
-def build_schedules(study_job, periods: list[str], analysis_period: str) -> list[dg.ScheduleDefinition]:
+def build_schedules(study_job, periods: list[str], analysis_period: str,
+                    study: str | None = None) -> list[dg.ScheduleDefinition]:
+    """The study's schedule, named <safe study>__imagery_refresh (assets.naming.scoped)."""
+
     @dg.schedule(
-        name=IMAGERY_REFRESH_SCHEDULE,
+        name=scoped(study, IMAGERY_REFRESH_SCHEDULE),
         job=study_job,
         cron_schedule="0 4 1 * *",
         execution_timezone="UTC",
@@ -40,7 +44,7 @@ def build_schedules(study_job, periods: list[str], analysis_period: str) -> list
         month = refresh_month(context.scheduled_execution_time or datetime.now(timezone.utc))
         return period_run_requests(
             f"imagery-refresh:{month}", periods, analysis_period,
-            tags={"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": month},
+            tags={"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": month}, study=study,
         )
 
     return [imagery_refresh]

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from assets.chips import build_image_chips
-from assets.definitions import STUDY_JOB, build_definitions
-from assets.partitions import IMAGERY_ASSET_KEYS, imagery_periods
+from assets.naming import scoped
+from assets.partitions import imagery_keys, imagery_periods, period_run_keys
 from assets.resources import StudyResource, WarehouseResource
+from assets.studies import build_definitions, study_job_name
 from eocausal.imagery.earthengine import RetryPolicy
 from eocausal.imagery.sources import open_source
 from eocausal.lake import period_path
@@ -66,13 +67,14 @@ def _files(lake, period):
 def test_a_new_period_is_one_partition_and_leaves_the_others_untouched(tmp_path, monkeypatch):
     study_path, fake = _two_period_study(tmp_path, monkeypatch, analysis_period="2019", n_units=60)
     workdir = tmp_path / "work"
-    job = build_definitions(str(study_path), str(workdir)).resolve_job_def(STUDY_JOB)
+    name = load_study(study_path).name  # the keys' prefix
+    job = build_definitions(str(study_path), str(workdir)).resolve_job_def(study_job_name(name))
     assert set(job.partitions_def.get_partition_keys()) == {"2019", "2021"}
     lake = workdir / "lake"
 
     with dg.DagsterInstance.ephemeral() as instance:
         first = job.execute_in_process(instance=instance, partition_key="2019",
-                                       asset_selection=[dg.AssetKey("survey"), *IMAGERY_ASSET_KEYS])
+                                       asset_selection=list(period_run_keys(name)))
         assert first.success
         assert fake.starts and set(fake.starts) == {PERIOD_START["2019"]}
         before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in _files(lake, "2019")}
@@ -80,7 +82,7 @@ def test_a_new_period_is_one_partition_and_leaves_the_others_untouched(tmp_path,
         calls_for_2019 = len(fake.starts)
 
         second = job.execute_in_process(instance=instance, partition_key="2021",
-                                        asset_selection=list(IMAGERY_ASSET_KEYS))
+                                        asset_selection=list(imagery_keys(name)))
         assert second.success
         # period 2021 fetched its own composite, and nothing of 2019's
         new_calls = fake.starts[calls_for_2019:]
@@ -88,7 +90,7 @@ def test_a_new_period_is_one_partition_and_leaves_the_others_untouched(tmp_path,
         # 2019's files were not rewritten: same bytes, same modification time
         assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in _files(lake, "2019")} == before
         for key in ("image_chips", "image_embeddings"):
-            assert instance.get_materialized_partitions(dg.AssetKey(key)) == {"2019", "2021"}
+            assert instance.get_materialized_partitions(dg.AssetKey([name, key])) == {"2019", "2021"}
 
     chips = {p: pd.read_parquet(period_path(lake, "image_chips", p)) for p in ("2019", "2021")}
     assert set(chips["2019"]["period"]) == {"2019"} and set(chips["2021"]["period"]) == {"2021"}
@@ -98,7 +100,8 @@ def test_a_new_period_is_one_partition_and_leaves_the_others_untouched(tmp_path,
     embeddings = pd.read_parquet(period_path(lake, "image_embeddings", "2021"))
     assert set(embeddings["period"]) == {"2021"}
     assert set(embeddings["unit_id"]) == set(chips["2021"].loc[chips["2021"]["status"] == "ok", "unit_id"])
-    meta = second.asset_materializations_for_node("image_chips")[0].metadata
+    # its op is <safe study>__image_chips
+    meta = second.asset_materializations_for_node(scoped(name, "image_chips"))[0].metadata
     assert meta["period"].value == "2021" and meta["imagery_provenance"].value["recipe"]["start"] == "2021-01-01"
 
 
@@ -106,17 +109,19 @@ def test_downstream_assets_consume_the_analysis_period_only(tmp_path, monkeypatc
     study_path, _ = _two_period_study(tmp_path, monkeypatch, analysis_period="2021", n_units=20)
     assert imagery_periods(study_path) == (["2019", "2021"], "2021")
     graph = build_definitions(str(study_path), str(tmp_path / "work")).resolve_asset_graph()
+    name = load_study(study_path).name
     mapped = {}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        for parent in node.parent_keys & set(IMAGERY_ASSET_KEYS):
+        for parent in node.parent_keys & set(imagery_keys(name)):
             if node.partitions_def is None:
-                mapped[key.to_user_string()] = graph.get_partition_mapping(key, parent)
+                mapped[key.to_user_string().removeprefix(f"{name}/")] = graph.get_partition_mapping(key, parent)
     # the dbt staging models (through their sources) and transport (its grid of chips)
     assert set(mapped) == {"staging/stg_image_chips", "staging/stg_image_embeddings", "transport_predictions"}
     assert all(m == dg.SpecificPartitionsPartitionMapping(["2021"]) for m in mapped.values())
     # embeddings of period P read the chips of period P
-    assert graph.get(dg.AssetKey("image_embeddings")).partitions_def == graph.get(dg.AssetKey("image_chips")).partitions_def
+    assert (graph.get(dg.AssetKey([name, "image_embeddings"])).partitions_def
+            == graph.get(dg.AssetKey([name, "image_chips"])).partitions_def)
 
 
 def test_a_period_the_study_does_not_name_is_a_clear_error(tmp_path, monkeypatch):
@@ -145,7 +150,7 @@ def test_a_geotiff_study_has_one_period_and_no_period_settings(tiny_study, tmp_p
     bad = tiny_study.parent / "with_periods.yaml"
     try:
         bad.write_text(yaml.safe_dump(doc, sort_keys=False))
-        with pytest.raises(StudyError, match="imagery.periods apply to source 'earthengine' only"):
+        with pytest.raises(StudyError, match="imagery.periods apply to sources 'earthengine' and 'stac' only"):
             load_study(bad)
     finally:
         bad.unlink(missing_ok=True)

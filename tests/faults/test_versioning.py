@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from dagster._core.instance.ref import InstanceRef
 
-from assets.definitions import defs
+from assets.naming import unprefixed
+from assets.studies import build_definitions
 from eocausal.estimate.effects import CODE_VERSION as ESTIMATE_CODE_VERSION
+from eocausal.study import load_study
 from eocausal.versioning import frame_version
 from eocausal.warehouse import query
 from tests.faults import support
@@ -18,33 +20,36 @@ from tests.faults import support
 pytestmark = pytest.mark.slow
 
 
-def _materialization(instance, key):
-    event = instance.get_latest_materialization_event(dg.AssetKey(key))
+def _materialization(instance, key, study):
+    # the study's assets are keyed under its name (assets/naming.py)
+    event = instance.get_latest_materialization_event(dg.AssetKey([study, *([key] if isinstance(key, str) else key)]))
     assert event is not None, key
     return event.asset_materialization
 
 
 def test_dagster_records_code_versions_data_versions_and_lineage(ops):
+    study_path = ops.study_dir / "study.yaml"
+    name = load_study(study_path).name
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(ops.instance_dir))) as instance:
-        survey = _materialization(instance, "survey")
-        chips = _materialization(instance, "image_chips")
-        embeddings = _materialization(instance, "image_embeddings")
-        estimates = _materialization(instance, "effect_estimates")
-        analysis_units = _materialization(instance, ["marts", "analysis_units"])
+        survey = _materialization(instance, "survey", name)
+        chips = _materialization(instance, "image_chips", name)
+        embeddings = _materialization(instance, "image_embeddings", name)
+        estimates = _materialization(instance, "effect_estimates", name)
+        analysis_units = _materialization(instance, ["marts", "analysis_units"], name)
 
-    graph = defs.resolve_asset_graph()
+    graph = build_definitions(study_path, ops.workdir).resolve_asset_graph()
     for mat in (survey, chips, embeddings, estimates):
         assert mat.tags["dagster/code_version"] == graph.get(mat.asset_key).code_version
-        assert mat.tags["dagster/data_version"] == ops.metadata[mat.asset_key.to_user_string()].get(
+        assert mat.tags["dagster/data_version"] == ops.metadata[unprefixed(name, mat.asset_key).to_user_string()].get(
             "data_version", ops.metadata["effect_estimates"]["estimate_version"])
     # dbt models carry their SQL's hash as code version, and a data version
     assert analysis_units.tags["dagster/code_version"] and analysis_units.tags["dagster/data_version"]
     # Dagster's lineage: each stage names the data version of what it was computed from
-    assert chips.tags["dagster/input_data_version/survey"] == survey.tags["dagster/data_version"]
+    assert chips.tags[f"dagster/input_data_version/{name}/survey"] == survey.tags["dagster/data_version"]
     # (both are partitioned by imagery period: Dagster records a partitioned input's version as the
     # sha256 of its partitions' versions joined, here the one partition's)
     chips_partitions_version = hashlib.sha256(chips.tags["dagster/data_version"].encode()).hexdigest()
-    assert embeddings.tags["dagster/input_data_version/image_chips"] == chips_partitions_version
+    assert embeddings.tags[f"dagster/input_data_version/{name}/image_chips"] == chips_partitions_version
     # the estimate's own lineage: the input versions its version hashes
     meta = {k: v.value for k, v in estimates.metadata.items()}
     assert meta["survey_version"] == survey.tags["dagster/data_version"]

@@ -8,7 +8,6 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from assets.definitions import STUDY_JOB
 from eocausal.alerts import RunFailureAlert, read_alerts, write_alert
 from eocausal.credentials import REDACTED, redact
 from sensors.run_failures import RUN_FAILURE_SENSOR
@@ -17,14 +16,14 @@ FAKE_KEY = "fake-ee-key-7f3a9c21d4e8b6a0"
 
 
 @pytest.fixture
-def failed_run(defs_for, study_dir, survey, monkeypatch):
+def failed_run(defs_for, names, study_dir, survey, monkeypatch):
     """The study job run on a survey whose duplicated id is, by bad luck, a credential's value."""
     monkeypatch.setenv("EOCAUSAL_EE_KEY", FAKE_KEY)
     bad = survey.copy()
     bad.loc[[2, 9], "village_code"] = FAKE_KEY
     bad.to_csv(study_dir / "villages.csv", index=False)
     instance = dg.DagsterInstance.ephemeral()
-    job = defs_for.resolve_job_def(STUDY_JOB)
+    job = defs_for.resolve_job_def(names.job)
     # The analysis period's run, as the survey-wave sensor requests it (a GeoTIFF study: "geotiff").
     result = job.execute_in_process(instance=instance, raise_on_error=False, partition_key="geotiff",
                                     tags={"eocausal/trigger": "survey_wave"})
@@ -34,11 +33,11 @@ def failed_run(defs_for, study_dir, survey, monkeypatch):
     return instance, result
 
 
-def test_failed_run_leaves_one_alert_record(defs_for, study_dir, failed_run):
+def test_failed_run_leaves_one_alert_record(defs_for, names, study_dir, failed_run):
     instance, result = failed_run
-    sensor = defs_for.resolve_sensor_def(RUN_FAILURE_SENSOR)
+    sensor = defs_for.resolve_sensor_def(names(RUN_FAILURE_SENSOR))
     context = dg.build_run_status_sensor_context(
-        sensor_name=RUN_FAILURE_SENSOR,
+        sensor_name=names(RUN_FAILURE_SENSOR),
         dagster_instance=instance,
         dagster_run=result.dagster_run,
         dagster_event=result.get_run_failure_event(),
@@ -49,8 +48,9 @@ def test_failed_run_leaves_one_alert_record(defs_for, study_dir, failed_run):
     alerts = study_dir / "eocausal_work" / "alerts"
     [record] = read_alerts(alerts)
     assert len(list(alerts.iterdir())) == 1
-    assert record["run_id"] == result.run_id and record["job"] == STUDY_JOB
-    assert record["tags"] == {"eocausal/trigger": "survey_wave"}
+    assert record["run_id"] == result.run_id and record["job"] == names.job
+    # what triggered it, and the study (its job's tag); the working-folder holder's tags may follow
+    assert {"eocausal/trigger": "survey_wave", "eocausal/study": names.study}.items() <= record["tags"].items()
     [step] = record["failed_steps"]
     assert step["step"] == "survey"
     assert "rule 'unique unit_id' failed" in step["message"] and "rows 2, 9" in step["message"]
@@ -59,8 +59,8 @@ def test_failed_run_leaves_one_alert_record(defs_for, study_dir, failed_run):
     assert FAKE_KEY not in text and REDACTED in text
 
 
-def test_sensor_runs_by_default(defs_for):
-    sensor = defs_for.resolve_sensor_def(RUN_FAILURE_SENSOR)
+def test_sensor_runs_by_default(defs_for, names):
+    sensor = defs_for.resolve_sensor_def(names(RUN_FAILURE_SENSOR))
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert isinstance(sensor, dg.RunStatusSensorDefinition)
 

@@ -3,8 +3,13 @@ from datetime import datetime, timezone
 import dagster as dg
 import yaml
 
-from assets.definitions import STUDY_JOB, build_definitions, defs
+from assets.definitions import defs
+from assets.naming import scoped
+from assets.studies import build_definitions, study_job_name
+from eocausal.study import load_study
 from sensors.schedules import IMAGERY_REFRESH_SCHEDULE, refresh_month
+
+DEMO = "eocausal_demo"  # the demo deployment's first study (assets/defs/eocausal_demo/defs.yaml)
 
 
 def test_refresh_month_is_the_month_that_ended():
@@ -13,8 +18,8 @@ def test_refresh_month_is_the_month_that_ended():
     assert refresh_month(datetime(2028, 3, 1, 4, tzinfo=timezone.utc)) == "2028-02"
 
 
-def _ticks(definitions, tick):
-    schedule = definitions.resolve_schedule_def(IMAGERY_REFRESH_SCHEDULE)
+def _ticks(definitions, tick, study=DEMO):
+    schedule = definitions.resolve_schedule_def(scoped(study, IMAGERY_REFRESH_SCHEDULE))
     with dg.instance_for_test() as instance:
         first = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
         again = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
@@ -23,17 +28,23 @@ def _ticks(definitions, tick):
 
 def test_imagery_refresh_requests_one_run_per_month_and_imagery_period():
     tick = datetime(2026, 12, 1, 4, tzinfo=timezone.utc)
-    schedule, [request], [again] = _ticks(defs, tick)  # the default (GeoTIFF) study: one period
-    assert schedule.job_name == STUDY_JOB
+    deployment = defs()
+    schedule, [request], [again] = _ticks(deployment, tick)  # the demo (GeoTIFF) study: one period
+    assert schedule.job_name == study_job_name(DEMO) == "eocausal_demo__study_job"
     assert schedule.cron_schedule == "0 4 1 * *"
     assert request.run_key == "imagery-refresh:2026-11:geotiff" == again.run_key  # Dagster runs a key once
     assert request.partition_key == "geotiff" and request.asset_selection is None  # the whole graph
     assert request.tags == {"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": "2026-11",
                             "eocausal/imagery_period": "geotiff"}
     # the refresh covers the whole graph: new chips must reach the warehouse and the estimates
-    job = defs.resolve_job_def(STUDY_JOB)
+    job = deployment.resolve_job_def(study_job_name(DEMO))
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert {"image_chips", "image_embeddings", "marts/analysis_units", "effect_estimates", "published_warehouse"} <= keys
+    assert {f"{DEMO}/{k}" for k in ("image_chips", "image_embeddings", "marts/analysis_units", "effect_estimates",
+                                    "published_warehouse")} <= keys
+    # ... and that study's graph only: the deployment's other study has its own job and schedule
+    assert all(k.startswith(f"{DEMO}/") for k in keys)
+    _, [other], _ = _ticks(deployment, tick, study="eocausal_demo_seed7")
+    assert other.run_key == request.run_key  # run keys are per schedule, and each study has its own
 
 
 def test_imagery_refresh_of_an_earthengine_study_refreshes_every_period(tiny_study, tmp_path):
@@ -44,14 +55,15 @@ def test_imagery_refresh_of_an_earthengine_study_refreshes_every_period(tiny_stu
     study.write_text(yaml.safe_dump(doc, sort_keys=False))
     (tmp_path / doc["survey"]["path"]).write_bytes((tiny_study.parent / doc["survey"]["path"]).read_bytes())
     definitions = build_definitions(str(study), str(tmp_path / "work"))
+    name = load_study(study).name
 
-    _, requests, again = _ticks(definitions, datetime(2027, 2, 1, 4, tzinfo=timezone.utc))
+    _, requests, again = _ticks(definitions, datetime(2027, 2, 1, 4, tzinfo=timezone.utc), study=name)
     assert [r.partition_key for r in requests] == ["2019", "2021", "2020"]  # the analysis period last
     assert [r.run_key for r in requests] == [r.run_key for r in again] == [
         "imagery-refresh:2027-01:2019", "imagery-refresh:2027-01:2021", "imagery-refresh:2027-01:2020"]
-    imagery = [dg.AssetKey("survey"), dg.AssetKey("image_chips"), dg.AssetKey("image_embeddings")]
+    imagery = [dg.AssetKey([name, stage]) for stage in ("survey", "image_chips", "image_embeddings")]
     assert [r.asset_selection for r in requests] == [imagery, imagery, None]  # the analysis period: everything
     assert {r.tags["eocausal/imagery_period"] for r in requests} == {"2019", "2020", "2021"}
     # every request names a partition of the study job
-    job = definitions.resolve_job_def(STUDY_JOB)
+    job = definitions.resolve_job_def(study_job_name(name))
     assert set(job.partitions_def.get_partition_keys()) == {"2019", "2020", "2021"}

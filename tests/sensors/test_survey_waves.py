@@ -10,7 +10,6 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from assets.definitions import STUDY_JOB
 from sensors.survey_waves import SURVEY_WAVE_SENSOR
 
 
@@ -26,14 +25,15 @@ def drop(landing: Path, name: str, df: pd.DataFrame, mtime: int) -> Path:
 
 
 def tick(defs, cursor=None):
-    sensor = defs.resolve_sensor_def(SURVEY_WAVE_SENSOR)
+    # the one study's sensor: <safe study>__survey_wave_sensor
+    [sensor] = [s for s in defs.sensors if s.name.endswith(f"__{SURVEY_WAVE_SENSOR}")]
     result = sensor(dg.build_sensor_context(cursor=cursor))
     return result
 
 
-def test_sensor_is_wired_to_the_study_job(defs_for):
-    sensor = defs_for.resolve_sensor_def(SURVEY_WAVE_SENSOR)
-    assert sensor.job_name == STUDY_JOB
+def test_sensor_is_wired_to_the_study_job(defs_for, names):
+    sensor = defs_for.resolve_sensor_def(names(SURVEY_WAVE_SENSOR))
+    assert sensor.job_name == names.job
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 

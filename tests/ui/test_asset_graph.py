@@ -117,9 +117,10 @@ def _graph_text(browser) -> str:
 
 
 def _drawn(name: str, graph_text: str) -> bool:
-    """A node label is the asset's name, or (for long names) the UI's 'head…tail' shortening of it."""
+    """A node label is the asset's name, or (for long names) the UI's 'head…tail' shortening of it;
+    a study's assets are keyed under its name, so a label may show the key ('<study> / name')."""
     for label in graph_text.splitlines():
-        label = label.strip()
+        label = label.strip().rsplit("/", 1)[-1].strip()
         if label == name:
             return True
         head, sep, tail = label.partition("\u2026")
