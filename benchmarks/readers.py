@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "readers.md"))
     args = parser.parse_args(argv)
 
-    command = "python benchmarks/readers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python benchmarks/readers.py", shlex.join(argv if argv is not None else sys.argv[1:])]).strip()
     env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false", "GX_ANALYTICS_ENABLED": "false",
            "DAGSTER_DISABLE_TELEMETRY": "true"}
     with tempfile.TemporaryDirectory(prefix="eocausal-readers-") as tmp:
