@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import traceback
 from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
@@ -73,7 +74,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     except WorkdirUnusable as exc:
         return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_WORKDIR,
                           traces=["".join(traceback.format_exception(exc))])
-    except OSError as exc:  # outside any step (the run log, the instance) on a full or read-only disk
+    except Exception as exc:  # outside any step (the run log, the instance's SQLite) on a full or read-only disk
         problem = disk_problem(workdir, exc)
         if problem is None:
             raise
@@ -113,6 +114,9 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
                                         partition_key=analysis_period,
                                         asset_selection=selection if inputs_only else None)
         runs.append((analysis_period, result))
+        # Finalise what the runs left (a failed dbt invocation's output generator) while stderr is
+        # still the run log: Python reports an error in a finaliser there, not on the terminal.
+        gc.collect()
     errors, failed_checks, metadata, codes, traces = [], [], {}, [], []
     imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
     for period, event in ((period, e) for period, r in runs for e in r.all_events):

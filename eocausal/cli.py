@@ -74,6 +74,21 @@ def _fail(code: int, message: str, *, workdir: Path | None = None, traces=(), ex
     return code
 
 
+def _unraisable_to_log(unraisable) -> None:
+    """Python prints an exception it cannot raise (one in a finaliser: a generator of a failed dbt
+    invocation closed at exit, say) with its traceback on stderr; write it to a log instead."""
+    import traceback
+
+    text = "".join(traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+    folder = failures.failure_log_dir(_invocation["workdir"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"eocausal-{os.getpid()}-ignored.log", "a", encoding="utf-8") as log:
+            log.write(f"{unraisable.err_msg or 'Exception ignored in'}: {unraisable.object!r}\n{text}\n")
+    except OSError:
+        pass  # nowhere to write it (a full disk): dropped rather than printed
+
+
 def _report_failure(outcome) -> int:
     code = getattr(outcome, "exit_code", failures.EXIT_FAILED) or failures.EXIT_FAILED
     if len(outcome.errors) == 1 and not outcome.failed_checks and code in (
@@ -447,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem
 
     _invocation["argv"] = list(sys.argv[1:] if argv is None else argv)
+    sys.unraisablehook = _unraisable_to_log
     _invocation["workdir"] = (Path(args.workdir).resolve() if getattr(args, "workdir", None)
                               else default_workdir(args.study) if getattr(args, "study", None) else None)
     try:
@@ -460,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return _fail(failures.EXIT_INTERRUPTED, "interrupted", exc=exc)
     except Exception as exc:  # a bug or an unforeseen environment problem: still no stack trace here
-        problem = disk_problem(_invocation["workdir"], exc) if isinstance(exc, OSError) and _invocation["workdir"] else None
+        problem = disk_problem(_invocation["workdir"], exc) if _invocation["workdir"] else None
         if problem:
             return _fail(failures.EXIT_WORKDIR, problem, exc=exc)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

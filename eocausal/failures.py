@@ -185,7 +185,11 @@ def write_failure_log(workdir: Path | None, command: list[str], message: str, co
         path = folder / f"eocausal-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         try:
             path.write_text(text, encoding="utf-8")
-        except OSError:
+        except OSError:  # a full disk: no half-written log left behind, try the next folder
+            try:
+                path.unlink()
+            except OSError:
+                pass
             continue
         _prune(folder)
         return path

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,19 @@ _READ_ONLY_ADVICE = "make it writable or give the run another folder with --work
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 _FILE_IN_TEXT = re.compile(r"\[errno \d+\] [^:\n]*: '([^'\n]+)'", re.IGNORECASE)
+# A full disk as other code says it without an errno: SQLite (the Dagster instance), DuckDB, dbt.
+_SPACE_IN_TEXT = re.compile(r"no space left on device|database or disk is full|disk quota exceeded", re.IGNORECASE)
+# A bare I/O error (SQLite says "disk I/O error" when a write finds the disk full) is a full disk
+# only when the working folder's file system is in fact (nearly) full.
+_IO_ERROR_IN_TEXT = re.compile(r"disk i/o error|\bio error\b|input/output error", re.IGNORECASE)
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def disk_problem(workdir: Path, error: BaseException | str, path: str | os.PathLike | None = None,
@@ -75,6 +89,10 @@ def disk_problem(workdir: Path, error: BaseException | str, path: str | os.PathL
         named = _FILE_IN_TEXT.search(str(error))
         if path is None and named:
             path = named.group(1)
+        if code is None and _SPACE_IN_TEXT.search(str(error)):
+            code = errno.EDQUOT if "quota" in str(error).lower() else errno.ENOSPC
+        if code is None and _IO_ERROR_IN_TEXT.search(str(error)) and _nearly_full(Path(workdir)):
+            code = errno.ENOSPC
     if code not in _DISK_PROBLEMS:
         return None
     if code not in _SPACE_ERRNOS and not doing:

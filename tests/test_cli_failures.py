@@ -156,3 +156,38 @@ def test_help_documents_the_exit_codes(capsys):
         assert "exit codes:" in out
         for code in failures.EXIT_CODES:
             assert re.search(rf"^  {code}\s", out, re.MULTILINE), (argv, code)
+
+
+def test_a_full_disk_met_by_sqlite_exits_3(tmp_path, capsys, fake_runner):
+    import sqlite3
+
+    study = study_folder(tmp_path)
+    fake_runner.raises = sqlite3.OperationalError("database or disk is full")
+    assert main(["run", str(study)]) == failures.EXIT_WORKDIR
+    err = capsys.readouterr().err
+    _assert_clean(err, 3)
+    assert "is out of space" in err
+
+
+def test_an_error_in_a_finaliser_goes_to_a_log_not_the_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    study = study_folder(tmp_path)
+    assert main(["validate", str(study)]) == 0
+    capsys.readouterr()
+
+    def gen():
+        try:
+            yield 1
+        finally:
+            yield 2  # a generator that ignores GeneratorExit, as dagster-dbt's did on a full disk
+
+    g = gen()
+    next(g)
+    del g  # Python reports "Exception ignored in: <generator ...>" through sys.unraisablehook
+    import gc
+
+    gc.collect()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    logs = list(Path(failures.failure_log_dir(None)).glob("eocausal-*-ignored.log"))
+    assert logs and "generator ignored GeneratorExit" in logs[0].read_text()

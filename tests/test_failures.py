@@ -163,3 +163,38 @@ def test_disk_problem_reads_errors_and_their_text(tmp_path):
     assert disk_problem(w, f"[Errno 13] Permission denied: '{tmp_path}/study/imagery/a.tif'") is None
     assert disk_problem(w, "[Errno 2] No such file or directory: 'x'") is None
     assert disk_problem(w, "a message without an errno") is None
+
+
+def test_a_full_disk_said_without_an_errno_is_recognised(tmp_path, monkeypatch):
+    from eocausal import workdir
+    from eocausal.workdir import disk_problem
+
+    assert "is out of space" in disk_problem(tmp_path, "(sqlite3.OperationalError) database or disk is full")
+    assert "is out of space" in disk_problem(tmp_path, 'IO Error: Could not write "x.duckdb": No space left on device')
+    assert "over its disk quota" in disk_problem(tmp_path, "write failed: Disk quota exceeded")
+    # a bare I/O error is a full disk only when the working folder's file system is nearly full
+    monkeypatch.setattr(workdir, "_nearly_full", lambda folder: False)
+    assert disk_problem(tmp_path, "(sqlite3.OperationalError) disk I/O error") is None
+    monkeypatch.setattr(workdir, "_nearly_full", lambda folder: True)
+    assert "is out of space" in disk_problem(tmp_path, "(sqlite3.OperationalError) disk I/O error")
+
+
+def test_no_half_written_log_is_left_when_the_disk_is_full(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv(failures.LOG_DIR_ENV, raising=False)
+    monkeypatch.setattr(failures.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    real = Path.write_text
+
+    def full_in_workdir(self, *args, **kwargs):
+        if self.is_relative_to(workdir):
+            real(self, "", encoding="utf-8")
+            raise OSError(28, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_in_workdir)
+    log = failures.write_failure_log(workdir, ["run"], "disk full", 3)
+    assert log.is_relative_to(tmp_path / "tmp")
+    assert list((workdir / "logs").glob("eocausal-*.log")) == []
