@@ -16,7 +16,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.studies import build_definitions, with_resources
+from assets.catalog import build_catalog_definitions, default_catalog_path
+from assets.studies import build_definitions, studies_of, study_job_name, with_resources
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,15 @@ def load_deployment(project_root: Path = PROJECT_ROOT) -> dg.Definitions:
         from eocausal.study import default_workdir
 
         return build_definitions(study, os.environ.get("EOCAUSAL_WORKDIR") or default_workdir(study))
-    return with_resources(dg.load_from_defs_folder(path_within_project=project_root))
+    return with_catalog(with_resources(dg.load_from_defs_folder(path_within_project=project_root)), project_root)
+
+
+def with_catalog(defs: dg.Definitions, project_root: Path = PROJECT_ROOT) -> dg.Definitions:
+    """The deployment plus its catalog (assets/catalog.py): one DuckDB file with every study's marts."""
+    entries = studies_of(defs)
+    jobs = [defs.resolve_job_def(study_job_name(e.name)) for e in entries]
+    catalog = build_catalog_definitions({e.name: e.workdir for e in entries}, jobs, default_catalog_path(project_root))
+    return dg.Definitions.merge(defs, catalog)
 
 
 @dg.definitions

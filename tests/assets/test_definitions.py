@@ -46,18 +46,24 @@ def test_definitions_load_and_graph_is_wired(deployment):
         job = deployment.resolve_job_def(study_job_name(study))
         assert job.tags[STUDY_TAG] == study
         assert {k.path[0] for k in job.asset_layer.executable_asset_keys} == {study}
-    # every key is one study's, and no study's asset depends on another's
-    assert {k.path[0] for k in graph.get_all_asset_keys()} == {DEMO, SEED7}
-    for key in graph.get_all_asset_keys():
+    # every key but the deployment's catalog is one study's, and no study's asset depends on another's
+    from assets.catalog import CATALOG_KEY
+
+    study_keys = graph.get_all_asset_keys() - {CATALOG_KEY}
+    assert {k.path[0] for k in study_keys} == {DEMO, SEED7}
+    for key in study_keys:
         assert {p.path[0] for p in graph.get(key).parent_keys} <= {key.path[0]}, key
+    # the catalog follows every study's published warehouse
+    assert graph.get(CATALOG_KEY).parent_keys == {dg.AssetKey([s, "published_warehouse"]) for s in (DEMO, SEED7)}
 
 
 def test_each_study_has_its_own_job_schedule_and_sensors(deployment):
-    assert sorted(j.name for j in deployment.jobs) == ["eocausal_demo__study_job", "eocausal_demo_seed7__study_job"]
+    assert sorted(j.name for j in deployment.jobs) == ["catalog_job", "eocausal_demo__study_job",
+                                                       "eocausal_demo_seed7__study_job"]
     assert sorted(s.name for s in deployment.schedules) == ["eocausal_demo__imagery_refresh",
                                                             "eocausal_demo_seed7__imagery_refresh"]
     assert sorted(s.name for s in deployment.sensors) == [
-        "eocausal_demo__run_failure_alerts", "eocausal_demo__survey_wave_sensor",
+        "catalog_refresh_sensor", "eocausal_demo__run_failure_alerts", "eocausal_demo__survey_wave_sensor",
         "eocausal_demo_seed7__run_failure_alerts", "eocausal_demo_seed7__survey_wave_sensor"]
     # one study resource and one warehouse resource for both, each study with its own working folder
     resources = deployment.resources

@@ -76,3 +76,31 @@ def test_a_study_component_is_a_defs_yaml(tiny_study, tmp_path):
     assert {k.path[0] for a in defs.assets for k in a.keys} == {"declared"}
     meta = defs.metadata["eocausal/study/declared"].data
     assert meta == {"study": entry.study_path, "workdir": str(Path(entry.study_path).parent / "eocausal_work")}
+
+
+def test_the_catalog_holds_every_published_study_and_follows_study_runs(two_studies, tmp_path, monkeypatch):
+    from assets.catalog import CATALOG_JOB, CATALOG_SENSOR
+    from assets.definitions import with_catalog
+    from tests.catalog_support import published
+
+    defs, first, second = two_studies
+    monkeypatch.setenv("EOCAUSAL_CATALOG", str(tmp_path / "catalog" / "catalog.duckdb"))
+    deployment = with_catalog(defs, tmp_path)
+    published(Path(first.workdir) / "published" / "warehouse.duckdb", first.name, "v1", 3, "cov_a")
+    with dg.instance_for_test() as instance:
+        assert deployment.resolve_job_def(CATALOG_JOB).execute_in_process(instance=instance).success
+        from eocausal.warehouse import query
+
+        studies = query(tmp_path / "catalog" / "catalog.duckdb",
+                        "select study, published_at is not null as published from marts.studies order by study")
+        assert studies.values.tolist() == [[first.name, True], [second.name, False]]
+        # A successful study run requests the catalog job.
+        run = deployment.resolve_job_def(study_job_name(second.name)).execute_in_process(
+            instance=instance, partition_key="geotiff", asset_selection=[dg.AssetKey([second.name, "survey"])])
+        sensor = deployment.resolve_sensor_def(CATALOG_SENSOR)
+        [record] = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_SUCCESS).records
+        context = dg.build_run_status_sensor_context(
+            sensor_name=CATALOG_SENSOR, dagster_instance=instance, dagster_run=run.dagster_run,
+            dagster_event=record.event_log_entry.dagster_event)
+        request = sensor(context)
+        assert request.run_key == f"catalog:{run.run_id}"
