@@ -126,7 +126,9 @@ def _strings_in(path: Path) -> str:
     """The text a file holds, decoded from the formats the pipeline writes."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path).astype(str).to_csv()
+        df = pd.read_parquet(path)
+        # binary columns (GeoParquet's WKB geometry) read as bytes: their text, byte for byte
+        return df.map(lambda v: v.decode("latin-1") if isinstance(v, bytes) else v).astype(str).to_csv()
     if suffix == ".duckdb":
         parts = []
         with duckdb.connect(str(path), read_only=True) as con:
@@ -158,8 +160,9 @@ def test_the_secret_finder_finds_secrets(tmp_path):
         con.execute("create schema marts; create table marts.t as select ? as s from range(5000)", [secret])
     np.savez_compressed(tmp_path / "c.npz", source_file=np.array(secret))
     (tmp_path / "log.txt").write_text(f"token={secret}\n")
+    pd.DataFrame({"geometry": [secret.encode()]}).to_parquet(tmp_path / "geo.parquet")  # a binary column
     files = sorted(tmp_path.iterdir())
-    assert len(find_secrets(files, [secret])) == 4
+    assert len(find_secrets(files, [secret])) == 5
 
 
 @pytest.mark.slow

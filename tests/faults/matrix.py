@@ -755,7 +755,8 @@ CASES: list[Case] = [
     _c("band_out_of_range", IMG, "imagery.bands: [1, 7] on a 3-band scene", edit_study("imagery", bands=[1, 7]),
        "rejects", INPUT, ["band indexes [7] out of range"], via="graph"),
     _c("one_pixel_raster", IMG, "a 1 x 1 pixel scene", rewrite_scene(data=lambda a: a[:, :1, :1]), "rejects", INPUT,
-       ["chip_usability", "have a usable chip", "rows 0, 1, 2"], via="graph"),
+       ["chip_usability", "have a usable chip", "rows 0, 1, 2"], via="graph",
+       note="the hint asks whether lat and lon are swapped; here the scene is one pixel (the rule and units are right)"),
     _c("all_nodata_imagery", IMG, "a scene of zeros (undeclared nodata)", rewrite_scene(data=lambda a: np.zeros_like(a)),
        "rejects", INPUT, ["chip_usability", "nodata_share_above_max", "rows 0, 1, 2"], via="graph"),
     _c("nan_imagery", IMG, "a float scene of NaN", rewrite_scene(data=lambda a: np.full(a.shape, np.nan), dtype="float32"),
@@ -842,8 +843,11 @@ def observation(case: Case, code: int, message: str) -> dict:
     outcome = "works" if code == 0 else f"rejected ({code})"
     lines = [line.strip() for line in message.splitlines()
              if line.strip() and not line.startswith("eocausal: exit code")]
-    # the line that says the rule (a rule, a failed check), else the first
+    # the line that says the rule (a rule, a failed check), else the first; a study file's field
+    # errors are listed below their heading: the heading and the first of them
     first = next((line for line in lines if "rule '" in line or "failed check" in line), lines[0] if lines else "")
+    if first.endswith("invalid study file") and lines.index(first) + 1 < len(lines):
+        first += ": " + lines[lines.index(first) + 1]
     first = _short(first.removeprefix("eocausal: ").removeprefix("- ").strip())
     as_expected = (code == 0) if case.expected == "works" else (code == case.code)
     return {"outcome": outcome, "code": code, "message": first, "as_expected": as_expected}
