@@ -18,6 +18,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from eocausal.warehouse import process_alive
+
 DAGSTER_HOME_FOLDER = "dagster_home"
 # Tags every run of the study job carries once it holds its working folder (assets/resources.py).
 WORKDIR_TAG = "eocausal/workdir"
@@ -52,16 +54,6 @@ def open_instance(home: str | Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(home))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def record_holder(instance: dg.DagsterInstance, run_id: str, workdir: Path) -> list[str]:
     """Tag run ``run_id`` as the holder of ``workdir`` (this host and process), and settle the runs
     that held it before and died with it: marked failed, their concurrency slots freed.
@@ -77,7 +69,7 @@ def record_holder(instance: dg.DagsterInstance, run_id: str, workdir: Path) -> l
     settled = []
     for run in instance.get_runs(dg.RunsFilter(statuses=unfinished, tags={WORKDIR_TAG: str(workdir), HOST_TAG: host})):
         pid = run.tags.get(PID_TAG, "")
-        if run.run_id == run_id or not pid.isdigit() or _alive(int(pid)):
+        if run.run_id == run_id or not pid.isdigit() or process_alive(int(pid)):
             continue
         instance.report_run_failed(
             run, f"the process running it (pid {pid}) ended before the run did (killed?); marked failed by "

@@ -19,8 +19,6 @@ copied. Rebuilds are serialised by a lock file, so two studies finishing togethe
 from __future__ import annotations
 
 import fcntl
-import os
-import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import duckdb
 
-from eocausal.warehouse import quote_identifier
+from eocausal.warehouse import quote_identifier, replace_duckdb_file
 
 CATALOG_SCHEMA = "marts"
 STUDIES_TABLE = "studies"
@@ -58,17 +56,7 @@ def build_catalog(published: Mapping[str, Path], catalog: Path) -> Path:
     catalog = Path(catalog)
     catalog.parent.mkdir(parents=True, exist_ok=True)
     with _locked(catalog):
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".duckdb", dir=catalog.parent)
-        os.close(fd)
-        os.unlink(tmp)  # DuckDB creates the file
-        try:
-            _write(published, Path(tmp))
-            os.replace(tmp, catalog)
-        finally:
-            for leftover in (tmp, tmp + ".wal"):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-    return catalog
+        return replace_duckdb_file(catalog, lambda tmp: _write(published, tmp), prefix=_TMP_PREFIX)
 
 
 def _write(published: Mapping[str, Path], out: Path) -> None:

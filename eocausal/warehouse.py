@@ -33,20 +33,33 @@ def publish(warehouse_path: Path, published_path: Path) -> Path:
         con.execute("CHECKPOINT")
     published_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_copies(published_path.parent)
-    # The pid in the name tells a later publish whether the copy's writer is gone.
-    fd, tmp = tempfile.mkstemp(prefix=f"{_COPY_PREFIX}{os.getpid()}.", suffix=".duckdb", dir=published_path.parent)
-    os.close(fd)
-    try:
+
+    def fill(tmp: Path) -> None:
         write_point(published_path)  # fault tests: a full or read-only disk
         shutil.copyfile(warehouse_path, tmp)
-        _keep_only_published_schemas(Path(tmp))
+        _keep_only_published_schemas(tmp)
         crash_point("publish.copied")  # fault tests: copy made, not yet swapped in
-        os.replace(tmp, published_path)
+
+    # The pid in the name tells a later publish whether the copy's writer is gone.
+    return replace_duckdb_file(published_path, fill, prefix=f"{_COPY_PREFIX}{os.getpid()}.")
+
+
+def replace_duckdb_file(target: Path, fill, prefix: str) -> Path:
+    """Swap a new DuckDB file in at ``target``: ``fill(tmp)`` writes it at a temporary path in the
+    same folder (which does not exist yet), then ``os.replace``; readers see the old file or the
+    new one, never a partial one. The temporary file and its WAL are removed on any error."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".duckdb", dir=Path(target).parent)
+    os.close(fd)
+    os.unlink(name)  # fill creates it (DuckDB cannot open an empty file)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        os.replace(tmp, target)
     finally:
-        for leftover in (tmp, tmp + ".wal"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-    return published_path
+        for leftover in (tmp, Path(name + ".wal")):
+            if leftover.exists():
+                leftover.unlink()
+    return Path(target)
 
 
 PUBLISHED_SCHEMAS = ("marts",)
@@ -73,11 +86,12 @@ def _remove_dead_copies(folder: Path) -> None:
     """Delete copies left by a publish that was killed before its swap (its process is gone)."""
     for entry in folder.glob(f"{_COPY_PREFIX}*"):
         pid = entry.name[len(_COPY_PREFIX):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             entry.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
