@@ -5,22 +5,24 @@ coordinates, so an unchanged input costs nothing on a re-run and a changed scene
 stale chip. Every unit's verdict is cached, including "outside coverage" and "mostly nodata",
 so a re-run reads no imagery at all.
 
-Cache layout: ``cache_dir/<key[:2]>/<key>.npz`` with arrays
+Storage (:mod:`eocausal.imagery.chipstore` owns the layout): new chips go to Parquet parts,
+``cache_dir/parts/<part>.parquet``, up to 4,096 chips each, each part written whole to a temp file
+and renamed, so a killed run loses at most the part it was gathering. Chips are buffered as they
+arrive and a part is written every 4,096 chips, after 30 s of gathering (slow streaming sources:
+Earth Engine, STAC, remote COGs) and at the end of the run; a run that fails with an exception
+writes what it gathered before re-raising. Pixels are kept exactly: [C, H, W] in the narrowest
+dtype that holds the values exactly (uint16 for raw Landsat DNs), else float32.
 
-- ``data``: [C, H, W] in the narrowest dtype that holds the values exactly (uint16 for raw
-  Landsat DNs), else float32;
-- ``valid``: bool [H, W];
-- ``source_file``: the file the chip came from;
-- ``outside``: True for a unit outside every file's footprint (then data/valid are empty);
-- ``cloud_share``: share of observations flagged cloud/shadow, NaN where not known (may be absent
-  in caches written before it existed).
+Caches written before parts existed hold one ``cache_dir/<key[:2]>/<key>.npz`` per chip (arrays
+``data``, ``valid``, ``source_file``, ``outside``, ``cloud_share`` - the last may be absent);
+they are still read, under the same keys, so an existing cache is not fetched again. Nothing
+writes them any more (:func:`_store` is kept for tests that build such a cache).
 
-Sources other than local GeoTIFFs (see :mod:`eocausal.imagery.sources`) plug in here: a
-streaming source (Earth Engine) hands over chips as they arrive and each is stored at once, so a
-run killed midway keeps every finished chip. A unit a source fails to image (a
-:class:`~eocausal.imagery.sources.ChipFailure`) is recorded with reason ``fetch_failed`` and is
-not cached, so a re-run asks for it again. Temp files left by killed writers are removed by the
-next run (at once when their writer process on this host is gone, else after a day).
+Sources other than local GeoTIFFs (see :mod:`eocausal.imagery.sources`) plug in here. A unit a
+source fails to image (a :class:`~eocausal.imagery.sources.ChipFailure`) is recorded with reason
+``fetch_failed`` and is not cached, so a re-run asks for it again. Temp files left by killed
+writers (of parts, or of older per-chip files) are removed by the next run (at once when their
+writer process on this host is gone, else after a day).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import tempfile
 import time
 import zipfile
@@ -40,6 +41,8 @@ import pandas as pd
 
 from eocausal import progress
 from eocausal.faults import crash_point, write_point
+from eocausal.imagery import chipstore
+from eocausal.imagery.chipstore import stored_chip_keys as stored_chip_keys  # the public count of a cache
 from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
 from eocausal.imagery.sources import ChipFailure, ChipSource
 
@@ -77,6 +80,7 @@ def chip_key(source_fingerprint: str, size_px: int, lat: float, lon: float) -> s
 
 
 def chip_path(cache_dir: Path, key: str) -> Path:
+    """Where a cache written before parts existed holds the chip ``key`` (one .npz per chip)."""
     return Path(cache_dir) / key[:2] / f"{key}.npz"
 
 
@@ -92,7 +96,7 @@ def _compact(data: np.ndarray) -> np.ndarray:
 
 
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that readers see either nothing or the whole file, even if killed."""
+    """Write an .npz so that readers see either nothing or the whole file, even if killed (legacy layout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_point(path)  # fault tests: a full or read-only disk
     # The writer's host and pid in the temp name let a later run tell a dead writer's leftover
@@ -112,7 +116,7 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_HOST_TAG = chipstore.HOST_TAG
 _STALE_TEMP_SECONDS = 24 * 3600
 
 
@@ -136,7 +140,8 @@ def _sweep_stale_temp_files(cache_dir: Path) -> int:
         return 0
     now = time.time()
     for shard in os.scandir(cache_dir):
-        if not (shard.is_dir() and len(shard.name) == 2):
+        # <key[:2]>/ of the per-chip layout, parts/ of the Parquet parts
+        if not (shard.is_dir() and (len(shard.name) == 2 or shard.name == chipstore.PARTS_DIR)):
             continue
         for entry in os.scandir(shard.path):
             if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
@@ -156,6 +161,7 @@ def _sweep_stale_temp_files(cache_dir: Path) -> int:
 
 
 def _store(path: Path, chip: Chip | None) -> None:
+    """Write one chip as a per-chip .npz (the layout before parts): only tests build such caches now."""
     if chip is None:
         arrays = {
             "data": np.zeros((0, 0, 0), dtype=np.float32),
@@ -234,16 +240,26 @@ def extract_chips(
     fingerprint = source.fingerprint()
     keys = [chip_key(fingerprint, size_px, la, lo) for la, lo in zip(lats, lons)]
 
-    # Pass 1: what the cache already holds (one entry per key; units may share coordinates).
+    # Pass 1: what the cache already holds (one entry per key; units may share coordinates):
+    # the parts' small columns, read once, then per-chip .npz files of an older cache.
     # key -> (valid_share, file, outside, cloud_share)
     verdicts: dict[str, tuple[float, str | None, bool, float]] = {}
     n_cached = 0
     to_read: dict[str, tuple[float, float]] = {}
+    stored = chipstore.scan(cache_dir, set(keys))
+    for part, why in stored.unreadable.items():
+        log.warning("chip part %s unreadable (%s); its chips are read again", part, why)
+    legacy = _has_legacy_chips(cache_dir)
     for key, la, lo in zip(keys, lats, lons):
         if key in verdicts or key in to_read:
             continue
+        found = stored.found.get(key)
+        if found is not None:
+            verdicts[key] = (found.valid_share, found.source_file, found.outside, found.cloud_share)
+            n_cached += 1
+            continue
         path = chip_path(cache_dir, key)
-        if path.exists():
+        if legacy and path.exists():
             try:
                 verdicts[key] = _load_verdict(path, size_px)
             except _LOAD_ERRORS as exc:
@@ -253,23 +269,39 @@ def extract_chips(
                 continue
         to_read[key] = (lo, la)
 
-    # Pass 2: read the rest from the imagery and store each chip at once: memory stays bounded,
-    # and a killed run keeps what it finished. Failures are recorded, never cached.
+    # Pass 2: read the rest from the imagery, gathering chips into parts (see the module
+    # docstring): memory stays bounded, and a killed run loses at most the part it was gathering.
+    # Failures are recorded, never cached.
     failures: dict[str, ChipFailure] = {}
     n_chips = n_cached + len(to_read)
     progress.report("chips", n_cached, n_chips, "chips", f"{n_cached:,} cached" if n_cached else "")
-    for done, (key, chip) in enumerate(_read_pending(source, list(to_read.items()), size_px), n_cached + 1):
-        progress.report("chips", done, n_chips, "chips", f"{n_cached:,} cached" if n_cached else "")
-        if isinstance(chip, ChipFailure):
-            failures[key] = chip
-            continue
-        _store(chip_path(cache_dir, key), chip)
-        crash_point("chips.stored")  # fault tests: a crash with the cache half written
-        if chip is None:
-            verdicts[key] = (0.0, None, True, float("nan"))
-        else:
-            cloud = float("nan") if chip.cloud_share is None else float(chip.cloud_share)
-            verdicts[key] = (float(chip.valid.mean()), chip.source_file, False, cloud)
+    writer = chipstore.PartWriter(cache_dir)
+    try:
+        for done, (key, chip) in enumerate(_read_pending(source, list(to_read.items()), size_px), n_cached + 1):
+            progress.report("chips", done, n_chips, "chips", f"{n_cached:,} cached" if n_cached else "")
+            if isinstance(chip, ChipFailure):
+                failures[key] = chip
+                continue
+            if chip is None:
+                written = writer.add(key, None, None, "", None)
+                verdicts[key] = (0.0, None, True, float("nan"))
+            else:
+                written = writer.add(key, _compact(chip.data), chip.valid, chip.source_file, chip.cloud_share)
+                cloud = float("nan") if chip.cloud_share is None else float(chip.cloud_share)
+                verdicts[key] = (float(chip.valid.mean()), chip.source_file, False, cloud)
+            crash_point("chips.gathered")  # fault tests: a crash with a part half gathered
+            if written:
+                crash_point("chips.stored")  # fault tests: a crash after a part was stored
+    except BaseException:
+        # Keep what was gathered (a fetch error, an interrupt); a failing write must not hide
+        # the original error.
+        try:
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - reported, then the original error goes on
+            log.warning("could not store the %d chips gathered before the error: %s", len(writer), exc)
+        raise
+    if writer.close():
+        crash_point("chips.stored")
 
     rows = []
     nan = float("nan")
@@ -314,25 +346,52 @@ def _index_frame(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
+def _has_legacy_chips(cache_dir: Path) -> bool:
+    """Whether the cache has per-chip folders (``<key[:2]>/``) of the layout before parts."""
+    if not cache_dir.is_dir():
+        return False
+    return any(e.is_dir() and len(e.name) == 2 for e in os.scandir(cache_dir))
+
+
 def load_chips(index: pd.DataFrame, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Stack the chips of the ``status == 'ok'`` rows, in index order.
 
     Returns float32 [N, C, H, W] and bool [N, H, W]. Raises :class:`ImageryError` naming the
     unit and file when a chip is missing, unreadable, or of a different shape than the others.
     """
+    cache_dir = Path(cache_dir)
     ok = index[index["status"] == STATUS_OK]
-    datas: list[np.ndarray] = []
-    valids: list[np.ndarray] = []
-    for unit_id, key in zip(ok["unit_id"], ok["chip_key"]):
+    pairs = list(zip(ok["unit_id"], ok["chip_key"]))
+    for unit_id, key in pairs:
         if not isinstance(key, str) or not key:
             raise ImageryError(f"unit {unit_id}: status 'ok' but no chip_key in the index")
-        path = chip_path(cache_dir, key)
-        if not path.exists():
-            raise ImageryError(f"unit {unit_id}: cached chip missing: {path} (re-run chip extraction)")
-        try:
-            data, valid, _, outside = _load(path)
-        except _LOAD_ERRORS as exc:
-            raise ImageryError(f"unit {unit_id}: cached chip corrupt: {path}: {exc}") from exc
+    stored = chipstore.scan(cache_dir, {key for _, key in pairs})
+    try:
+        pixels = chipstore.read_pixels(stored.found)
+    except chipstore.PartError as exc:
+        unit_id = next(u for u, k in pairs if k in stored.found and stored.found[k].part == exc.part)
+        raise ImageryError(f"unit {unit_id}: cached chip corrupt: {exc}") from exc
+    legacy = _has_legacy_chips(cache_dir)
+    datas: list[np.ndarray] = []
+    valids: list[np.ndarray] = []
+    for unit_id, key in pairs:
+        if key in pixels:
+            data, valid, outside = pixels[key]
+            path = stored.found[key].part
+        else:
+            path = chip_path(cache_dir, key)
+            if not (legacy and path.exists()):
+                bad = ""
+                if stored.unreadable:
+                    bad = f"; or in a corrupt part: {', '.join(f'{p} ({why})' for p, why in stored.unreadable.items())}"
+                raise ImageryError(
+                    f"unit {unit_id}: cached chip missing: {key} is in no part of {chipstore.parts_dir(cache_dir)}"
+                    f"{bad} (re-run chip extraction)"
+                )
+            try:
+                data, valid, _, outside = _load(path)
+            except _LOAD_ERRORS as exc:
+                raise ImageryError(f"unit {unit_id}: cached chip corrupt: {path}: {exc}") from exc
         if outside:
             raise ImageryError(f"unit {unit_id}: cache marks the unit outside coverage: {path}")
         if datas and data.shape != datas[0].shape:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.parquet as pq
 import pytest
 from pyproj import Transformer
 
 from eocausal.imagery import chips as chips_module
-from eocausal.imagery.chips import INDEX_COLUMNS, chip_key, chip_path, extract_chips, load_chips
+from eocausal.imagery import chipstore
+from eocausal.imagery.chips import INDEX_COLUMNS, chip_key, chip_path, extract_chips, load_chips, stored_chip_keys
 from eocausal.imagery.geotiff import GeoTiffSource, ImageryError
 from tests.conftest import from_origin, write_geotiff
 
@@ -143,75 +147,84 @@ def test_cache_layout_compact_dtype_and_no_temp_files(scene, tmp_path):
     result = extract_chips(_units(POSITIONS), GeoTiffSource(scene), SIZE, cache, 0.2)
 
     files = sorted(p for p in cache.rglob("*") if p.is_file())
-    assert all(p.suffix == ".npz" and p.parent.name == p.name[:2] for p in files)
-    assert len(files) == len(POSITIONS)  # the outside verdict is cached too
+    assert [p.parent for p in files] == [chipstore.parts_dir(cache)] and files[0].suffix == ".parquet"  # one part
+    table = pq.read_table(files[0])
+    assert table.schema.equals(chipstore.SCHEMA, check_metadata=False)
+    assert table.num_rows == len(POSITIONS)  # the outside verdict is cached too
+    assert stored_chip_keys(cache) == set(result.index["chip_key"].dropna()) | {
+        chip_key(GeoTiffSource(scene).fingerprint(), SIZE, *_units(POSITIONS).set_index("unit_id").loc["u-outside", ["lat", "lon"]])
+    }
     key = result.index.set_index("unit_id").loc["u-centre", "chip_key"]
-    with np.load(chip_path(cache, key)) as z:
-        assert z["data"].dtype == np.uint16  # raw DNs stored compactly, exactly
-        assert z["data"].shape == (2, SIZE, SIZE) and z["valid"].dtype == bool
+    row = table.filter(pa.compute.equal(table["chip_key"], key)).to_pylist()[0]
+    assert row["dtype"] == np.dtype(np.uint16).str  # raw DNs stored compactly, exactly
+    assert row["shape"] == [2, SIZE, SIZE] and len(row["data"]) == 2 * SIZE * SIZE * 2
+    assert len(row["valid"]) == SIZE * SIZE and not row["outside"]
 
 
-def test_failed_write_leaves_neither_chip_nor_temp_file(scene, tmp_path, monkeypatch):
+def test_failed_write_leaves_earlier_parts_and_no_temp_file(scene, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_savez = np.savez_compressed
+    real_write = chipstore.pq.write_table
 
-    def savez_that_dies(fh, **arrays):
+    def write_that_dies(table, where, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
-            fh.write(b"PK\x03\x04 partial")  # some bytes reach the temp file first
+            where.write(b"PAR1 partial")  # some bytes reach the temp file first
             raise KeyboardInterrupt("killed mid-write")
-        return real_savez(fh, **arrays)
+        return real_write(table, where, **kw)
 
-    monkeypatch.setattr(chips_module.np, "savez_compressed", savez_that_dies)
+    monkeypatch.setattr(chipstore, "PART_ROWS", 2)
+    monkeypatch.setattr(chipstore.pq, "write_table", write_that_dies)
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         extract_chips(_units(POSITIONS), GeoTiffSource(scene), SIZE, cache, 0.2)
 
     files = [p for p in cache.rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].suffix == ".npz"  # only the chip written before the kill
-    monkeypatch.setattr(chips_module.np, "savez_compressed", real_savez)
+    assert len(files) == 1 and files[0].suffix == ".parquet"  # only the part written before the kill
+    assert len(stored_chip_keys(cache)) == 2  # the part being written is lost, no more
+    monkeypatch.setattr(chipstore.pq, "write_table", real_write)
     resumed = extract_chips(_units(POSITIONS), GeoTiffSource(scene), SIZE, cache, 0.2)
-    assert resumed.n_cached == 1 and resumed.n_extracted == len(POSITIONS) - 1
+    assert resumed.n_cached == 2 and resumed.n_extracted == len(POSITIONS) - 2
 
 
-def test_chips_reach_their_name_only_by_renaming_a_complete_temp_file(scene, tmp_path, monkeypatch):
+def test_parts_reach_their_name_only_by_renaming_a_complete_temp_file(scene, tmp_path, monkeypatch):
     renames = []
-    real_replace = chips_module.os.replace
+    real_replace = chipstore.os.replace
 
     def recording_replace(src, dst):
         src, dst = str(src), str(dst)
-        with np.load(src) as z:  # complete and readable before it gets its name
-            assert z["valid"].shape in [(SIZE, SIZE), (0, 0)]
-        renames.append((src, dst, chips_module.os.path.exists(dst)))
+        table = pq.read_table(src)  # complete and readable before it gets its name
+        assert all(len(v) in (0, SIZE * SIZE) for v in table["valid"].to_pylist())
+        renames.append((src, dst, chipstore.os.path.exists(dst), table.num_rows))
         real_replace(src, dst)
 
-    monkeypatch.setattr(chips_module.os, "replace", recording_replace)
+    monkeypatch.setattr(chipstore, "PART_ROWS", 2)
+    monkeypatch.setattr(chipstore.os, "replace", recording_replace)
     result = extract_chips(_units(POSITIONS), GeoTiffSource(scene), SIZE, tmp_path / "cache", 0.2)
 
-    assert len(renames) == result.n_extracted == len(POSITIONS)
-    for src, dst, existed in renames:
-        assert src != dst and not existed
-        assert chips_module.os.path.dirname(src) == chips_module.os.path.dirname(dst)
+    assert [n for *_, n in renames] == [2, 2, 1] and result.n_extracted == len(POSITIONS)
+    for src, dst, existed, _ in renames:
+        assert src != dst and not existed and dst.endswith(".parquet")
+        assert chipstore.os.path.dirname(src) == chipstore.os.path.dirname(dst)
 
 
-def test_hard_kill_mid_write_leaves_no_chip_under_its_name(scene, tmp_path, monkeypatch):
-    """A killed process runs no cleanup: the chip being written must simply not exist yet."""
-    real_savez = np.savez_compressed
+def test_hard_kill_mid_write_leaves_no_part_under_its_name(scene, tmp_path, monkeypatch):
+    """A killed process runs no cleanup: the part being written must simply not exist yet."""
+    real_write = chipstore.pq.write_table
 
-    def savez_then_die(fh, **arrays):
-        real_savez(fh, **arrays)
-        fh.flush()
+    def write_then_die(table, where, **kw):
+        real_write(table, where, **kw)
+        where.flush()
         raise SystemExit("killed after writing, before renaming")
 
-    monkeypatch.setattr(chips_module.np, "savez_compressed", savez_then_die)
-    monkeypatch.setattr(chips_module.os, "unlink", lambda path: None)  # no cleanup ran
+    monkeypatch.setattr(chipstore.pq, "write_table", write_then_die)
+    monkeypatch.setattr(chipstore.os, "unlink", lambda path: None)  # no cleanup ran
     units = _units({"u-centre": POSITIONS["u-centre"]})
     cache = tmp_path / "cache"
     with pytest.raises(SystemExit):
         extract_chips(units, GeoTiffSource(scene), SIZE, cache, 0.2)
 
-    key = chip_key(GeoTiffSource(scene).fingerprint(), SIZE, units["lat"][0], units["lon"][0])
-    assert not chip_path(cache, key).exists()
+    assert stored_chip_keys(cache) == set() and chipstore.part_paths(cache) == []
+    assert [p.name.endswith(".tmp") for p in chipstore.parts_dir(cache).iterdir()] == [True]  # the leftover
     monkeypatch.undo()
     resumed = extract_chips(units, GeoTiffSource(scene), SIZE, cache, 0.2)  # the leftover is ignored
     assert resumed.n_extracted == 1 and resumed.index["status"][0] == "ok"
@@ -238,23 +251,44 @@ def test_load_chips_stacks_ok_rows_in_index_order(scene, tmp_path):
         np.testing.assert_array_equal(valid[k], direct.valid)
 
 
-def test_missing_or_corrupt_chip_is_a_clear_error_and_extraction_repairs_it(scene, tmp_path):
+def test_missing_or_corrupt_part_is_a_clear_error_and_extraction_repairs_it(scene, tmp_path, monkeypatch):
+    monkeypatch.setattr(chipstore, "PART_ROWS", 1)  # one chip per part, to damage u-b's alone
     cache = tmp_path / "cache"
     units = _units({"u-a": (30.5, 30.5), "u-b": (40.5, 30.5)})
     result = extract_chips(units, GeoTiffSource(scene), SIZE, cache, 0.2)
-    path_b = chip_path(cache, result.index["chip_key"][1])
+    located = chipstore.scan(cache).found
+    part_b = located[result.index["chip_key"][1]].part
 
-    path_b.write_bytes(path_b.read_bytes()[:100])  # truncated by a disk fault
-    with pytest.raises(ImageryError, match=r"u-b.*corrupt"):
+    part_b.write_bytes(part_b.read_bytes()[:100])  # truncated by a disk fault
+    with pytest.raises(ImageryError, match=r"u-b.*corrupt part"):
         load_chips(result.index, cache)
 
     repaired = extract_chips(units, GeoTiffSource(scene), SIZE, cache, 0.2)
     assert repaired.n_extracted == 1 and repaired.n_cached == 1
     assert load_chips(repaired.index, cache)[0].shape == (2, 2, SIZE, SIZE)
 
-    path_b.unlink()
+    for part in chipstore.part_paths(cache):
+        if part != located[result.index["chip_key"][0]].part:
+            part.unlink()
     with pytest.raises(ImageryError, match=r"u-b.*missing"):
         load_chips(result.index, cache)
+
+
+def test_a_legacy_npz_chip_is_read_and_a_corrupt_one_is_a_clear_error(scene, tmp_path):
+    source = GeoTiffSource(scene)
+    cache = tmp_path / "cache"
+    units = _units({"u-a": (30.5, 30.5), "u-b": (40.5, 30.5)})
+    for la, lo in zip(units["lat"], units["lon"]):
+        chips_module._store(chip_path(cache, chip_key(source.fingerprint(), SIZE, la, lo)), source.read_chip(lo, la, SIZE))
+    result = extract_chips(units, source, SIZE, cache, 0.2)
+    assert result.n_cached == 2 and result.n_extracted == 0 and chipstore.part_paths(cache) == []
+    path_b = chip_path(cache, result.index["chip_key"][1])
+    path_b.write_bytes(path_b.read_bytes()[:100])
+    with pytest.raises(ImageryError, match=r"u-b.*corrupt"):
+        load_chips(result.index, cache)
+    repaired = extract_chips(units, source, SIZE, cache, 0.2)  # read again, into a part
+    assert repaired.n_extracted == 1 and len(chipstore.part_paths(cache)) == 1
+    assert load_chips(repaired.index, cache)[0].shape == (2, 2, SIZE, SIZE)
 
 
 def test_bad_units_are_rejected(scene, tmp_path):

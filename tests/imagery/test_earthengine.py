@@ -12,7 +12,7 @@ import rasterio
 from affine import Affine
 from pyproj import Transformer
 
-from eocausal.imagery.chips import extract_chips, load_chips
+from eocausal.imagery.chips import extract_chips, load_chips, stored_chip_keys
 from eocausal.imagery.earthengine import (
     FATAL,
     HIGH_VOLUME_URL,
@@ -284,7 +284,7 @@ def test_exhausted_retries_fail_the_unit_not_the_run(aligned_scene, tmp_path):
                            tmp_path / "cache", 0.2)
     assert (result.index["reason"] == "fetch_failed").all() and fake.calls == 9
     assert result.index["detail"].str.contains("gave up after 3 attempts; last error HTTP 429").all()
-    assert not list((tmp_path / "cache").rglob("*.npz"))
+    assert stored_chip_keys(tmp_path / "cache") == set()  # failures are never cached
 
 
 # -- the chip store: resume, count calls ----------------------------------------------------------
@@ -296,7 +296,7 @@ def test_an_interrupted_run_resumes_without_refetching_stored_chips(aligned_scen
     stopping = FakeEarthEngine(aligned_scene, latency_s=0.001, faults=Faults(interrupt_at_call=25))
     with pytest.raises(KeyboardInterrupt):
         extract_chips(units, source(stopping, max_concurrency=4), SIZE, cache, 0.2)
-    stored = list(cache.rglob("*.npz"))
+    stored = stored_chip_keys(cache)  # what arrived before the interrupt is written as a part
     assert 10 <= len(stored) < 60
 
     fresh = FakeEarthEngine(aligned_scene)
@@ -304,7 +304,7 @@ def test_an_interrupted_run_resumes_without_refetching_stored_chips(aligned_scen
 
     assert fresh.calls == 60 - len(stored)  # nothing stored is fetched again
     assert resumed.n_cached == len(stored) and (resumed.index["status"] == "ok").all()
-    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".npz"]
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".parquet"]
 
 
 def test_a_fully_cached_rerun_needs_no_client_and_no_credentials(aligned_scene, tmp_path):
