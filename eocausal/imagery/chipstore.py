@@ -209,6 +209,7 @@ class PartWriter:
         self._since: float | None = None
         self.n_parts = 0
         self.n_rows = 0
+        self.last_valid_share = 0.0  # the valid share of the chip added last
 
     def __len__(self) -> int:
         return len(self._rows["chip_key"])
@@ -226,6 +227,7 @@ class PartWriter:
             r["valid"].append(b"")
             r["valid_share"].append(0.0)
             r["source_file"].append("")
+            self.last_valid_share = 0.0
         else:
             assert valid is not None
             mask = np.ascontiguousarray(valid, dtype=bool)
@@ -233,7 +235,9 @@ class PartWriter:
             r["shape"].append(list(data.shape))
             r["data"].append(np.ascontiguousarray(data).tobytes())
             r["valid"].append(mask.tobytes())
-            r["valid_share"].append(float(mask.mean()))
+            # == mask.mean(), exactly: a count over the size, both exact in float64
+            self.last_valid_share = np.count_nonzero(mask) / mask.size if mask.size else float("nan")
+            r["valid_share"].append(self.last_valid_share)
             r["source_file"].append(source_file)
             self._bytes += data.nbytes + mask.nbytes
         r["cloud_share"].append(float("nan") if cloud_share is None else float(cloud_share))
