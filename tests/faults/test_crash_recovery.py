@@ -15,12 +15,13 @@ import json
 
 import pytest
 
+from eocausal.imagery.chips import stored_chip_keys
 from tests.faults import support
 
 pytestmark = pytest.mark.slow
 
 CRASHES = [
-    ("chips.stored@20", "chips: 20 of 40 new chips cached"),
+    ("chips.gathered@20", "chips: 20 of 40 new chips gathered, their part not yet written"),
     ("embeddings.computed", "embeddings: cached, lake not yet written"),
     ("dbt.dbt_analysis_models", "dbt: analysis models mid-build"),
     ("estimates.computed", "estimates: computed, not yet written"),
@@ -30,7 +31,7 @@ CRASHES = [
 
 
 def _chip_files(workdir):
-    return sorted(p.name for p in (workdir / "cache" / "chips").rglob("*.npz"))
+    return sorted(stored_chip_keys(workdir / "cache" / "chips"))
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,9 @@ def test_private_warehouse_holds_only_complete_versions_after_every_crash(chain)
 
 def test_crashes_keep_finished_work_and_lose_unfinished_work(chain):
     obs = {o["point"]: o for o in chain["observations"]}
-    # chips stored before the kill stay cached; the next run adds the rest
-    assert obs["chips.stored@20"]["new_chips"] == 20
+    # the kill loses at most the part being gathered (all 40 new chips fit one part: 0 stored,
+    # no partial part under its name); the next run stores them all
+    assert obs["chips.gathered@20"]["new_chips"] == 0
     assert obs["embeddings.computed"]["new_chips"] == support.N_NEW_UNITS
     # estimates killed before their write leave no file; the next run writes one
     assert len(obs["estimates.computed"]["lake_estimate_files"]) == 1
