@@ -23,7 +23,7 @@ nuisance predictions supplied by the caller (``predictions``) instead of fitted 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ from eocausal.estimate.nuisance import (
     cross_fit_propensity,
     gram_blocks,
     learner_names,
+    overlap_refit_needed,
 )
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
@@ -282,7 +283,7 @@ def _estimate_on_split(
 
     keep = None
     if uses_propensity and "e_raw" in nuisance:
-        keep, info["trimming"] = _trimming(nuisance["e_raw"], d, trim)
+        keep, info["trimming"] = _trimming(nuisance.get("e_overlap_raw", nuisance["e_raw"]), d, trim)
     elif trim is not None:
         reason = (
             "difference_in_means fits no propensity" if estimator == "difference_in_means"
@@ -591,6 +592,17 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
         nuisance["e_raw"] = e_raw
         nuisance["e"] = np.clip(e_raw, clip, 1.0 - clip)
         pieces["propensity"] = diag.propensity_overlap(e_raw, d, clip)
+        n_train = len(d) - int(np.bincount(fold_ids).max())
+        if overlap_refit_needed(spec, n_train, X.shape[1]):
+            # Few rows per feature: overlap judged on the CV-penalty fit (nuisance.py says why).
+            e_cv, _ = cross_fit_propensity(X, d, fold_ids, replace(spec, undersmooth=1.0), grams)
+            nuisance["e_overlap_raw"] = e_cv
+            nuisance["e_overlap"] = np.clip(e_cv, clip, 1.0 - clip)
+            estimation = pieces["propensity"]
+            pieces["propensity"] = diag.propensity_overlap(e_cv, d, clip)
+            pieces["propensity"]["overlap_from"] = "cv_penalty_refit"
+            pieces["propensity"]["estimation_share_clipped"] = estimation["share_clipped"]
+            pieces["propensity"]["estimation_auc"] = estimation["auc"]
         pieces["propensity_model"] = {
             "penalty_by_fold": log.penalties,
             "convergence_warnings": log.convergence_warnings,
@@ -727,6 +739,9 @@ def _weighting_diagnostics(X, d, nuisance, estimand, names, report_columns, spec
     if "e" in nuisance:
         weights = diag.hajek_weights(nuisance["e"], d, estimand)
         out["ess"] = diag.ess_by_arm(weights, d)
+        if "e_overlap" in nuisance:  # overlap judged on the CV-penalty propensity (see above)
+            out["ess_estimation"] = out["ess"]
+            out["ess"] = diag.ess_by_arm(diag.hajek_weights(nuisance["e_overlap"], d, estimand), d)
     out["balance"] = diag.balance(X, d, weights, names, report_columns)
     if spec.pca_columns is not None or spec.pca_components is not None:
         # The embedding's own columns mean little one by one: also show its leading components.

@@ -162,3 +162,19 @@ def test_diagnostics_are_strict_json():
     y, d, X = simulate_confounded(300, seed=9)
     result = estimate_effect(y, d, X, estimator="aipw", estimand="ATT")
     json.dumps(result.diagnostics, allow_nan=False)
+
+
+def test_overlap_of_a_small_study_is_judged_on_the_cv_penalty_propensity():
+    """160 units, 40 features: the estimate keeps the undersmoothed propensity, the overlap
+    diagnostics (clipped share, ESS) come from the CV-penalty refit, and both are recorded."""
+    y, d, X = simulate_confounded(160, p=40, seed=7)
+    small = estimate_effect(y, d, X, estimator="aipw")
+    propensity = small.diagnostics["propensity"]
+    assert propensity["overlap_from"] == "cv_penalty_refit"
+    assert propensity["estimation_share_clipped"] >= propensity["share_clipped"]
+    assert "ess_estimation" in small.diagnostics
+    ok, message = overlap_ok(small.diagnostics)
+    assert ok, message
+    # Enough rows per feature: one fit, no refit.
+    y, d, X = simulate_confounded(1500, p=6, seed=31)
+    assert "overlap_from" not in estimate_effect(y, d, X, estimator="aipw").diagnostics["propensity"]
