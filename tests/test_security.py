@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from eocausal.imagery import chipstore
 from eocausal.study import StudyError, load_study
 from eocausal.survey import SurveyError, covariate_column
 from eocausal.warehouse import WarehousePathError
@@ -161,8 +162,11 @@ def test_the_secret_finder_finds_secrets(tmp_path):
     np.savez_compressed(tmp_path / "c.npz", source_file=np.array(secret))
     (tmp_path / "log.txt").write_text(f"token={secret}\n")
     pd.DataFrame({"geometry": [secret.encode()]}).to_parquet(tmp_path / "geo.parquet")  # a binary column
-    files = sorted(tmp_path.iterdir())
-    assert len(find_secrets(files, [secret])) == 5
+    writer = chipstore.PartWriter(tmp_path / "chips")  # a chip store part: pixels as binary columns
+    writer.add("ab" * 32, np.ones((1, 2, 2), np.uint16), np.ones((2, 2), bool), secret, None)
+    writer.close()
+    files = sorted(tmp_path.iterdir()) + chipstore.part_paths(tmp_path / "chips")
+    assert len(find_secrets(files, [secret])) == 6
 
 
 @pytest.mark.slow
