@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from eocausal.faults import crash_point, write_point
@@ -106,24 +107,30 @@ def scan(cache_dir: Path, keys: set[str] | None = None) -> Scan:
     """Find ``keys`` (all keys when None) in the store, reading only each part's small columns."""
     found: dict[str, Verdict] = {}
     unreadable: dict[Path, str] = {}
+    wanted = None if keys is None else pa.array(sorted(keys), type=pa.string())
     for path in part_paths(cache_dir):
         try:
-            table = pq.read_table(path, columns=VERDICT_COLUMNS)
+            table = pq.ParquetFile(path).read(columns=VERDICT_COLUMNS)
         except FileNotFoundError:
             continue
         except (OSError, ValueError, pa.ArrowException) as exc:
             unreadable[path] = f"{type(exc).__name__}: {exc}"
             continue
-        cols = {name: table.column(name).to_pylist() for name in VERDICT_COLUMNS}
-        for row, key in enumerate(cols["chip_key"]):
-            if keys is not None and key not in keys:
+        if wanted is None:
+            rows = list(range(table.num_rows))
+        else:  # only the requested rows become Python objects
+            rows = pc.indices_nonzero(pc.is_in(table.column("chip_key"), value_set=wanted)).to_pylist()
+            if not rows:
                 continue
-            outside = bool(cols["outside"][row])
-            cloud = cols["cloud_share"][row]
-            found[key] = Verdict(
+            table = table.take(rows)
+        cols = {name: table.column(name).to_pylist() for name in VERDICT_COLUMNS}
+        for i, row in enumerate(rows):
+            outside = bool(cols["outside"][i])
+            cloud = cols["cloud_share"][i]
+            found[cols["chip_key"][i]] = Verdict(
                 part=path, row=row, outside=outside,
-                valid_share=0.0 if outside else float(cols["valid_share"][row]),
-                source_file=(cols["source_file"][row] or None) if not outside else None,
+                valid_share=0.0 if outside else float(cols["valid_share"][i]),
+                source_file=(cols["source_file"][i] or None) if not outside else None,
                 cloud_share=float("nan") if outside or cloud is None else float(cloud),
             )
     return Scan(found, unreadable)
