@@ -61,7 +61,9 @@ _CACHE_FORMAT = 1
 # Local sources read chips in batches of at most _READ_BATCH chips and _READ_BATCH_PIXELS pixels
 # per band (1024 x 3 x 64 x 64 float32 is 50 MB), in north-to-south order, so a batch's chips
 # are close together and read as shared windows (see GeoTiffSource._read_windows).
+# Remote files (COGs over HTTP) keep 256: a batch's reads of a file are retried as a whole.
 _READ_BATCH = 1024
+_READ_BATCH_REMOTE = 256
 _READ_BATCH_PIXELS = 1024 * 64 * 64
 
 
@@ -339,7 +341,8 @@ def _read_pending(source, pending: list[tuple[str, tuple[float, float]]], size_p
         return
     # Local sources: batches of nearby chips (see _READ_BATCH), each file opened once per batch.
     pending = sorted(pending, key=lambda item: (-item[1][1], item[1][0]))
-    per_batch = max(1, min(_READ_BATCH, _READ_BATCH_PIXELS // int(size_px) ** 2))
+    limit = _READ_BATCH_REMOTE if getattr(source, "remote", False) else _READ_BATCH
+    per_batch = max(1, min(limit, _READ_BATCH_PIXELS // int(size_px) ** 2))
     for start in range(0, len(pending), per_batch):
         batch = pending[start : start + per_batch]
         chips = source.read_chips([point for _, point in batch], size_px)
