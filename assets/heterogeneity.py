@@ -30,11 +30,17 @@ def _workspace(warehouse: WarehouseResource) -> het.Workspace:
     return het.Workspace(warehouse.root_path)
 
 
-def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
-    stage = het.load_cate(spec, _workspace(warehouse))
+def _stored(stage, asset: str):
+    """A stage's stored output, or a failure naming the upstream asset to materialise first:
+    a downstream asset loads its inputs and never recomputes them."""
     if stage is None:
-        raise dg.Failure(description="cate_estimates has not been materialised for the current inputs")
+        raise dg.Failure(description=f"{asset} has not been materialised for the current inputs: "
+                                     f"materialise {asset} (and its upstream assets) first")
     return stage
+
+
+def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
+    return _stored(het.load_cate(spec, _workspace(warehouse)), "cate_estimates")
 
 
 @dg.multi_asset(
@@ -113,7 +119,7 @@ def transport_predictions(study: StudyResource, warehouse: WarehouseResource):
     spec = study.load()
     cate = _cached_cate(spec, warehouse)
     ws = _workspace(warehouse)
-    clusters = het.run_clusters(spec, ws, cate)
+    clusters = _stored(het.load_clusters(spec, ws, cate), "effect_clusters")
     stage = het.run_transport(spec, ws, cate, clusters, open_source(spec))
     s = stage.summary
     meta = {
@@ -142,7 +148,7 @@ def propensity_saliency(study: StudyResource, warehouse: WarehouseResource):
     spec = study.load()
     cate = _cached_cate(spec, warehouse)
     ws = _workspace(warehouse)
-    clusters = het.run_clusters(spec, ws, cate)
+    clusters = _stored(het.load_clusters(spec, ws, cate), "effect_clusters")
     stage = het.run_saliency(spec, ws, cate, clusters)
     meta = {"saliency_version": stage.version, "from_cache": stage.from_cache,
             "units": dg.MetadataValue.json(stage.summary.get("units", {}))}
@@ -166,11 +172,11 @@ def study_report(study: StudyResource, warehouse: WarehouseResource):
     inputs = het.input_versions(ws.lake, spec)
     estimate_version = analysis_version(spec.analysis, inputs["survey"], inputs["embeddings"])
     cate = _cached_cate(spec, warehouse)
-    clusters = het.run_clusters(spec, ws, cate)
+    clusters = _stored(het.load_clusters(spec, ws, cate), "effect_clusters")
     from eocausal.imagery.sources import open_source
 
-    transport = het.run_transport(spec, ws, cate, clusters, open_source(spec))
-    saliency = het.run_saliency(spec, ws, cate, clusters)
+    transport = _stored(het.load_transport(spec, ws, cate, clusters, open_source(spec)), "transport_predictions")
+    saliency = _stored(het.load_saliency(spec, ws, cate, clusters), "propensity_saliency")
     report, version = het.run_report(spec, ws, warehouse.published_path, estimate_version, cate, clusters,
                                      transport, saliency)
     figures = "\n\n".join(png_markdown(report.figures[name], name) for name in report.key_figures)

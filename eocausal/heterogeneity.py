@@ -371,12 +371,26 @@ class ClusterStage:
     from_cache: bool
 
 
-def run_clusters(study: Study, ws: Workspace, cate: CateStage) -> ClusterStage:
+def _cluster_paths(study: Study, ws: Workspace, version: str) -> tuple[Path, Path]:
+    return _paths(ws, study, "effect_clusters", version), ws.models / "clusters" / f"{study.name}-{version}.json"
+
+
+def load_clusters(study: Study, ws: Workspace, cate: CateStage) -> ClusterStage | None:
+    """The cluster stage's stored output for this CATE version, or None if not computed."""
     version = cluster_version(study, cate.version)
-    table_path = _paths(ws, study, "effect_clusters", version)
-    model_path = ws.models / "clusters" / f"{study.name}-{version}.json"
+    table_path, model_path = _cluster_paths(study, ws, version)
     if table_path.exists() and model_path.exists():
         return ClusterStage(version, pd.read_parquet(table_path), _read_model(model_path), True)
+    return None
+
+
+def run_clusters(study: Study, ws: Workspace, cate: CateStage) -> ClusterStage:
+    """The image effect-cluster model on the CATE stage's pseudo-outcomes; reuses a stored version."""
+    cached = load_clusters(study, ws, cate)
+    if cached is not None:
+        return cached
+    version = cluster_version(study, cate.version)
+    table_path, model_path = _cluster_paths(study, ws, version)
     het = study.heterogeneity
     preds = cate.predictions
     state = _read_model(cate.paths["model"])
@@ -468,20 +482,34 @@ class TransportStage:
     from_cache: bool
 
 
-def run_transport(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage, source) -> TransportStage:
-    """The image CATE model (and cluster membership) on a grid of cells over the transport region."""
-    spec = study.heterogeneity.transport
-    fingerprint = source.fingerprint()
+def _transport_paths(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage,
+                     source) -> tuple[str, Path, Path]:
     version = json_version({
         "code": transport_mod.CODE_VERSION, "cate": cate.version, "clusters": clusters.version,
-        "transport": spec.model_dump(mode="json"), "imagery": fingerprint,
+        "transport": study.heterogeneity.transport.model_dump(mode="json"), "imagery": source.fingerprint(),
         "chip": [study.imagery.chip_size_px, study.imagery.max_nodata_share],
     })
-    table_path = _paths(ws, study, "transport_predictions", version)
     out_dir = ws.figures / "transport" / f"{study.name}-{version}"
+    return version, _paths(ws, study, "transport_predictions", version), out_dir
+
+
+def load_transport(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage,
+                   source) -> TransportStage | None:
+    """The transport stage's stored output for these inputs, or None if not computed."""
+    version, table_path, out_dir = _transport_paths(study, ws, cate, clusters, source)
+    if table_path.exists() and (out_dir / "summary.json").exists():
+        return TransportStage(version, pd.read_parquet(table_path), _read_model(out_dir / "summary.json"), True)
+    return None
+
+
+def run_transport(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage, source) -> TransportStage:
+    """The image CATE model (and cluster membership) on a grid of cells over the transport region."""
+    cached = load_transport(study, ws, cate, clusters, source)
+    if cached is not None:
+        return cached
+    spec = study.heterogeneity.transport
+    version, table_path, out_dir = _transport_paths(study, ws, cate, clusters, source)
     summary_path = out_dir / "summary.json"
-    if table_path.exists() and summary_path.exists():
-        return TransportStage(version, pd.read_parquet(table_path), _read_model(summary_path), True)
 
     state = _read_model(cate.paths["model"])
     note = ""
@@ -561,15 +589,28 @@ class SaliencyStage:
     from_cache: bool
 
 
+def _saliency_dir(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage) -> tuple[str, Path]:
+    version = json_version({"code": interpret.CODE_VERSION, "cate": cate.version, "clusters": clusters.version,
+                            "units": study.heterogeneity.saliency_units})
+    return version, ws.figures / "saliency" / f"{study.name}-{version}"
+
+
+def load_saliency(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage) -> SaliencyStage | None:
+    """The saliency stage's stored output for these inputs, or None if not computed."""
+    version, out_dir = _saliency_dir(study, ws, cate, clusters)
+    if (out_dir / "summary.json").exists():
+        return SaliencyStage(version, _read_model(out_dir / "summary.json"), True)
+    return None
+
+
 def run_saliency(study: Study, ws: Workspace, cate: CateStage, clusters: ClusterStage) -> SaliencyStage:
     """Saliency panels for the most and least likely treated units (image-only treatment model)."""
+    cached = load_saliency(study, ws, cate, clusters)
+    if cached is not None:
+        return cached
     n_units = study.heterogeneity.saliency_units
-    version = json_version({"code": interpret.CODE_VERSION, "cate": cate.version, "clusters": clusters.version,
-                            "units": n_units})
-    out_dir = ws.figures / "saliency" / f"{study.name}-{version}"
+    version, out_dir = _saliency_dir(study, ws, cate, clusters)
     summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        return SaliencyStage(version, _read_model(summary_path), True)
     state = _read_model(cate.paths["model"])
     note = ""
     if not cate.enabled or not state.get("pca"):

@@ -109,3 +109,29 @@ def test_image_components_come_from_the_stored_pca(e2e_run):
     k = study.analysis.image_components
     assert stored_pca.n_components_ >= k == used.n_components_
     assert (used.components_ == stored_pca.components_[:k]).all()
+
+
+def test_a_stage_whose_input_is_missing_fails_naming_it_and_recomputes_nothing(e2e_run, tmp_path):
+    """Downstream heterogeneity assets load their inputs: with the effect-cluster output gone,
+    transport and the report fail naming effect_clusters instead of silently refitting it."""
+    import shutil
+
+    import dagster as dg
+
+    from assets.heterogeneity import study_report, transport_predictions
+    from assets.resources import StudyResource, WarehouseResource
+
+    study_path, outcome = e2e_run
+    workdir = tmp_path / "work"
+    shutil.copytree(outcome.workdir, workdir)
+    removed = sorted((workdir / "lake" / "effect_clusters").glob("*.parquet"))
+    assert removed
+    for path in removed:
+        path.unlink()
+    resources = {"study": StudyResource(study_path=str(study_path)), "warehouse": WarehouseResource(root=str(workdir))}
+    for asset in (transport_predictions, study_report):
+        result = dg.materialize([asset], resources=resources, raise_on_error=False)
+        assert not result.success
+        [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "effect_clusters has not been materialised" in str(failure.event_specific_data.error)
+    assert not list((workdir / "lake" / "effect_clusters").glob("*.parquet"))  # nothing refitted
