@@ -9,11 +9,10 @@ same failure rewrites the same record instead of adding a second one. Messages p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from eocausal import atomic
 from eocausal.credentials import redact
 
 ALERTS_FOLDER = "alerts"
@@ -59,16 +58,7 @@ def alert_path(folder: Path, run_id: str) -> Path:
 def write_alert(folder: Path, alert: RunFailureAlert) -> Path:
     """Write (or rewrite) the alert record of one run; returns its path."""
     path = alert_path(folder, alert.run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(alert.to_json(), fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic.write_json(path, alert.to_json(), indent=2, sort_keys=True)
 
 
 def read_alerts(folder: Path) -> list[dict]:

@@ -10,10 +10,10 @@ and only when a function is called.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from eocausal import atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,18 +28,9 @@ def new_figure(figsize: tuple[float, float], **kwargs: Any) -> "Figure":
 
 def save_figure(fig: "Figure", path: Path | str, dpi: float = 90, **kwargs: Any) -> Path:
     """Write ``fig`` as a PNG at ``path`` (atomically: readers never see half a file); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:24]}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", **kwargs)
-        os.chmod(tmp, 0o644)  # a deliverable (mkstemp makes files private)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def png_bytes(fig: "Figure", dpi: float = 90, **kwargs: Any) -> bytes:

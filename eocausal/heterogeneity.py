@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from eocausal import interpret
+from eocausal import atomic, interpret
 from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
@@ -110,14 +108,7 @@ def _write(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> Path:
 
 
 def _write_json(obj, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, sort_keys=True, default=_json_default)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, obj, default=_json_default, sort_keys=True)
 
 
 def _json_default(value):
@@ -791,11 +782,7 @@ def report_extras(study: Study | None, ws: Workspace, exclusions: pd.DataFrame, 
 
 def _point_latest(ws: Workspace, study: Study, html_path: Path) -> None:
     """reports/<study>.latest names the newest report (what `eocausal report` prints)."""
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=ws.reports)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(str(html_path) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, ws.reports / f"{study.name}.latest")
+    atomic.write_text(ws.reports / f"{study.name}.latest", str(html_path) + "\n")
 
 
 def latest_report(workdir: Path, study_name: str) -> Path | None:

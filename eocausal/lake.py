@@ -7,8 +7,6 @@ mid-write never leaves a truncated file where dbt or a later run would read it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eocausal import atomic
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction
 from eocausal.faults import write_point
@@ -39,18 +38,10 @@ def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         write_point(path)  # fault tests: a full or read-only disk
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def write_frame(df: pd.DataFrame, path: Path) -> Path:

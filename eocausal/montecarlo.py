@@ -27,9 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal import atomic
 from eocausal.estimate.ate import ESTIMATORS, estimate_effects
 from eocausal.simulate import (
     BUILTUP_QUANTILE,
@@ -253,12 +252,7 @@ def _cached(cache_dir: Path | None, key: str) -> np.ndarray | None:
 def _store(cache_dir: Path | None, key: str, embedding: np.ndarray) -> None:
     if cache_dir is None:
         return
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mc.", suffix=".npy", dir=cache_dir)
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, embedding)
-    os.replace(tmp, cache_dir / f"mc_embedding_{key}.npy")
+    atomic.write_with(Path(cache_dir) / f"mc_embedding_{key}.npy", lambda fh: np.save(fh, embedding), suffix=".npy")
 
 
 # --- the replications ------------------------------------------------------------------------

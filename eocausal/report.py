@@ -24,13 +24,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from eocausal import atomic
 from eocausal.figures import new_figure, save_figure
 
 # Bump when the report's content changes for the same inputs.
@@ -775,11 +775,7 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> Report:
         + "\n".join(parts) + "</body></html>"
     )
     html_path = out_dir / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=out_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(document)
-    os.chmod(tmp, 0o644)  # a report is for reading (mkstemp makes files private)
-    os.replace(tmp, html_path)
+    atomic.write_text(html_path, document)
     key = [name for name in ("forest", "rate", "transport") if name in figures]
     return Report(html_path, figures, key, downloads)
 

@@ -18,15 +18,14 @@ so a wave accepted here passes there. Nothing here knows about Dagster: the sens
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
+from eocausal import atomic
 from eocausal.quality import DataQualityError
 from eocausal.study import Study, StudyError
 from eocausal.survey import SurveyError, load_survey
@@ -132,14 +131,7 @@ def _stamp_name(name: str, when: str) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_json(path, payload, default=str, indent=2)
 
 
 def quarantine_wave(check: WaveCheck, landing: Path) -> Path:
@@ -166,14 +158,8 @@ def install_wave(check: WaveCheck, study: Study) -> Path:
     if not check.accepted:
         raise ValueError(f"{check.path.name} was not accepted: {check.message}")
     target = study.survey_path
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(target) as tmp:
         shutil.copyfile(check.path, tmp)
-        if _sha256(Path(tmp)) != check.sha256:
+        if _sha256(tmp) != check.sha256:
             raise OSError(f"{check.path.name} changed while it was being installed; it will be checked again")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

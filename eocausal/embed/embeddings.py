@@ -13,8 +13,6 @@ under the same version, for the estimators that want reduced image features.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal import atomic
 from eocausal import progress
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction, fit_pca
@@ -125,17 +124,7 @@ def fit_feature_pca(features: np.ndarray, n_components: int, seed: int) -> PCARe
 def _write_atomic(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_point(path)  # fault tests: a full or read-only disk
-    fd, tmp = tempfile.mkstemp(prefix=".emb.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic.write_with(path, write, suffix=path.suffix)
 
 
 def write_json_atomic(obj, path: Path) -> Path:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from pyproj import CRS
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
 
+from eocausal import atomic
 from eocausal.embed.reduce import PCAReduction
 from eocausal.estimate.cate import FinalStage
 from eocausal.estimate.clusters import ClusterFit
@@ -131,15 +130,7 @@ def make_grid(
 
 
 def _write_pickle_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_with(path, lambda fh: pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def fitted_embedder(chip_index: pd.DataFrame, chip_cache: Path, make_embedder, embeddings_version: str,
@@ -204,11 +195,7 @@ def embed_cells(embedder, chip_index: pd.DataFrame, chip_cache: Path, cache_dir:
             pass
     chips, valid = load_chips(chip_index, chip_cache)
     features = embedder.transform(chips, valid).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cells.", suffix=".npy", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, features)
-    os.replace(tmp, path)
+    atomic.write_with(path, lambda fh: np.save(fh, features), suffix=".npy")
     return features
 
 
@@ -328,24 +315,14 @@ def write_geotiff(grid: TransportGrid, table: pd.DataFrame, path: Path) -> Path:
     bands[0, r, c] = table["cate"].to_numpy(dtype=float)
     bands[1, r, c] = table["cate_std_error"].to_numpy(dtype=float)
     bands[2, r, c] = table["cluster"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".transport.", suffix=".tif", dir=path.parent)
-    os.close(fd)
-    try:
-        with rasterio.open(
-            tmp, "w", driver="COG", width=grid.width, height=grid.height, count=3, dtype="float32",
-            crs=grid.crs_wkt, transform=grid.transform, nodata=float("nan"), compress="deflate",
-        ) as dst:
-            dst.write(bands)
-            for i, name in enumerate(("cate", "cate_std_error", "effect_cluster"), start=1):
-                dst.set_band_description(i, name)
-        os.chmod(tmp, 0o644)  # a deliverable (mkstemp makes files private)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic.atomic_path(path, suffix=".tif") as tmp, rasterio.open(
+        tmp, "w", driver="COG", width=grid.width, height=grid.height, count=3, dtype="float32",
+        crs=grid.crs_wkt, transform=grid.transform, nodata=float("nan"), compress="deflate",
+    ) as dst:
+        dst.write(bands)
+        for i, name in enumerate(("cate", "cate_std_error", "effect_cluster"), start=1):
+            dst.set_band_description(i, name)
+    return Path(path)
 
 
 def plot_transport_map(grid: TransportGrid, table: pd.DataFrame, unit_lonlat: np.ndarray, path: Path,
