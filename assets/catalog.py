@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from eocausal.catalog import build_catalog
+from eocausal.layout import Layout
 
 CATALOG_KEY = dg.AssetKey("catalog")
 CATALOG_JOB = "catalog_job"
@@ -35,7 +36,7 @@ class CatalogResource(dg.ConfigurableResource):
 
 def build_catalog_definitions(studies: dict[str, str], study_jobs: list, catalog_path: Path) -> dg.Definitions:
     """The catalog asset, its job and the sensor that refreshes it; ``studies``: study -> working folder."""
-    published = {name: str(Path(workdir) / "published" / "warehouse.duckdb") for name, workdir in studies.items()}
+    published = {name: str(Layout(workdir).published) for name, workdir in studies.items()}
 
     @dg.asset(
         key=CATALOG_KEY, group_name="catalog", kinds={"duckdb"}, code_version="catalog-1",

@@ -56,7 +56,7 @@ def _materialise_chips(period: str, study: StudyResource, warehouse: WarehouseRe
     units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon"])
     source = open_source(spec, period)  # the GeoTIFF files, or this period's Earth Engine composite
     extraction = extract_chips(
-        units, source, spec.imagery.chip_size_px, warehouse.cache / "chips", spec.imagery.max_nodata_share
+        units, source, spec.imagery.chip_size_px, warehouse.layout.chip_cache, spec.imagery.max_nodata_share
     )
     index = extraction.index.assign(period=period)
     path = write_frame(index, period_path(warehouse.lake, "image_chips", period))

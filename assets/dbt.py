@@ -46,7 +46,8 @@ def ensure_manifest(project: DbtProject = dbt_project) -> Path:
     if not manifest.exists() or manifest.stat().st_mtime < newest:
         env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
         subprocess.run(
-            [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)],
+            [DBT_EXECUTABLE, "parse", "--quiet",
+             "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)],
             check=True, env=env, cwd=DBT_PROJECT_DIR,
         )
     return manifest
@@ -92,7 +93,7 @@ def _build(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: Wareh
     # A target folder per study and step: dbt's partial-parse state (keyed to the study's profile
     # paths) survives between runs, so a warm run skips the full parse.
     step = _step_name(context.op_def.name)
-    target = warehouse.root_path / "dbt_target" / step
+    target = warehouse.layout.dbt_target(step)
     # progress: one step per model and per test (dbt tests are asset checks)
     label = step.removeprefix("dbt_").replace("_", " ")
     n_steps = len(context.selected_asset_keys) + len(context.selected_asset_check_keys)

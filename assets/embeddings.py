@@ -57,7 +57,7 @@ def _materialise_embeddings(period: str, study: StudyResource, warehouse: Wareho
     index = pd.read_parquet(chips_path)
     weights = spec.resolve(spec.embedding.weights) if spec.embedding.weights else None
     emb = compute_embeddings(
-        index, warehouse.cache / "chips", warehouse.cache / "embeddings", spec.embedding, weights_path=weights
+        index, warehouse.layout.chip_cache, warehouse.layout.embedding_cache, spec.embedding, weights_path=weights
     )
     crash_point("embeddings.computed")  # fault tests: cached but not yet in the lake
     table = embeddings_table(

@@ -88,7 +88,7 @@ def effect_estimates(
         if spec.analysis.chip_scale_check and any("image" in fs for fs in spec.analysis.feature_sets):
             period = spec.imagery.analysis_period_name()
             context_rows = context_components(
-                units, open_source(spec, period), spec, warehouse.cache / "chips",
+                units, open_source(spec, period), spec, warehouse.layout.chip_cache,
                 spec.analysis.fixed_image_components,
             ).components
         result = estimate_study(

@@ -18,6 +18,7 @@ from pydantic import PrivateAttr
 
 from assets.instance import record_holder
 from assets.naming import run_study_name
+from eocausal.layout import Layout
 from eocausal.study import Study, load_study
 from eocausal.warehouse import check_sql_safe_path
 from eocausal.workdir import exclusive_workdir, held_by_this_process
@@ -80,20 +81,24 @@ class WarehouseResource(dg.ConfigurableResource):
         return Path(root).resolve()
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.root_path)
+
+    @property
     def lake(self) -> Path:
-        return self.root_path / "lake"
+        return self.layout.lake
 
     @property
     def cache(self) -> Path:
-        return self.root_path / "cache"
+        return self.layout.cache
 
     @property
     def warehouse_path(self) -> Path:
-        return self.root_path / "warehouse.duckdb"
+        return self.layout.warehouse
 
     @property
     def published_path(self) -> Path:
-        return self.root_path / "published" / "warehouse.duckdb"
+        return self.layout.published
 
     def dbt_vars(self) -> dict[str, str]:
         """Absolute paths for dbt's profile and sources (dbt reads them with var(), from --vars)."""

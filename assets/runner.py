@@ -17,9 +17,10 @@ from assets.naming import unprefixed, unscoped
 from assets.partitions import PERIOD_RUN_KEYS, period_run_keys
 from assets.studies import build_definitions, study_job_name
 from eocausal import failures
+from eocausal.layout import Layout
 from eocausal.study import default_workdir, load_study
-from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem, exclusive_workdir
 from eocausal.warehouse import check_sql_safe_path, query
+from eocausal.workdir import WorkdirBusy, WorkdirUnusable, disk_problem, exclusive_workdir
 
 
 @dataclass
@@ -88,7 +89,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     job = defs.resolve_job_def(study_job_name(study.name))
     selection = list(period_run_keys(study.name))
-    log_path = workdir / "logs" / "last_run.log"
+    log_path = Layout(workdir).logs / "last_run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     analysis_period = study.imagery.analysis_period_name()
@@ -151,7 +152,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
                 metadata[key] = plain
     estimates = pd.DataFrame()
     version = metadata.get("effect_estimates", {}).get("estimate_version")
-    published = workdir / "published" / "warehouse.duckdb"
+    published = Layout(workdir).published
     if result.success and version and published.exists():
         estimates = query(
             published,

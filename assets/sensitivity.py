@@ -76,7 +76,7 @@ def effect_sensitivity(
     if "outcome_source" in expected:
         expected = expected[expected["outcome_source"].fillna("measured") != "imputed_plugin"]
     rows = sensitivity_rows(table)
-    figures = warehouse.root_path / "figures" / "sensitivity" / f"{spec.name}-{version}"
+    figures = warehouse.layout.figures / "sensitivity" / f"{spec.name}-{version}"
     lines = ["| outcome | feature set | estimator | estimate | RV | RV_alpha | bound at r²=0.05 "
              "| benchmarks (r_d, r_y) |",
              "|---|---|---|---:|---:|---:|---|---|"]

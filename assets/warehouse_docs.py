@@ -18,6 +18,7 @@ from pathlib import Path
 
 from assets.dbt import DBT_EXECUTABLE, DBT_PROJECT_DIR
 from assets.resources import dbt_path_vars
+from eocausal.layout import Layout
 from eocausal.warehouse import check_sql_safe_path
 
 DOCS_FOLDER = "docs"
@@ -27,7 +28,7 @@ def generate_docs(workdir: Path, out: Path | None = None, analysis_period: str |
     """Generate dbt docs for the published warehouse under ``workdir``; returns the static page.
     ``analysis_period``: the imagery period the sources read (shown as their location)."""
     workdir = check_sql_safe_path(Path(workdir).resolve())
-    published = workdir / "published" / "warehouse.duckdb"
+    published = Layout(workdir).published
     if not published.exists():
         raise FileNotFoundError(f"no published warehouse at {published}: run the study first")
     out = Path(out).resolve() if out else workdir / DOCS_FOLDER
@@ -36,7 +37,7 @@ def generate_docs(workdir: Path, out: Path | None = None, analysis_period: str |
         copy = Path(tmp) / "warehouse.duckdb"
         shutil.copyfile(published, copy)
         env = {**os.environ, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
-        dbt_vars = dbt_path_vars(workdir / "lake", copy)
+        dbt_vars = dbt_path_vars(Layout(workdir).lake, copy)
         if analysis_period is not None:
             dbt_vars["analysis_period"] = analysis_period
         result = subprocess.run(

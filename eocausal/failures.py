@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
+from eocausal import layout
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2
@@ -123,7 +125,7 @@ def exception_names(exc: BaseException) -> list[str]:
 # -- the log that keeps the trace ----------------------------------------------------------------
 
 LOG_DIR_ENV = "EOCAUSAL_LOG_DIR"
-LOGS_FOLDER = "logs"
+LOGS_FOLDER = layout.LOGS_FOLDER
 _KEEP_LOGS = 50
 
 

@@ -36,6 +36,7 @@ from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
 from eocausal.lake import embedding_matrix, period_path, stored_pca, write_table_atomic
+from eocausal.layout import Layout
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
 
@@ -75,31 +76,8 @@ TRANSPORT_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """A study's working folder (the same layout as assets.resources.WarehouseResource)."""
-
-    root: Path
-
-    @property
-    def lake(self) -> Path:
-        return self.root / "lake"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
+# A study's working folder (eocausal.layout owns its folders and file names).
+Workspace = Layout
 
 
 def _write(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> Path:
@@ -345,7 +323,7 @@ def study_embedder(study: Study, ws: Workspace):
     version = str(emb["embedding_version"].iloc[0])
     reference = (emb["unit_id"].astype(str).tolist()[:8], embedding_matrix(emb["embedding"].iloc[:8]))
     embedder = transport_mod.fitted_embedder(
-        fit_rows, ws.cache / "chips", lambda: embed_stage.make_embedder(study.embedding, weights), version,
+        fit_rows, ws.chip_cache, lambda: embed_stage.make_embedder(study.embedding, weights), version,
         ws.models / "embedder", reference=reference, check_index=usable,
     )
     return embedder, version
@@ -536,7 +514,7 @@ def run_transport(study: Study, ws: Workspace, cate: CateStage, clusters: Cluste
     units = cate.predictions.drop_duplicates("unit_id")
     table = transport_mod.predict_grid(
         grid, source, chip_size_px=study.imagery.chip_size_px, max_nodata_share=study.imagery.max_nodata_share,
-        chip_cache=ws.cache / "chips", embedder=embedder, embedder_key=embeddings_version,
+        chip_cache=ws.chip_cache, embedder=embedder, embedder_key=embeddings_version,
         embedding_cache=ws.cache / "transport_embeddings", pca=PCAReduction.from_dict(state["pca"]),
         final_stage=cate_mod.FinalStage.from_dict(state["final_stages"]["image"]), cluster_fit=cluster_fit,
         unit_lonlat=units[["lon", "lat"]].to_numpy(dtype=float), study_name=study.name, version=version,
@@ -636,7 +614,7 @@ def run_saliency(study: Study, ws: Workspace, cate: CateStage, clusters: Cluster
     for name, rows in groups.items():
         ids = [unit_ids[i] for i in rows]
         sub = index.set_index("unit_id").loc[ids].reset_index()
-        chips, valid = load_chips(sub, ws.cache / "chips")
+        chips, valid = load_chips(sub, ws.chip_cache)
         treat_maps, logits = interpret.saliency(model, chips, valid, lambda c: head.logits(c))
         cluster_maps, top = None, None
         if cluster_fit is not None:
@@ -768,7 +746,7 @@ def report_extras(study: Study | None, ws: Workspace, exclusions: pd.DataFrame, 
         try:
             for name, ids in groups.items():
                 ids = [u for u in ids if u in index.index]
-                data, valid = load_chips(index.loc[ids].reset_index(), ws.cache / "chips")
+                data, valid = load_chips(index.loc[ids].reset_index(), ws.chip_cache)
                 chosen[name] = (ids, data, valid)
             out["example_chips"] = chosen
         except Exception as exc:  # noqa: BLE001 - a missing picture never fails the report
@@ -782,12 +760,12 @@ def report_extras(study: Study | None, ws: Workspace, exclusions: pd.DataFrame, 
 
 def _point_latest(ws: Workspace, study: Study, html_path: Path) -> None:
     """reports/<study>.latest names the newest report (what `eocausal report` prints)."""
-    atomic.write_text(ws.reports / f"{study.name}.latest", str(html_path) + "\n")
+    atomic.write_text(ws.latest_report_pointer(study.name), str(html_path) + "\n")
 
 
 def latest_report(workdir: Path, study_name: str) -> Path | None:
     """The newest report of a study in a working folder, or None."""
-    pointer = Path(workdir) / "reports" / f"{study_name}.latest"
+    pointer = Layout(workdir).latest_report_pointer(study_name)
     if not pointer.is_file():
         return None
     path = Path(pointer.read_text(encoding="utf-8").strip())

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from eocausal.layout import PUBLISHED_WAREHOUSE
+
 if TYPE_CHECKING:
     from eocausal.report import Headline
     from eocausal.study import Study
 
-PUBLISHED = Path("published") / "warehouse.duckdb"
+PUBLISHED = PUBLISHED_WAREHOUSE
 FIGURE_NAMES = ("forest", "unit_map", "example_chips", "overlap", "balance", "pca_variance", "cate_distribution",
                 "rate", "clusters", "transport")
 
