@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from eocausal import __version__
-from eocausal import failures
+from eocausal import __version__, failures
 from eocausal.failures import InputRejected
 
 # Offline by default: no usage statistics from dbt, great-expectations or Dagster (set by main(),
@@ -279,7 +278,8 @@ def cmd_docs(args) -> int:
 
     study = load_study(args.study)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.study)
-    page = find_launcher().generate_docs(workdir, Path(args.out) if args.out else None, study.imagery.analysis_period_name())
+    out = Path(args.out) if args.out else None
+    page = find_launcher().generate_docs(workdir, out, study.imagery.analysis_period_name())
     print(f"dbt docs for the published warehouse: {page}")
     return 0
 
@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-features", type=int, default=1024, help="RCF embedding size (the demo's: 1024)")
     p.add_argument("--image-components", type=int, default=64, help="principal components of the embedding")
     p.add_argument("--confounder-radius-m", type=float, default=750.0,
-                   help="radius of the built-up share that confounds (the demo's: 750 m; capped at the chip half-width)")
+                   help="radius of the built-up share that confounds "
+                        "(the demo's: 750 m; capped at the chip half-width)")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.add_argument("--zoo", action="store_true",
                    help="run the confounder zoo (eocausal.zoo) instead of the demo Monte Carlo "

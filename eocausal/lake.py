@@ -19,7 +19,6 @@ from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction
 from eocausal.faults import write_point
 
-
 # The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
 PERIOD_TABLES = ("image_chips", "image_embeddings")
 

@@ -115,7 +115,8 @@ def check_sql_safe_path(path: Path) -> Path:
     text = str(path)
     bad = sorted({c for c in text if c in "'\"`;" or ord(c) < 32 or ord(c) == 127})
     if bad:
-        raise WarehousePathError(f"working folder path {text!r} contains characters not allowed in warehouse paths: {bad}")
+        raise WarehousePathError(
+            f"working folder path {text!r} contains characters not allowed in warehouse paths: {bad}")
     return path
 
 

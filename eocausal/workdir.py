@@ -156,8 +156,8 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: cannot open {path}: {exc}") \
-            from None
+        message = disk_problem(workdir, exc, path) or f"working folder {workdir}: cannot open {path}: {exc}"
+        raise WorkdirUnusable(message) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

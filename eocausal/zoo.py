@@ -526,7 +526,8 @@ def summarise(replicates: pd.DataFrame, prepared: dict[str, PreparedDesign]) -> 
         row = dict(zip(keys, key)) | {
             "within_chip": p.settings["within_chip"], "replications": r, "truth": float(g["truth"].mean()),
             "bias": float(err.mean()), "bias_over_se": float(err.mean() / g["std_error"].mean()),
-            "rmse": float(np.sqrt(np.mean(err**2))), "se_sd_ratio": float(g["std_error"].mean() / sd) if sd > 0 else np.nan,
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "se_sd_ratio": float(g["std_error"].mean() / sd) if sd > 0 else np.nan,
             "coverage": cov, "coverage_mc_se": math.sqrt(cov * (1 - cov) / r),
             "mean_seconds": float(g["seconds"].mean()),
             "confounder_r2": p.r2.get(key[1]) if key[2] in ("image", "tabular+image") else None,
@@ -557,7 +558,8 @@ def headline_markdown(summary: pd.DataFrame, prepared: dict[str, PreparedDesign]
         if "default" not in rows.index:
             continue
         dflt = rows.loc["default"]
-        fit_seconds = summary[(summary["design"] == name) & (summary["representation"] == "default")]["mean_seconds"].sum()
+        of_default = (summary["design"] == name) & (summary["representation"] == "default")
+        fit_seconds = summary[of_default]["mean_seconds"].sum()
 
         def rmse(rep):
             return f"{rows.loc[rep, 'rmse']:.3f}" if rep in rows.index else "–"
@@ -567,7 +569,8 @@ def headline_markdown(summary: pd.DataFrame, prepared: dict[str, PreparedDesign]
             f"{p.r2['default']:.3f} ({p.r2['default_k']}) | {p.r2['previous']:.3f} | {p.r2['reference']:.3f} | "
             f"{dflt['bias_over_se']:+.2f} | {dflt['coverage']:.2f} | {dflt['se_sd_ratio']:.2f} | "
             f"{dflt['rmse']:.3f} | {rmse('previous')} | {rmse('reference')} | "
-            f"{dflt.get('specification_warning_rate', float('nan')):.2f} | {dflt.get('chip_scale_warning_rate', float('nan')):.2f} | "
+            f"{dflt.get('specification_warning_rate', float('nan')):.2f} | "
+            f"{dflt.get('chip_scale_warning_rate', float('nan')):.2f} | "
             f"{dflt.get('propensity_auc', float('nan')):.3f} ({dflt.get('oracle_propensity_auc', float('nan')):.3f}) | "
             f"{p.seconds['default']:.0f} | {fit_seconds:.2f} |"
         )

@@ -393,7 +393,8 @@ class BackboneEmbedder:
         """Constructor parameters plus the weights' content hash (JSON-able), for cache keys."""
         return {
             "arch": self.arch,
-            "weights_sha256": self.weights_sha256_ if hasattr(self, "weights_sha256_") else file_sha256(self._weights_file()),
+            "weights_sha256": (self.weights_sha256_ if hasattr(self, "weights_sha256_")
+                               else file_sha256(self._weights_file())),
             "device": self.device,
             "dtype": self.dtype,
             "batch_size": self.batch_size,

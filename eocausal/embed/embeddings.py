@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eocausal import atomic
-from eocausal import progress
+from eocausal import atomic, progress
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction, fit_pca
 from eocausal.faults import write_point

@@ -706,11 +706,13 @@ def _im2col(xh: torch.Tensor, cell: tuple[int, int, int, int], k: int) -> torch.
     s = xh.stride()
     for di in range(k):
         offset = xh.storage_offset() + (r0 + di) * s[1] + c0 * s[2]
-        out[:, :, :, di] = xh.as_strided((n_chips, r1 - r0, c1 - c0, k, n_bands), (s[0], s[1], s[2], s[2], s[3]), offset)
+        out[:, :, :, di] = xh.as_strided((n_chips, r1 - r0, c1 - c0, k, n_bands),
+                                         (s[0], s[1], s[2], s[2], s[3]), offset)
     return out
 
 
-def _masked_patch_sum(xh: torch.Tensor, field_ok: torch.Tensor, cell: tuple[int, int, int, int], k: int) -> torch.Tensor:
+def _masked_patch_sum(xh: torch.Tensor, field_ok: torch.Tensor, cell: tuple[int, int, int, int],
+                      k: int) -> torch.Tensor:
     """float32 [B, k*k*C]: the sum of the patches of a cell's valid windows, without im2col."""
     r0, r1, c0, c1 = cell
     ok = field_ok[:, r0:r1, c0:c1].unsqueeze(-1).to(torch.float32)

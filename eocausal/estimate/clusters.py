@@ -26,9 +26,8 @@ cluster membership through the PCA and the random convolutional features to the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

@@ -26,8 +26,8 @@ from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effects
 from eocausal.estimate.components import CANDIDATES, choose_components
 from eocausal.estimate.diagnostics import overlap_ok
-from eocausal.estimate.fragility import chip_scale_check, specification_check
 from eocausal.estimate.folds import spatial_blocks
+from eocausal.estimate.fragility import chip_scale_check, specification_check
 from eocausal.estimate.imputation import CORRECTED, MEASURED, PLUGIN, ImputedOutcomes, annotate, impute_outcomes
 from eocausal.estimate.sensitivity import SENSITIVITY_ESTIMATORS, sensitivity_for_effects
 from eocausal.estimate.sensitivity import summary as sensitivity_summary
@@ -333,7 +333,8 @@ def fragility_summary(table: pd.DataFrame, column: str) -> tuple[str | None, str
         return None, f"not checked: {part['skipped']}"
     if not part:
         return None, detail.get("note", "not checked")
-    return None, f"quiet: largest |difference| / SE {part.get('max_abs_z', 0):.2f} (warns above {part.get('threshold')})"
+    return None, (f"quiet: largest |difference| / SE {part.get('max_abs_z', 0):.2f} "
+                  f"(warns above {part.get('threshold')})")
 
 
 def overlap_report(table: pd.DataFrame) -> dict[str, dict]:

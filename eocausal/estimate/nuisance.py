@@ -99,7 +99,8 @@ class NuisanceSpec:
 
 def check_own_learners(propensity=None, outcome=None) -> None:
     """Reject what cannot serve as the caller's own propensity or outcome learner, by name."""
-    for role, est, needs in (("propensity", propensity, ("fit", "predict_proba")), ("outcome", outcome, ("fit", "predict"))):
+    roles = (("propensity", propensity, ("fit", "predict_proba")), ("outcome", outcome, ("fit", "predict")))
+    for role, est, needs in roles:
         if est is None:
             continue
         if isinstance(est, type):
