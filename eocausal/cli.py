@@ -182,18 +182,25 @@ def _check_imagery(study) -> None:
 
 
 def _check_coverage(study, survey):
-    """Every unit against the local imagery (coverage, nodata share of its chip window), the files'
-    CRS and bands: eocausal.imagery.preflight. Reads windows, writes nothing."""
+    """Every unit against the imagery, for every source (eocausal.imagery.preflight): local rasters'
+    chip windows (coverage, nodata share), remote COGs' headers, each STAC period's item search,
+    Earth Engine's credentials and collection. Writes nothing. A rejection is one line: exit 2, or 5
+    where Earth Engine refuses the credentials (as `run` exits)."""
     from eocausal.imagery.bandfiles import BandFileError
     from eocausal.imagery.geotiff import ImageryError
-    from eocausal.imagery.preflight import ImageryRejected, check_imagery
+    from eocausal.imagery.preflight import ImageryAccessRefused, ImageryRejected, check_imagery
 
     try:
         return check_imagery(study, survey)
+    except ImageryAccessRefused as exc:
+        raise failures.CredentialsRefused(str(exc)) from None
     except ImageryRejected as exc:
         raise InputRejected(str(exc)) from None
     except (ImageryError, BandFileError) as exc:
-        raise InputRejected(f"imagery rejected: {exc}") from None
+        message = f"imagery rejected: {' '.join(str(exc).split())}"
+        if failures.code_for_names(failures.exception_names(exc)) == failures.EXIT_CREDENTIALS:
+            raise failures.CredentialsRefused(message) from None
+        raise InputRejected(message) from None
 
 
 def _run(study_path: Path, workdir: Path | None, as_json: bool, truth: dict | None = None,
@@ -450,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("validate", parents=[common],
-                       help="check the study file, the survey (GX suite, design rules) and the imagery (it opens; "
-                       "every unit's coverage and chip-window nodata share; CRS; bands) before any chip is cut; "
+                       help="check the study file, the survey (GX suite, design rules) and the imagery (local rasters: "
+                       "every unit's coverage and chip-window nodata share, CRS, bands; remote COGs: headers and "
+                       "coverage; STAC: items per period and coverage; Earth Engine: credentials and collection) "
+                       "before any chip is cut; "
                        "write nothing (but a log when it rejects)",
                        epilog=failures.exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study")
@@ -470,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (StudyError, InputRejected) as exc:
         return _fail(failures.EXIT_INPUT, str(exc), exc=exc)
+    except failures.CredentialsRefused as exc:
+        return _fail(failures.EXIT_CREDENTIALS, str(exc), exc=exc)
     except WorkdirUnusable as exc:
         return _fail(failures.EXIT_WORKDIR, str(exc), exc=exc)
     except WorkdirBusy as exc:

@@ -63,6 +63,10 @@ class InputRejected(Exception):
     """Input the contract rejects before any work (exit code 2, like a StudyError)."""
 
 
+class CredentialsRefused(Exception):
+    """Earth Engine credentials missing, unreadable or refused, found before any work (exit code 5)."""
+
+
 # Exception classes (by name: failures inside a Dagster run arrive as serialised errors that keep
 # only the class name) whose failure is the input's fault; their subclasses count too (found among
 # the classes imported when the failure is classified: the run that raised one imported it).

@@ -415,6 +415,19 @@ class EarthEngineApi:
         log.info("Earth Engine initialised (project %s, %s endpoint)", project,
                  "high-volume" if high_volume else "standard")
 
+    def collection_exists(self, ee_id: str) -> bool:
+        """Whether Earth Engine has the asset ``ee_id`` (metadata only: ``ee.data.getAsset``)."""
+        if self._ee is None:
+            raise EarthEngineError("EarthEngineApi.collection_exists called before initialize()")
+        try:
+            self._ee.data.getAsset(ee_id)
+        except self._ee.EEException as exc:
+            text = str(exc).lower()
+            if _http_status(exc) == 404 or "not found" in text or "does not exist" in text:
+                return False
+            raise
+        return True
+
     def _composite(self, recipe: CompositeRecipe) -> Any:
         with self._lock:
             image = self._composites.get(recipe)

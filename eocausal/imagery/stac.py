@@ -486,11 +486,7 @@ class StacSource:
         points = [(float(lon), float(lat)) for lon, lat in points]
         if not points:
             return
-        margin = size_px / 2 * _SEARCH_MARGIN_M / 111_000.0
-        lons, lats = [p[0] for p in points], [p[1] for p in points]
-        bbox = (max(min(lons) - margin, -180.0), max(min(lats) - margin, -90.0),
-                min(max(lons) + margin, 180.0), min(max(lats) + margin, 90.0))
-        items = self.items(bbox)
+        items = self.items(search_bbox(points, size_px))
         started = time.perf_counter()
         readers = _Readers()
         stop = threading.Event()
@@ -709,6 +705,19 @@ class StacSource:
 
 
 # -- geometry helpers ----------------------------------------------------------------------------
+
+
+def search_bbox(points: list[tuple[float, float]], size_px: int) -> tuple[float, float, float, float]:
+    """The WGS84 bbox a period's item search covers for these (lon, lat) units and chip size."""
+    margin = size_px / 2 * _SEARCH_MARGIN_M / 111_000.0
+    lons, lats = [p[0] for p in points], [p[1] for p in points]
+    return (max(min(lons) - margin, -180.0), max(min(lats) - margin, -90.0),
+            min(max(lons) + margin, 180.0), min(max(lats) + margin, 90.0))
+
+
+def footprint_holds(items: list[StacItem], lon: float, lat: float) -> bool:
+    """Whether (lon, lat) lies in the union of the items' footprints (their bboxes, as chips are found)."""
+    return any(_bbox_holds(it.bbox, lon, lat) for it in items)
 
 
 def _contains(outer, inner) -> bool:

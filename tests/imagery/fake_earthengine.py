@@ -51,6 +51,10 @@ class Faults:
     reject_origins: set[tuple[float, float]] = field(default_factory=set)
     # Raise KeyboardInterrupt on this call (1-based): a run stopped midway.
     interrupt_at_call: int | None = None
+    # initialize() answers this HTTP status (401: credentials refused, 403: permission denied).
+    init_status: int | None = None
+    # Earth Engine ids collection_exists() says are not there.
+    missing_ids: set[str] = field(default_factory=set)
 
 
 def http_error(status: int, message: str):
@@ -100,6 +104,13 @@ class FakeEarthEngine:
         with self._lock:
             self.initialize_calls += 1
             self.last_init = {"project": project, "high_volume": high_volume, "timeout_s": timeout_s}
+        if self.faults.init_status == 401:
+            raise http_error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token")
+        if self.faults.init_status == 403:
+            raise http_error(403, "Caller does not have required permission to use project fault-matrix")
+
+    def collection_exists(self, ee_id: str) -> bool:
+        return ee_id not in self.faults.missing_ids
 
     def compute_pixels(self, recipe: CompositeRecipe, grid: dict) -> bytes:
         t = grid["affineTransform"]
@@ -205,3 +216,18 @@ def shared_fake() -> FakeEarthEngine:
         return SHARED["client"]
     except KeyError:
         raise RuntimeError("set tests.imagery.fake_earthengine.SHARED['client'] before running the study") from None
+
+
+def refusing_401() -> FakeEarthEngine:
+    """``EOCAUSAL_EE_CLIENT=tests.imagery.fake_earthengine:refusing_401``: credentials refused at initialisation."""
+    return FakeEarthEngine(faults=Faults(init_status=401))
+
+
+def refusing_403() -> FakeEarthEngine:
+    """``EOCAUSAL_EE_CLIENT=tests.imagery.fake_earthengine:refusing_403``: permission denied at initialisation."""
+    return FakeEarthEngine(faults=Faults(init_status=403))
+
+
+def answering() -> FakeEarthEngine:
+    """``EOCAUSAL_EE_CLIENT=tests.imagery.fake_earthengine:answering``: a fake that accepts everything."""
+    return FakeEarthEngine()
