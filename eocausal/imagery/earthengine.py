@@ -515,6 +515,34 @@ def classify_error(exc: BaseException) -> str | None:
     return None
 
 
+def refusal_status(exc: BaseException) -> int | None:
+    """401 or 403 when ``exc`` is Earth Engine refusing the credentials or the project, else None."""
+    status = _http_status(exc)
+    if status in (401, 403):
+        return status
+    if classify_error(exc) == FATAL:
+        text = str(exc).lower()
+        return 401 if ("unauthenticated" in text or "credentials" in text) else 403
+    return None
+
+
+def refusal_message(status: int, when: str, project: str) -> str:
+    """One line: which credentials Earth Engine refused (the variable, never the key) and what to do."""
+    if os.environ.get(KEY_FILE_ENV, "").strip():
+        creds = f"the service-account key file named by {KEY_FILE_ENV}"
+    else:
+        creds = ("Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth "
+                 f"application-default login`; or set {KEY_FILE_ENV} to a service-account key file)")
+    if status == 401:
+        return (f"rule 'Earth Engine credentials accepted' failed: Earth Engine answered HTTP 401 (unauthenticated) "
+                f"{when} for project {project}: {creds} were refused (expired, revoked or not a key): create a new "
+                "key or log in again")
+    return (f"rule 'Earth Engine credentials accepted' failed: Earth Engine answered HTTP 403 (permission denied) "
+            f"{when} for project {project}: {creds} are valid but not allowed: register the Cloud project for Earth "
+            "Engine and grant the account the Earth Engine resource viewer and service usage consumer roles, or name "
+            "the right project in imagery.project or EOCAUSAL_EE_PROJECT")
+
+
 # Delays suit Earth Engine's quotas; from_spec takes max_attempts from the study.
 DEFAULT_RETRY = RetryPolicy()
 _INIT_RETRY = RetryPolicy(max_attempts=5, initial_delay_s=1.0, max_delay_s=16.0)
@@ -715,9 +743,19 @@ class EarthEngineSource:
         # Lazily: a fully cached re-run needs no credentials and makes no calls.
         with self._init_lock:
             if not self._initialized:
-                self.client.initialize(
-                    project=self.project, high_volume=self.high_volume, timeout_s=self.request_timeout_s
-                )
+                try:
+                    self.client.initialize(
+                        project=self.project, high_volume=self.high_volume, timeout_s=self.request_timeout_s
+                    )
+                except EarthEngineError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - classified: a refusal is named, anything else propagates
+                    status = refusal_status(exc)
+                    if status is None:
+                        raise
+                    raise EarthEngineCredentialsError(
+                        refusal_message(status, "at initialisation", self.project or "(from the environment)")
+                    ) from None
                 self._initialized = True
 
     def read_chips(self, points: Iterable[tuple[float, float]], size_px: int) -> list[Chip | ChipFailure | None]:

@@ -392,7 +392,8 @@ class GeoTiffSource:
         try:
             return with_retries(attempt, policy=DEFAULT_REMOTE_RETRY, stats=self.fetch_stats)
         except GaveUp as exc:
-            raise ImageryError(f"{what}: {exc}") from None
+            text = str(exc)
+            raise ImageryError(text if text.startswith(what) else f"{what}: {text}") from None
 
     # -- metadata -----------------------------------------------------------------------------
 

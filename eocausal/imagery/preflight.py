@@ -253,7 +253,7 @@ def _check_stac(study, survey: pd.DataFrame) -> ImageryCheck:
 
 def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCheck:
     """The credentials (the source's own initialisation) and the collection's Earth Engine ids."""
-    from eocausal.imagery.earthengine import EarthEngineCredentialsError, EarthEngineSource, classify_error
+    from eocausal.imagery.earthengine import EarthEngineSource, refusal_message, refusal_status
     from eocausal.imagery.sources import earthengine_client_from_env
 
     spec = study.imagery
@@ -261,15 +261,9 @@ def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCh
     name = spec.period_names()[0]
     source = EarthEngineSource.from_spec(spec, spec.period(name), client)
     project = spec.project or "(from the environment)"
-    try:
-        source._ensure_initialized()  # what the chip stage does before its first request
-    except EarthEngineCredentialsError:
-        raise  # missing or unreadable credentials: its message says what to set
-    except Exception as exc:  # noqa: BLE001 - classified: a refusal is named, anything else propagates
-        refused = _refusal(exc, classify_error)
-        if refused is None:
-            raise
-        raise ImageryAccessRefused(_refused_message(refused, "at initialisation", project)) from None
+    # What the chip stage does before its first request: missing, unreadable or refused (401/403)
+    # credentials are an EarthEngineCredentialsError naming the variable and what to do.
+    source._ensure_initialized()
     probe = getattr(client, "collection_exists", None)
     ids = list(source.recipe.ee_ids)
     if probe is not None:
@@ -278,11 +272,12 @@ def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCh
             try:
                 if not probe(ee_id):
                     missing.append(ee_id)
-            except Exception as exc:  # noqa: BLE001 - classified as above
-                refused = _refusal(exc, classify_error)
-                if refused is None:
+            except Exception as exc:  # noqa: BLE001 - classified: a refusal is named, anything else propagates
+                status = refusal_status(exc)
+                if status is None:
                     raise
-                raise ImageryAccessRefused(_refused_message(refused, f"reading collection {ee_id}", project)) from None
+                raise ImageryAccessRefused(
+                    "imagery rejected: " + refusal_message(status, f"reading collection {ee_id}", project)) from None
         if missing:
             raise ImageryRejected(
                 f"imagery rejected: rule 'Earth Engine collection exists' failed: imagery.collection "
@@ -297,39 +292,6 @@ def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCh
     check.notes = [f"Earth Engine credentials accepted (project {project}); {found}; coverage is global: "
                    "no per-unit check (units with no observation in a period are excluded as chips arrive)"]
     return check
-
-
-def _refusal(exc: BaseException, classify) -> int | None:
-    """401 or 403 when ``exc`` is Earth Engine refusing the credentials, else None."""
-    from eocausal.imagery.earthengine import FATAL, _http_status
-
-    status = _http_status(exc)
-    if status in (401, 403):
-        return status
-    if classify(exc) == FATAL:
-        text = str(exc).lower()
-        return 401 if ("unauthenticated" in text or "credentials" in text) else 403
-    return None
-
-
-def _refused_message(status: int, when: str, project: str) -> str:
-    import os
-
-    from eocausal.imagery.earthengine import KEY_FILE_ENV
-
-    if os.environ.get(KEY_FILE_ENV, "").strip():
-        creds = f"the service-account key file named by {KEY_FILE_ENV}"
-    else:
-        creds = ("Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth "
-                 f"application-default login`; or set {KEY_FILE_ENV} to a service-account key file)")
-    if status == 401:
-        return (f"imagery rejected: rule 'Earth Engine credentials accepted' failed: Earth Engine answered HTTP 401 "
-                f"(unauthenticated) {when} for project {project}: {creds} were refused (expired, revoked or not "
-                "a key): create a new key or log in again")
-    return (f"imagery rejected: rule 'Earth Engine credentials accepted' failed: Earth Engine answered HTTP 403 "
-            f"(permission denied) {when} for project {project}: {creds} are valid but not allowed: register the "
-            "Cloud project for Earth Engine and grant the account the Earth Engine resource viewer and service "
-            "usage consumer roles, or name the right project in imagery.project or EOCAUSAL_EE_PROJECT")
 
 
 def _crs_name(wkt: str) -> str:

@@ -66,6 +66,17 @@ class Case:
     workdir: str = "shared"  # "shared" | "file" | "under_file" | "read_only"
     same_survey: bool = False  # with via "validate": the canonical survey equals the baseline's
     note: str = ""  # a result that is still unclear or arguably wrong
+    served: "Served | None" = None  # imagery served over HTTP while the case runs
+
+
+@dataclass(frozen=True)
+class Served:
+    """Imagery on the local HTTP server (tests/imagery/http_server.FileServer) for the case's run:
+    ``setup(study, served folder, server url)`` writes the files and points study.yaml at them;
+    ``faults`` are the server's (http_server.Faults keyword arguments)."""
+
+    setup: Callable[[Path, Path, str], None]
+    faults: dict = field(default_factory=dict)
 
 
 # -- study-folder helpers ---------------------------------------------------------------------------
@@ -171,6 +182,49 @@ def _all_strings(t: pa.Table, df: pd.DataFrame) -> pa.Table:
 def scene(study: Path) -> Path:
     [tif] = (study / "imagery").glob("*.tif")
     return tif
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_imagery(study: Path, imagery: dict) -> None:
+    doc = study_doc(study)
+    doc["imagery"] = {"chip_size_px": doc["imagery"]["chip_size_px"], **imagery}
+    write_doc(study, doc)
+
+
+def remote_scene(study: Path, root: Path, url: str) -> None:
+    """The scene as a remote COG: imagery.path its URL on the server."""
+    shutil.copyfile(scene(study), root / "scene.tif")
+    _set_imagery(study, {"source": "geotiff", "path": f"{url}/scene.tif"})
+
+
+def stac_served(drop: str | None = None):
+    """The scene cut into a static STAC catalog (one item, May 2020) on the server; ``drop``: an
+    asset file removed from every item (its URL answers 404)."""
+    def setup(study: Path, root: Path, url: str) -> None:
+        from tests.imagery.stac_catalog import COLLECTION, cut_catalog
+
+        cut_catalog(scene(study), root / "catalog", tiles=(1, 1))
+        if drop:
+            for f in (root / "catalog").rglob(drop):
+                f.unlink()
+        _set_imagery(study, {"source": "stac", "catalog": f"{url}/catalog/catalog.json", "collection": COLLECTION,
+                             "periods": [2020], "max_attempts": 2})
+    return setup
+
+
+def stac_refusing(study: Path, root: Path, url: str) -> None:
+    """A STAC catalog URL on a port where nothing listens (connection refused)."""
+    from tests.imagery.stac_catalog import COLLECTION
+
+    _set_imagery(study, {"source": "stac", "catalog": f"http://127.0.0.1:{_free_port()}/stac/catalog.json",
+                         "collection": COLLECTION, "periods": [2020], "max_attempts": 2})
 
 
 def rewrite_scene(data=None, crs="keep", dtype=None, nodata=None, **profile_changes):
@@ -412,6 +466,7 @@ def _ids_case(df):
 ENC, NUM, PQ, PATHS, STUDY, NAMES, DESIGN, IMG, WORK = (
     "survey encoding & header", "numbers & booleans", "Parquet types", "paths & file kinds",
     "study file syntax & limits", "names & ids", "degenerate designs", "imagery", "working folder")
+REMOTE = "remote imagery & access"
 
 
 def _c(name, kind, what, build, expected, code=0, words=(), **kw) -> Case:
@@ -682,6 +737,31 @@ CASES: list[Case] = [
     _c("earth_engine_key_missing", WORK, "Earth Engine study, the key file named in the environment is missing",
        "earthengine", "rejects", CREDENTIALS, ("EOCAUSAL_EE_SERVICE_ACCOUNT_KEY names a file that does not exist",),
        env={"EOCAUSAL_EE_SERVICE_ACCOUNT_KEY": "/nonexistent/key.json"}),
+    # ---- remote imagery and Earth Engine access (the local HTTP server, the fake EE client) ----------
+    _c("stac_catalog_refuses_connections", REMOTE, "a STAC catalog URL where nothing listens (connection refused)",
+       lambda s: None, "rejects", INPUT, ("imagery rejected: STAC catalog http://127.0.0.1:", "gave up"),
+       via="validate", served=Served(stac_refusing)),
+    _c("stac_asset_404", REMOTE, "a STAC item whose 'green' asset answers 404", lambda s: None, "rejects", INPUT,
+       ("chip_usability", "fetch_failed"), served=Served(stac_served(drop="green.tif"))),
+    _c("cog_server_5xx_every_request", REMOTE, "a remote COG whose server answers 503 to every request (retries "
+       "exhausted)", lambda s: None, "rejects", INPUT, ("scene.tif", "503"),
+       served=Served(remote_scene, {"only": "scene.tif", "status_every": 1, "status": 503}),
+       note="the header read gives up when the chip stage opens the file: a clear stage failure (exit 2), not "
+            "per-unit fetch_failed; the first line is the headline, the error line below names image_chips, the "
+            "URL and the 503"),
+    _c("remote_cog_403", REMOTE, "a remote COG URL answering 403 Forbidden", lambda s: None, "rejects", INPUT,
+       ("imagery rejected", "scene.tif", "403"), via="validate",
+       served=Served(remote_scene, {"only": "scene.tif", "status_every": 1, "status": 403})),
+    _c("earth_engine_401_at_init", REMOTE, "Earth Engine answers 401 (credentials refused) at initialisation",
+       "earthengine", "rejects", CREDENTIALS, ("401",),
+       env={"EOCAUSAL_EE_CLIENT": "tests.imagery.fake_earthengine:refusing_401"}),
+    _c("earth_engine_403_at_init", REMOTE, "Earth Engine answers 403 (permission denied) at initialisation",
+       "earthengine", "rejects", CREDENTIALS, ("403",),
+       env={"EOCAUSAL_EE_CLIENT": "tests.imagery.fake_earthengine:refusing_403"}),
+    _c("earth_engine_401_validate", REMOTE, "Earth Engine answers 401 at initialisation (eocausal validate)",
+       "earthengine", "rejects", CREDENTIALS, ("rule 'Earth Engine credentials accepted' failed", "HTTP 401",
+                                               "EOCAUSAL_EE_SERVICE_ACCOUNT_KEY"),
+       via="validate", env={"EOCAUSAL_EE_CLIENT": "tests.imagery.fake_earthengine:refusing_401"}),
     _c("second_wave_appended", ENC, "a second survey wave: 40 new units appended (the read-loop refresh)", "wave2",
        "works", via="refresh"),
     # ---- the whole graph, as the UI and the sensors run it (tests/faults/test_bad_input.py) ------------

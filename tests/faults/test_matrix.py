@@ -101,6 +101,13 @@ def test_case(ops, shared_workdir, baseline_survey, matrix_observations, tmp_pat
     from eocausal.cli import main
 
     study = _study_for(case, ops, tmp_path)
+    server = None
+    if case.served is not None:  # imagery over HTTP for this case: the remote-imagery tests' server
+        from tests.imagery.http_server import Faults, FileServer
+
+        (tmp_path / "served").mkdir()
+        server = FileServer(tmp_path / "served", Faults(**case.served.faults)).start()
+        case.served.setup(study, tmp_path / "served", server.url)
     workdir, read_only = _workdir_for(case, shared_workdir, tmp_path)
     watched = workdir if workdir.is_dir() else shared_workdir
     before = state(watched)
@@ -132,6 +139,8 @@ def test_case(ops, shared_workdir, baseline_survey, matrix_observations, tmp_pat
     finally:
         if read_only is not None:
             read_only.undo()
+        if server is not None:
+            server.stop()
     obs = matrix.observation(case, code, message)
     matrix.save_observation(matrix_observations, case, obs)
     (ops.logs / f"matrix_{case.name}.txt").write_text(f"exit {code}\n{message}")
