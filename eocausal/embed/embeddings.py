@@ -22,7 +22,7 @@ import pandas as pd
 
 from eocausal import atomic, progress
 from eocausal.embed import EmbeddingError
-from eocausal.embed.reduce import PCAReduction, fit_pca
+from eocausal.embed.reduce import PCAMoments, PCAReduction, pca_from_moments
 from eocausal.faults import write_point
 from eocausal.imagery.chips import load_chips
 from eocausal.study import EmbeddingSpec
@@ -114,10 +114,12 @@ def chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.nd
 
 
 def fit_feature_pca(features: np.ndarray, n_components: int, seed: int) -> PCAReduction | None:
-    finite = np.isfinite(features).all(axis=1)
-    if finite.sum() < 2:
-        return None
-    return fit_pca(features[finite], n_components, seed=seed)
+    """The exact PCA of the finite rows, from their moments accumulated ``LOAD_CHIPS`` rows at a
+    time (never a float64 copy of every feature). ``seed`` is kept for callers: nothing is random."""
+    moments = PCAMoments(features.shape[1])
+    for start in range(0, len(features), LOAD_CHIPS):
+        moments.update(features[start : start + LOAD_CHIPS])
+    return pca_from_moments(moments, n_components)
 
 
 def _write_atomic(path: Path, write: Callable) -> None:
@@ -168,10 +170,12 @@ def compute_embeddings(
         embedder.fit(chips, valid)
         del chips, valid
         features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
+        moments = PCAMoments(embedder.n_features)  # the stage's PCA, as the blocks arrive
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
         for block in embedder.transform_stream(chip_batches(usable, chip_cache)):
             features[start : start + len(block)] = block
+            moments.update(block)
             start += len(block)
             progress.report("embeddings", start, len(unit_ids), "chips", spec.method)
 
@@ -179,7 +183,7 @@ def compute_embeddings(
         fh, unit_ids=np.array(unit_ids), features=features,
         config=np.array(json.dumps(embedder.config())),
     ))
-    pca = fit_feature_pca(features, spec.pca_components, spec.seed)
+    pca = pca_from_moments(moments, spec.pca_components)
     if pca is not None:
         _write_atomic(_pca_path(path), lambda fh: fh.write(json.dumps(pca.to_dict()).encode()))
     return Embeddings(unit_ids, features, version, spec.method, False, embedder.device_, embedder.dtype_, pca)

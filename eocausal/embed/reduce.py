@@ -16,7 +16,7 @@ from sklearn.decomposition import PCA
 
 from eocausal.embed import EmbeddingError
 
-__all__ = ["PCAReduction", "fit_pca", "image_reduction", "validate_embeddings"]
+__all__ = ["PCAMoments", "PCAReduction", "fit_pca", "image_reduction", "pca_from_moments", "validate_embeddings"]
 
 _FORMAT = "eocausal.pca/1"
 # A column whose std is below this share of its typical magnitude is treated as constant: float32
@@ -197,6 +197,75 @@ def fit_pca(features: np.ndarray, n_components: int, seed: int = 0) -> PCAReduct
         explained_variance=pca.explained_variance_,
         explained_variance_ratio=ratio,
     )
+
+
+class PCAMoments:
+    """Count, mean and centred cross-product of feature rows, accumulated block by block (or tile by
+    tile) and merged exactly (Chan, Golub & LeVeque's pairwise update), so a PCA over every unit
+    needs p x p numbers in memory instead of the N x p features. Non-finite rows are skipped (and
+    counted in ``n_skipped``), as :func:`fit_pca`'s callers drop them."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n = 0
+        self.n_skipped = 0
+        self.mean = np.zeros(n_features)
+        self.m2 = np.zeros((n_features, n_features))
+        self.max_abs = np.zeros(n_features)
+
+    def update(self, block: np.ndarray) -> "PCAMoments":
+        x = np.asarray(block, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
+            raise EmbeddingError(f"features must be [N, {self.mean.shape[0]}], got shape {x.shape}")
+        finite = np.isfinite(x).all(axis=1)
+        self.n_skipped += int((~finite).sum())
+        x = x[finite]
+        if len(x):
+            part = PCAMoments(x.shape[1])
+            part.n, part.mean = len(x), x.mean(axis=0)
+            centred = x - part.mean
+            part.m2 = centred.T @ centred
+            part.max_abs = np.abs(x).max(axis=0)
+            self.merge(part)
+        return self
+
+    def merge(self, other: "PCAMoments") -> "PCAMoments":
+        if other.n == 0:
+            self.n_skipped += other.n_skipped
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        self.mean = self.mean + delta * (other.n / n)
+        self.max_abs = np.maximum(self.max_abs, other.max_abs)
+        self.n, self.n_skipped = n, self.n_skipped + other.n_skipped
+        return self
+
+
+def pca_from_moments(moments: PCAMoments, n_components: int) -> PCAReduction | None:
+    """The exact PCA of the standardised features from their moments: the same reduction as
+    :func:`fit_pca` with an exact solver (eigenvectors of the correlation matrix, signs fixed as
+    scikit-learn fixes them), without the features. None with fewer than 2 rows."""
+    n, p = moments.n, moments.mean.shape[0]
+    if n < 2:
+        return None
+    std = np.sqrt(np.clip(np.diag(moments.m2) / n, 0.0, None))
+    constant = std <= _CONSTANT_RTOL * np.maximum(moments.max_abs, 1e-30)
+    scale = np.where(constant, 1.0, std)
+    covariance = moments.m2 / (n - 1) / np.outer(scale, scale)
+    covariance[constant, :] = 0.0
+    covariance[:, constant] = 0.0
+    values, vectors = np.linalg.eigh(covariance)
+    order = np.argsort(values)[::-1]
+    values, vectors = np.clip(values[order], 0.0, None), vectors[:, order].T
+    k = min(int(n_components), n, p)
+    components = vectors[:k]
+    # scikit-learn's svd_flip(u_based_decision=False): each component's largest |entry| positive
+    signs = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
+    components = components * np.where(signs == 0, 1.0, signs)[:, None]
+    total = values.sum()
+    ratio = values[:k] / total if total > 0 else np.zeros(k)
+    return PCAReduction(mean=moments.mean, scale=scale, center=np.zeros(p), components=components,
+                        explained_variance=values[:k], explained_variance_ratio=ratio)
 
 
 def _name_units(ids: list[str], limit: int = 10) -> str:

@@ -159,3 +159,27 @@ def test_leading_components_and_the_estimators_reduction(tmp_path):
     assert stored_pca(lake, "2019", "v1") is None
     path.write_text("{not json")
     assert stored_pca(lake, "geotiff", "v1") is None
+
+
+def test_pca_from_moments_is_the_exact_pca_and_merges_tile_by_tile():
+    from eocausal.embed.reduce import PCAMoments, pca_from_moments
+
+    rng = np.random.default_rng(3)
+    latent = rng.standard_normal((3000, 4))
+    x = latent @ rng.standard_normal((4, 30)) * 5 + rng.standard_normal((3000, 30)) + 40.0
+    x[:, 7] = 2.5  # a constant column
+    x[11, 3] = np.nan  # a non-finite row is skipped
+    finite = np.isfinite(x).all(axis=1)
+    exact = fit_pca(x[finite], 6)  # tall and narrow: scikit-learn's exact covariance solver
+    whole = pca_from_moments(PCAMoments(30).update(x), 6)
+    tiles = [PCAMoments(30).update(part) for part in np.array_split(x, 7)]
+    merged = tiles[0]
+    for tile in tiles[1:]:
+        merged.merge(tile)
+    assert merged.n == 2999 and merged.n_skipped == 1
+    for pca in (whole, pca_from_moments(merged, 6)):
+        np.testing.assert_allclose(pca.explained_variance_, exact.explained_variance_, rtol=1e-9)
+        np.testing.assert_allclose(pca.explained_variance_ratio_, exact.explained_variance_ratio_, rtol=1e-9)
+        np.testing.assert_allclose(pca.components_, exact.components_, atol=1e-9)
+        np.testing.assert_allclose(pca.transform(x[finite]), exact.transform(x[finite]), atol=1e-8)
+    assert pca_from_moments(PCAMoments(30).update(x[:1]), 6) is None
