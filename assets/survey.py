@@ -15,7 +15,7 @@ from eocausal.versioning import frame_version
 @dg.asset(
     group_name="ingest",
     kinds={"python", "parquet"},
-    code_version="survey-1",
+    code_version="survey-2",  # 2: the unit's spatial tile (eocausal.tiles)
     check_specs=[
         dg.AssetCheckSpec(
             "survey_suite",

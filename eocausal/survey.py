@@ -2,7 +2,8 @@
 
 The user's table (CSV or Parquet, their column names) becomes the canonical table:
 ``unit_id`` (str), ``lat``, ``lon`` (float, WGS84), ``treatment`` (int 0/1), ``outcome`` (float),
-and one ``cov_<name>`` float column per covariate. Every rule is checked by the GX survey suite
+one ``cov_<name>`` float column per covariate, and the unit's spatial ``tile``
+(:mod:`eocausal.tiles`, computed after validation). Every rule is checked by the GX survey suite
 (:func:`eocausal.quality.validate_survey`) before anything is written.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 
 from eocausal.quality import DataQualityError, QualityReport, RuleFailure, validate_survey
 from eocausal.study import Study, SurveySpec
+from eocausal.tiles import assign_tiles
 
 CANONICAL_COLUMNS = ("unit_id", "lat", "lon", "treatment", "outcome")
 _NUMERIC = ("lat", "lon", "treatment", "outcome")
@@ -252,6 +254,7 @@ def load_survey(
     if not report.success:
         raise DataQualityError(report)
     df["treatment"] = df["treatment"].astype("int8")
+    df["tile"] = assign_tiles(df["lat"].to_numpy(), df["lon"].to_numpy())  # eocausal.tiles
     return df, report
 
 

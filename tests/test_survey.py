@@ -28,7 +28,9 @@ def write_csv(tmp_path, df, name="s.csv"):
 
 def test_canonical_table(tmp_path):
     df, report = load_survey(write_csv(tmp_path, good_frame()), SPEC)
-    assert list(df.columns) == ["unit_id", "lat", "lon", "treatment", "outcome", "cov_market_access", "cov_hh_size"]
+    assert list(df.columns) == ["unit_id", "lat", "lon", "treatment", "outcome", "cov_market_access", "cov_hh_size",
+                                "tile"]
+    assert df["tile"].nunique() == 1 and df["tile"].str.fullmatch("[0-3]+").all()  # a small study: one tile
     assert df["unit_id"].iloc[0] == "v000" and df["treatment"].dtype == "int8"
     assert report.success and report.n_rows == 12
 
