@@ -15,12 +15,15 @@ adding a folder with a defs.yaml.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import dagster as dg
 
 from assets.studies import StudyEntry, study_definitions, study_name
-from eocausal.study import default_workdir
+from eocausal.study import StudyError, default_workdir
+
+log = logging.getLogger(__name__)
 
 
 class StudyComponent(dg.Component, dg.Resolvable, dg.Model):
@@ -35,5 +38,30 @@ class StudyComponent(dg.Component, dg.Resolvable, dg.Model):
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         study_path = (Path(context.project_root) / self.study).resolve()
         workdir = (Path(context.project_root) / self.workdir).resolve() if self.workdir else default_workdir(study_path)
-        name = study_name(study_path, None if study_path.exists() else self.name or Path(context.path).name)
-        return study_definitions(StudyEntry(name, str(study_path), str(workdir)))
+        fallback = self.name or Path(context.path).name
+        try:
+            name = study_name(study_path, None if study_path.exists() else fallback)
+            return study_definitions(StudyEntry(name, str(study_path), str(workdir)))
+        except StudyError as exc:
+            # One bad study file must not take the deployment's other studies down with it.
+            return broken_study_definitions(fallback, study_path, str(exc))
+
+
+def broken_study_definitions(name: str, study_path: Path, error: str) -> dg.Definitions:
+    """A study whose file does not follow the contract: one asset, `<name>/study_file`, that shows
+    the rule it breaks (description, metadata) and fails naming it when materialised; no job,
+    schedule or sensor, and the catalog leaves it out until the file is fixed."""
+    message = f"study file {study_path} does not follow the study contract: {error}"
+
+    @dg.asset(key=[safe_key(name), "study_file"], group_name="broken_studies", description=message,
+              metadata={"study": str(study_path), "error": error})
+    def study_file() -> None:
+        raise dg.Failure(description=message)
+
+    log.warning("%s: the study is left out of the deployment until it is fixed", message)
+    return dg.Definitions(assets=[study_file])
+
+
+def safe_key(name: str) -> str:
+    """An asset-key part from a folder name (letters, digits and underscores)."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "study"

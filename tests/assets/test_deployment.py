@@ -104,3 +104,25 @@ def test_the_catalog_holds_every_published_study_and_follows_study_runs(two_stud
             dagster_event=record.event_log_entry.dagster_event)
         request = sensor(context)
         assert request.run_key == f"catalog:{run.run_id}"
+
+
+def test_a_broken_study_file_leaves_the_other_studies_running(tiny_study, tmp_path):
+    """A defs.yaml whose study file breaks the contract: that study becomes one asset that names the
+    rule (and fails naming it), the other studies load with their jobs and resources."""
+    good = _copy(tiny_study, tmp_path, "good")
+    bad = _copy(tiny_study, tmp_path, "bad")
+    doc = yaml.safe_load(Path(bad.study_path).read_text())
+    doc["analysis"]["folds"] = "many"
+    Path(bad.study_path).write_text(yaml.safe_dump(doc, sort_keys=False))
+    context = dg.ComponentTree.for_test().load_context
+    broken = StudyComponent(study=bad.study_path, name="bad-study").build_defs(context)
+    assert [k for a in broken.assets for k in a.keys] == [dg.AssetKey(["bad_study", "study_file"])]
+    [asset] = broken.assets
+    assert "does not follow the study contract" in asset.specs_by_key[dg.AssetKey(["bad_study", "study_file"])].description
+    assert "folds" in asset.specs_by_key[dg.AssetKey(["bad_study", "study_file"])].description
+    defs = with_resources(dg.Definitions.merge(StudyComponent(study=good.study_path).build_defs(context), broken))
+    assert defs.resolve_job_def(study_job_name("good"))
+    result = dg.materialize([asset], raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "folds" in str(failure.event_specific_data.error)
