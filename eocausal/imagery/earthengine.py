@@ -36,7 +36,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
@@ -56,6 +56,7 @@ from eocausal.imagery.ee_collections import (
     S2_SCL_NO_DATA_CLASS,
     collection,
 )
+from eocausal.imagery.fetching import as_completed_bounded
 from eocausal.imagery.geotiff import Chip, ImageryError
 from eocausal.imagery.retry import RetryPolicy
 from eocausal.imagery.sources import ChipFailure
@@ -786,20 +787,13 @@ class EarthEngineSource:
         limiter = _RateLimiter(self.max_requests_per_second)
         stop = threading.Event()
         started = time.perf_counter()
-        executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="ee-chip")
-        pending: dict[Future, int] = {}
-        next_index = 0
+        def work(i: int) -> Chip | ChipFailure | None:
+            return self._fetch_one(grids[i], limiter, stop)
+
         try:
-            while next_index < len(points) or pending:
-                # Keep the pool busy without queueing every unit up front.
-                while next_index < len(points) and len(pending) < 2 * self.max_concurrency:
-                    future = executor.submit(self._fetch_one, grids[next_index], limiter, stop)
-                    pending[future] = next_index
-                    next_index += 1
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i = pending.pop(future)
-                    result = future.result()  # a FATAL error propagates from here
+            # a FATAL error propagates from the iteration
+            with closing(as_completed_bounded(work, len(points), self.max_concurrency, stop, "ee-chip")) as results:
+                for i, result in results:
                     if isinstance(result, ChipFailure):
                         self.stats.failed += 1
                     else:
@@ -807,7 +801,6 @@ class EarthEngineSource:
                     yield i, result
         finally:
             stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
             self.stats.seconds += time.perf_counter() - started
             counts = getattr(self.client, "http_counts", None)
             if callable(counts):

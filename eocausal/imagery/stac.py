@@ -41,7 +41,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -59,6 +59,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from eocausal.imagery.bandfiles import aligned_factor, cloudy_from_qa_pixel, cloudy_from_scl
+from eocausal.imagery.fetching import as_completed_bounded
 from eocausal.imagery.geotiff import Chip, ImageryError, valid_mask
 from eocausal.imagery.remote import (
     DEFAULT_REMOTE_RETRY,
@@ -490,20 +491,12 @@ class StacSource:
         started = time.perf_counter()
         readers = _Readers()
         stop = threading.Event()
-        executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="stac-chip")
-        pending: dict[Future, int] = {}
-        next_index = 0
+        def work(i: int) -> Chip | ChipFailure | None:
+            return self._chip_with_retries(items, points[i][0], points[i][1], size_px, readers, stop)
+
         try:
-            while next_index < len(points) or pending:
-                while next_index < len(points) and len(pending) < 2 * self.max_concurrency:
-                    lon, lat = points[next_index]
-                    future = executor.submit(self._chip_with_retries, items, lon, lat, size_px, readers, stop)
-                    pending[future] = next_index
-                    next_index += 1
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i = pending.pop(future)
-                    result = future.result()
+            with closing(as_completed_bounded(work, len(points), self.max_concurrency, stop, "stac-chip")) as results:
+                for i, result in results:
                     if isinstance(result, ChipFailure):
                         self.stats.failed += 1
                     else:
@@ -511,7 +504,6 @@ class StacSource:
                     yield i, result
         finally:
             stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
             with self._lock:
                 opened, self._all_open = self._all_open, []
             for ds in opened:
