@@ -17,7 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from eocausal.imagery.ee_collections import COLLECTIONS
+from eocausal.imagery.ee_collections import (
+    CLOUD_SCORE_PLUS_DEFAULT_THRESHOLD,
+    COLLECTIONS,
+    MASK_S2_SCL,
+)
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
@@ -145,6 +149,10 @@ class ImagerySpec(_Strict):
     # earthengine: the collection's band names; stac: band asset keys; geotiff: band labels of a
     # one-file-per-band scene (e.g. B02, B8A for Sentinel-2). None = the source's defaults.
     band_names: list[str] | None = None
+    # earthengine, Sentinel-2 collections only: how a pixel is judged clear. "scl" = the scene
+    # classification; "cloud_score_plus" = Cloud Score+ cs_cdf >= cloud_score_threshold.
+    cloud_mask: Literal["scl", "cloud_score_plus"] = "scl"
+    cloud_score_threshold: float = Field(CLOUD_SCORE_PLUS_DEFAULT_THRESHOLD, ge=0.0, le=1.0)
     # -- source: stac (see eocausal.imagery.stac); periods, max_attempts, max_concurrency and
     # request_timeout_s below apply too --------------------------------------------------------
     catalog: str | None = None  # a STAC API or static catalog URL, or a catalog file relative to the study
@@ -195,6 +203,10 @@ class ImagerySpec(_Strict):
             given = [k for k in ("catalog", "max_cloud_cover", "mask_asset") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"imagery.{'/'.join(given)} apply to source 'stac' only")
+        if self.source != "earthengine":
+            given = [k for k in ("cloud_mask", "cloud_score_threshold") if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"imagery.{'/'.join(given)} apply to source 'earthengine' (Sentinel-2) only")
         return self
 
     @model_validator(mode="after")
@@ -221,6 +233,9 @@ class ImagerySpec(_Strict):
         unknown = [b for b in self.band_names or [] if b not in known]
         if unknown or (self.band_names is not None and not self.band_names):
             raise ValueError(f"imagery.band_names {self.band_names} not all in {self.collection}'s bands {list(known)}")
+        if self.cloud_mask == "cloud_score_plus" and COLLECTIONS[self.collection].mask != MASK_S2_SCL:
+            raise ValueError(f"imagery.cloud_mask 'cloud_score_plus' applies to Sentinel-2 collections only, "
+                             f"not {self.collection!r}")
         self._check_periods()
         return self
 

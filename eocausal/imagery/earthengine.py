@@ -47,9 +47,13 @@ from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 
 from eocausal.imagery.ee_collections import (
+    CLOUD_MASK_CLOUD_SCORE_PLUS,
+    CLOUD_SCORE_PLUS_BAND,
+    CLOUD_SCORE_PLUS_ID,
     LANDSAT_QA_CLOUD_BITS,
     LANDSAT_QA_FILL_BIT,
     MASK_LANDSAT_QA_PIXEL,
+    MASK_S2_CLOUD_SCORE_PLUS,
     MASK_S2_SCL,
     MASK_VIIRS_CF_CVG,
     S2_SCL_CLEAR_CLASSES,
@@ -110,13 +114,19 @@ class CompositeRecipe:
     mask: str
     start: str  # ISO date, inclusive
     end: str  # ISO date, exclusive
+    # Cloud Score+ only (mask sentinel2_cloud_score_plus): clear where cs_cdf >= this.
+    cloud_score_threshold: float | None = None
 
     @property
     def output_bands(self) -> tuple[str, ...]:
         return self.bands + QUALITY_BANDS
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        # Left out when unused, so the recipes (and chip keys) of existing studies stay as they were.
+        if out["cloud_score_threshold"] is None:
+            del out["cloud_score_threshold"]
+        return out
 
 
 def utm_crs_code(lon: float, lat: float) -> str:
@@ -177,6 +187,11 @@ def build_composite(ee: Any, recipe: CompositeRecipe) -> Any:
     for ee_id in recipe.ee_ids[1:]:
         merged = merged.merge(ee.ImageCollection(ee_id))
     merged = merged.filterDate(recipe.start, recipe.end)
+    if recipe.mask == MASK_S2_CLOUD_SCORE_PLUS:
+        if recipe.cloud_score_threshold is None:
+            raise ValueError("a Cloud Score+ recipe needs cloud_score_threshold")
+        # Each S2 image gains the cs_cdf band of the Cloud Score+ image with its system:index.
+        merged = merged.linkCollection(ee.ImageCollection(CLOUD_SCORE_PLUS_ID), [CLOUD_SCORE_PLUS_BAND])
     bands = list(recipe.bands)
 
     def prepare(image):
@@ -189,6 +204,9 @@ def build_composite(ee: Any, recipe: CompositeRecipe) -> Any:
             scl = image.select("SCL")
             observed = scl.neq(S2_SCL_NO_DATA_CLASS)
             clear = scl.remap(list(S2_SCL_CLEAR_CLASSES), [1] * len(S2_SCL_CLEAR_CLASSES), 0)
+        elif recipe.mask == MASK_S2_CLOUD_SCORE_PLUS:
+            observed = image.select("SCL").neq(S2_SCL_NO_DATA_CLASS)
+            clear = image.select(CLOUD_SCORE_PLUS_BAND).gte(recipe.cloud_score_threshold).And(observed)
         elif recipe.mask == MASK_VIIRS_CF_CVG:
             # A month with no cloud-free coverage has no usable radiance.
             cover = image.select("cf_cvg")
@@ -665,15 +683,20 @@ class EarthEngineSource:
                   **kwargs) -> "EarthEngineSource":
         coll = collection(spec.collection)
         bands = tuple(spec.band_names) if spec.band_names else coll.default_bands
+        cloud_score_plus = spec.cloud_mask == CLOUD_MASK_CLOUD_SCORE_PLUS
+        if cloud_score_plus and coll.mask != MASK_S2_SCL:  # the study contract says so too
+            raise ImageryError(
+                f"imagery.cloud_mask 'cloud_score_plus' applies to Sentinel-2 collections only, not {coll.name!r}")
         recipe = CompositeRecipe(
             collection=coll.name,
             ee_ids=coll.ee_ids,
             bands=bands,
             scale=coll.scale,
             offset=coll.offset,
-            mask=coll.mask,
+            mask=MASK_S2_CLOUD_SCORE_PLUS if cloud_score_plus else coll.mask,
             start=period.start.isoformat(),
             end=period.end.isoformat(),
+            cloud_score_threshold=spec.cloud_score_threshold if cloud_score_plus else None,
         )
         source = cls(
             recipe,

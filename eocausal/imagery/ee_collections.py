@@ -13,6 +13,17 @@ from dataclasses import dataclass
 MASK_LANDSAT_QA_PIXEL = "landsat_qa_pixel"
 MASK_S2_SCL = "sentinel2_scl"
 MASK_VIIRS_CF_CVG = "viirs_cf_cvg"
+# Sentinel-2 judged by Cloud Score+ (imagery.cloud_mask: cloud_score_plus): a pixel is clear when
+# the linked image's cs_cdf >= imagery.cloud_score_threshold; "observed" stays SCL != 0.
+MASK_S2_CLOUD_SCORE_PLUS = "sentinel2_cloud_score_plus"
+
+# imagery.cloud_mask values: the collection's own mask (SCL for Sentinel-2), or Cloud Score+.
+CLOUD_MASK_SCL = "scl"
+CLOUD_MASK_CLOUD_SCORE_PLUS = "cloud_score_plus"
+# Cloud Score+ for the harmonized Sentinel-2 archive, matched to S2 images by system:index.
+CLOUD_SCORE_PLUS_ID = "GOOGLE/CLOUD_SCORE_PLUS/V1/S2_HARMONIZED"
+CLOUD_SCORE_PLUS_BAND = "cs_cdf"
+CLOUD_SCORE_PLUS_DEFAULT_THRESHOLD = 0.60  # Google's recommended clear threshold on cs_cdf
 
 # Landsat Collection 2 QA_PIXEL bits: 0 fill, 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow.
 LANDSAT_QA_FILL_BIT = 0

@@ -254,6 +254,7 @@ def _check_stac(study, survey: pd.DataFrame) -> ImageryCheck:
 def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCheck:
     """The credentials (the source's own initialisation) and the collection's Earth Engine ids."""
     from eocausal.imagery.earthengine import EarthEngineSource, refusal_message, refusal_status
+    from eocausal.imagery.ee_collections import CLOUD_SCORE_PLUS_ID
     from eocausal.imagery.sources import earthengine_client_from_env
 
     spec = study.imagery
@@ -266,6 +267,8 @@ def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCh
     source._ensure_initialized()
     probe = getattr(client, "collection_exists", None)
     ids = list(source.recipe.ee_ids)
+    if source.recipe.cloud_score_threshold is not None:
+        ids.append(CLOUD_SCORE_PLUS_ID)  # imagery.cloud_mask: cloud_score_plus links it
     if probe is not None:
         missing = []
         for ee_id in ids:

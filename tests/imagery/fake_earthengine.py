@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,3 +232,216 @@ def refusing_403() -> FakeEarthEngine:
 def answering() -> FakeEarthEngine:
     """``EOCAUSAL_EE_CLIENT=tests.imagery.fake_earthengine:answering``: a fake that accepts everything."""
     return FakeEarthEngine()
+
+
+# -- an evaluator of the composite expression ---------------------------------------------------
+#
+# Earth Engine's server evaluates the serialized expression graph; this evaluates the subset of
+# algorithms build_composite uses, pixel by pixel with numpy, over a fake catalog of tiny images
+# (every image of the catalog on the same small pixel grid). Enough to check what a mask recipe
+# keeps, not a model of Earth Engine's projections or median approximation.
+
+
+@contextmanager
+def offline_ee():
+    """The real ``ee`` module initialised from its shipped algorithm list, without credentials or network."""
+    import ee
+    from ee import apitestcase
+
+    saved = (ee.data._install_cloud_api_resource, ee.data.getAlgorithms)
+    ee.data._install_cloud_api_resource = lambda: None
+    ee.data.getAlgorithms = apitestcase.GetAlgorithms
+    ee.Reset()
+    try:
+        # What ee.Initialize does, minus credentials and network (ee.Initialize itself is refused).
+        ee.data.initialize(credentials=None, project="offline-test")
+        ee.ApiFunction.initialize()
+        for cls in ee._DYNAMIC_CLASSES:
+            cls.initialize()
+        ee._InitializeGeneratedClasses()
+        ee._InitializeUnboundMethods()
+        yield ee
+    finally:
+        ee.Reset()
+        ee.data._install_cloud_api_resource, ee.data.getAlgorithms = saved
+
+
+@dataclass
+class FakeImage:
+    """Bands in order: name -> (values, mask) of one small pixel grid; properties as EE's."""
+
+    bands: dict[str, tuple[np.ndarray, np.ndarray]]
+    properties: dict = field(default_factory=dict)
+
+
+def fake_image(index: str, date: str, **bands) -> FakeImage:
+    """An image with ``system:index`` and ``system:time_start``; each band an array (all pixels valid)."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in bands.items()}
+    return FakeImage({k: (a, np.ones(a.shape, bool)) for k, a in arrays.items()},
+                     {"system:index": index, "system:time_start": _ms(date)})
+
+
+def _ms(date: str) -> float:
+    from datetime import datetime, timezone
+
+    return datetime.fromisoformat(date).replace(tzinfo=timezone.utc).timestamp() * 1000.0
+
+
+def _binary(op):
+    def apply(image1: FakeImage, image2: FakeImage) -> FakeImage:
+        a, b = list(image1.bands.items()), list(image2.bands.items())
+        if len(b) == 1:
+            b = b * len(a)
+        if len(a) == 1 and len(b) > 1:
+            a = a * len(b)
+        assert len(a) == len(b), "band counts differ"
+        out = {}
+        for (name, (va, ma)), (_, (vb, mb)) in zip(a, b):
+            out[name] = (np.asarray(op(va, vb), dtype=np.float64), np.broadcast_to(ma & mb, np.broadcast(va, vb).shape))
+        return FakeImage(out, dict(image1.properties))
+    return apply
+
+
+def _remap(image, **kw):
+    (name, (v, m)), = image.bands.items()
+    out = np.full(v.shape, np.nan if kw.get("defaultValue") is None else kw["defaultValue"], dtype=np.float64)
+    for f, t in zip(kw["from"], kw["to"]):
+        out[v == f] = t
+    mask = m & ~np.isnan(out)
+    return FakeImage({name: (np.nan_to_num(out), mask)}, dict(image.properties))
+
+
+def _reduce_collection(kind):
+    def apply(collection: list[FakeImage]) -> FakeImage:
+        names = list(collection[0].bands)
+        out = {}
+        for name in names:
+            vals = np.stack([np.broadcast_to(im.bands[name][0], im.bands[name][1].shape) for im in collection])
+            masks = np.stack([im.bands[name][1] for im in collection])
+            masked = np.where(masks, vals, np.nan)
+            any_valid = masks.any(axis=0)
+            with np.errstate(all="ignore"):
+                import warnings
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    red = np.nanmedian(masked, axis=0) if kind == "median" else np.nansum(masked, axis=0)
+            out[name] = (np.nan_to_num(red), any_valid)
+        return FakeImage(out)
+    return apply
+
+
+def _update_mask(image, mask):
+    (mv, mm), = mask.bands.values()
+    keep = mm & (mv != 0)
+    return FakeImage({k: (v, m & keep) for k, (v, m) in image.bands.items()}, dict(image.properties))
+
+
+def _link_collection(input, imageCollection, linkedBands=None, linkedProperties=None, matchPropertyName=None):
+    key = matchPropertyName or "system:index"
+    match = [im for im in imageCollection if im.properties.get(key) == input.properties.get(key)]
+    if not match:
+        return input  # no match: the image as it was
+    bands = dict(input.bands)
+    for name in linkedBands or []:
+        bands[name] = match[0].bands[name]
+    props = dict(input.properties)
+    for name in linkedProperties or []:
+        props[name] = match[0].properties[name]
+    return FakeImage(bands, props)
+
+
+def _unmask(input, value=None, sameFootprint=True):
+    (fill, _), = value.bands.values()
+    return FakeImage({k: (np.where(m, v, fill), np.ones(m.shape, bool)) for k, (v, m) in input.bands.items()},
+                     dict(input.properties))
+
+
+def _image_reduce(image, reducer):
+    assert reducer == "min"
+    vals = np.stack([np.where(m, v, np.inf) for v, m in image.bands.values()])
+    masks = np.stack([m for _, m in image.bands.values()])
+    return FakeImage({"min": (np.where(masks.all(axis=0), vals.min(axis=0), 0.0), masks.all(axis=0))})
+
+
+def _select(input, bandSelectors, newNames=None):
+    names = list(bandSelectors)
+    missing = [n for n in names if n not in input.bands]
+    if missing:
+        raise KeyError(f"Image.select: Pattern {missing[0]!r} did not match any bands.")
+    return FakeImage({(newNames or names)[i]: input.bands[n] for i, n in enumerate(names)}, dict(input.properties))
+
+
+_ALGORITHMS = {
+    "Image.add": _binary(np.add),
+    "Image.multiply": _binary(np.multiply),
+    "Image.gt": _binary(lambda a, b: (a > b).astype(float)),
+    "Image.gte": _binary(lambda a, b: (a >= b).astype(float)),
+    "Image.eq": _binary(lambda a, b: (a == b).astype(float)),
+    "Image.neq": _binary(lambda a, b: (a != b).astype(float)),
+    "Image.and": _binary(lambda a, b: ((a != 0) & (b != 0)).astype(float)),
+    "Image.bitwiseAnd": _binary(lambda a, b: np.bitwise_and(a.astype(np.int64), np.int64(b)).astype(float)),
+    "Image.constant": lambda value: FakeImage({"constant": (np.asarray(float(value)), np.ones((), bool))}),
+    "Image.select": _select,
+    "Image.rename": lambda input, names: FakeImage(dict(zip(names, input.bands.values())), dict(input.properties)),
+    "Image.addBands": lambda dstImg, srcImg, names=None, overwrite=False: FakeImage(
+        {**dstImg.bands, **srcImg.bands}, dict(dstImg.properties)),
+    "Image.remap": _remap,
+    "Image.updateMask": _update_mask,
+    "Image.mask": lambda image: FakeImage({k: (m.astype(float), np.ones(m.shape, bool)) for k, (v, m) in image.bands.items()}),
+    "Image.reduce": _image_reduce,
+    "Reducer.min": lambda: "min",
+    "Image.unmask": _unmask,
+    "Image.toFloat": lambda value: value,
+    "Image.linkCollection": _link_collection,
+    "reduce.median": _reduce_collection("median"),
+    "reduce.sum": _reduce_collection("sum"),
+    "Collection.map": lambda collection, baseAlgorithm: [baseAlgorithm(im) for im in collection],
+    "Collection.filter": lambda collection, filter: [im for im in collection if filter(im)],
+    "DateRange": lambda start, end=None: (_ms(start), _ms(end)),
+    "Filter.dateRangeContains": lambda leftValue, rightField: (
+        lambda im: leftValue[0] <= im.properties[rightField] < leftValue[1]),
+}
+
+
+class FakeEarthEngineServer:
+    """Evaluates serialized expressions (``ee.serializer.encode``) against a fake catalog.
+
+    ``catalog`` maps an ImageCollection id to its images. :data:`CLOUD_SCORE_PLUS_ID` is in the
+    default catalog next to a tiny Sentinel-2 collection (see :func:`tiny_sentinel2_catalog`).
+    """
+
+    def __init__(self, catalog: dict[str, list[FakeImage]]):
+        self.catalog = catalog
+        self.algorithms_called: Counter = Counter()
+
+    def evaluate(self, encoded: dict) -> FakeImage:
+        values = encoded["values"]
+
+        def node(value, env):
+            if "constantValue" in value:
+                return value["constantValue"]
+            if "valueReference" in value:
+                return node(values[value["valueReference"]], env)
+            if "argumentReference" in value:
+                return env[value["argumentReference"]]
+            if "arrayValue" in value:
+                return [node(v, env) for v in value["arrayValue"]["values"]]
+            if "dictionaryValue" in value:
+                return {k: node(v, env) for k, v in value["dictionaryValue"]["values"].items()}
+            if "functionDefinitionValue" in value:
+                definition = value["functionDefinitionValue"]
+                return lambda *args: node(values[definition["body"]],
+                                          {**env, **dict(zip(definition["argumentNames"], args))})
+            call = value["functionInvocationValue"]
+            name = call["functionName"]
+            args = {k: node(v, env) for k, v in call["arguments"].items()}
+            self.algorithms_called[name] += 1
+            if name == "ImageCollection.load":
+                if args["id"] not in self.catalog:
+                    raise KeyError(f"ImageCollection.load: collection {args['id']!r} not found")
+                return list(self.catalog[args["id"]])
+            if name not in _ALGORITHMS:
+                raise NotImplementedError(f"the fake server does not evaluate {name}")
+            return _ALGORITHMS[name](**args)
+
+        return node(values[encoded["result"]], {})

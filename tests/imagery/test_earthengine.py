@@ -464,3 +464,118 @@ def test_factory_builds_the_analysis_period_source_with_the_env_selected_client(
         open_source(study)
     monkeypatch.delenv("EOCAUSAL_EE_CLIENT")
     assert isinstance(open_source(study).client, EarthEngineApi)  # the real one, not initialised yet
+
+
+# -- Cloud Score+ masking (imagery.cloud_mask: cloud_score_plus) ----------------------------------
+
+from eocausal.imagery.ee_collections import CLOUD_SCORE_PLUS_ID  # noqa: E402
+from tests.imagery.fake_earthengine import FakeEarthEngineServer, fake_image, offline_ee  # noqa: E402
+
+S2_ID = "COPERNICUS/S2_SR_HARMONIZED"
+
+
+def tiny_s2_catalog() -> dict:
+    """Three 2020 scenes and one 2019 scene of 2 x 2 px, with their Cloud Score+ images (same system:index).
+
+    Pixels in ravel order p0..p3. SCL 4 = vegetation (clear), 8/9 = cloud, 0 = no data.
+    """
+    def px(values):
+        return [values[:2], values[2:]]
+
+    s2 = [
+        fake_image("s1", "2020-03-01", B4=px([1000, 2000, 3000, 4000]), SCL=px([4, 4, 9, 0])),
+        fake_image("s2", "2020-06-01", B4=px([1100, 2100, 3100, 4100]), SCL=px([4, 8, 4, 4])),
+        fake_image("s3", "2020-09-01", B4=px([1200, 2200, 3200, 4200]), SCL=px([4, 4, 4, 4])),
+        fake_image("s0", "2019-06-01", B4=px([9999] * 4), SCL=px([4] * 4)),  # outside the period
+    ]
+    cs = [
+        fake_image("s1", "2020-03-01", cs=px([0.2] * 4), cs_cdf=px([0.90, 0.50, 0.10, 0.90])),
+        fake_image("s2", "2020-06-01", cs=px([0.2] * 4), cs_cdf=px([0.60, 0.90, 0.59, 0.80])),
+        fake_image("s3", "2020-09-01", cs=px([0.2] * 4), cs_cdf=px([0.30, 0.95, 0.20, 0.61])),
+        fake_image("s0", "2019-06-01", cs=px([1.0] * 4), cs_cdf=px([1.0] * 4)),
+    ]
+    return {S2_ID: s2, CLOUD_SCORE_PLUS_ID: cs}
+
+
+def s2_spec(**kwargs) -> ImagerySpec:
+    return ImagerySpec(source="earthengine", collection="sentinel2_sr", band_names=["B4"],
+                       periods=[{"name": "2020", "start": "2020-01-01", "end": "2021-01-01"}], **kwargs)
+
+
+def evaluate_composite(spec: ImagerySpec):
+    src = EarthEngineSource.from_spec(spec, spec.period(), FakeEarthEngine(DEMO_CROP))
+    server = FakeEarthEngineServer(tiny_s2_catalog())
+    with offline_ee() as ee:
+        image = server.evaluate(ee.serializer.encode(build_composite(ee, src.recipe)))
+    assert list(image.bands) == ["B4", "valid", "clear_obs", "total_obs"]
+    return {k: v.ravel().tolist() for k, (v, m) in image.bands.items()}, server
+
+
+def test_cloud_score_plus_keeps_only_pixels_with_cs_cdf_at_or_above_the_threshold():
+    bands, server = evaluate_composite(s2_spec(cloud_mask="cloud_score_plus"))
+    # clear = cs_cdf >= 0.60 and SCL != 0, whatever SCL says about clouds:
+    # p0: s1 (0.90), s2 (0.60) -> median(1000, 1100); p1: s2 (0.90, SCL 8), s3 (0.95) -> median(2100, 2200);
+    # p2: nothing at or above 0.60 -> no value; p3: s1 has SCL 0 (not observed), s2, s3 -> median(4100, 4200).
+    np.testing.assert_allclose(bands["B4"], [0.1050, 0.2150, 0.0, 0.4150], rtol=1e-9)
+    assert bands["valid"] == [1, 1, 0, 1]
+    assert bands["clear_obs"] == [2, 2, 0, 2]
+    assert bands["total_obs"] == [3, 3, 3, 2]
+    assert server.algorithms_called["Image.linkCollection"] > 0
+
+    stricter, _ = evaluate_composite(s2_spec(cloud_mask="cloud_score_plus", cloud_score_threshold=0.9))
+    np.testing.assert_allclose(stricter["B4"], [0.1000, 0.2150, 0.0, 0.0], rtol=1e-9)
+    assert stricter["clear_obs"] == [1, 2, 0, 0] and stricter["valid"] == [1, 1, 0, 0]
+
+
+def test_default_sentinel2_masking_stays_scl_and_unchanged():
+    spec = s2_spec()
+    assert spec.cloud_mask == "scl" and s2_spec(cloud_mask="scl").cloud_mask == "scl"
+    bands, server = evaluate_composite(spec)
+    # SCL clear classes: p0 all three; p1 s1, s3; p2 s2, s3 (s1 is cloud 9); p3 s2, s3 (s1 no data).
+    np.testing.assert_allclose(bands["B4"], [0.1100, 0.2100, 0.3150, 0.4150], rtol=1e-9)
+    assert bands["clear_obs"] == [3, 2, 2, 2] and bands["total_obs"] == [3, 3, 3, 2]
+    assert "Image.linkCollection" not in server.algorithms_called
+
+    # Byte-identical to before the option existed: the recipe, its chip key and its expression.
+    old = ImagerySpec(source="earthengine", collection="sentinel2_sr", band_names=["B4", "B8"],
+                      periods=[{"name": "2020", "start": "2020-01-01", "end": "2021-01-01"}])
+    src = EarthEngineSource.from_spec(old, old.period(), FakeEarthEngine(DEMO_CROP))
+    assert "cloud_score_threshold" not in src.recipe.to_json()
+    # Values recorded with the code before imagery.cloud_mask was added.
+    assert src.fingerprint() == "554826c8a375c21aae6160e508cce037310f77752ad90576732f49ae5da12147"
+    with offline_ee() as ee:
+        encoded = json.dumps(ee.serializer.encode(build_composite(ee, src.recipe)), sort_keys=True)
+    import hashlib
+
+    assert hashlib.sha256(encoded.encode()).hexdigest() == (
+        "653fd4ffebc7fff43300149601187d9324b49f3b84e74e539230fa17c5c3aef5")
+
+
+def test_cloud_mask_is_part_of_the_chip_key():
+    period = s2_spec().period()
+    keys = {
+        EarthEngineSource.from_spec(spec, period, FakeEarthEngine(DEMO_CROP)).fingerprint()
+        for spec in (s2_spec(), s2_spec(cloud_mask="cloud_score_plus"),
+                     s2_spec(cloud_mask="cloud_score_plus", cloud_score_threshold=0.5))
+    }
+    assert len(keys) == 3
+    r = EarthEngineSource.from_spec(s2_spec(cloud_mask="cloud_score_plus"), period, FakeEarthEngine(DEMO_CROP)).recipe
+    assert r.mask == "sentinel2_cloud_score_plus" and r.cloud_score_threshold == 0.60
+    assert hash(r) != hash(replace_threshold(r, 0.5))
+
+
+def replace_threshold(r: CompositeRecipe, t: float) -> CompositeRecipe:
+    from dataclasses import replace
+
+    return replace(r, cloud_score_threshold=t)
+
+
+def test_study_contract_rejects_cloud_score_plus_outside_sentinel2():
+    period = [{"name": "2020", "start": "2020-01-01", "end": "2021-01-01"}]
+    with pytest.raises(ValueError, match="cloud_mask 'cloud_score_plus' applies to Sentinel-2 collections only"):
+        ImagerySpec(source="earthengine", collection="landsat8_9_sr", periods=period, cloud_mask="cloud_score_plus")
+    with pytest.raises(ValueError, match="apply to source 'earthengine'"):
+        ImagerySpec(source="geotiff", path="x.tif", cloud_mask="cloud_score_plus")
+    with pytest.raises(ValueError, match="cloud_score_threshold"):
+        s2_spec(cloud_mask="cloud_score_plus", cloud_score_threshold=1.5)
+    ImagerySpec(source="earthengine", collection="landsat8_9_sr", periods=period, cloud_mask="scl")
