@@ -158,6 +158,9 @@ class ImagerySpec(_Strict):
     catalog: str | None = None  # a STAC API or static catalog URL, or a catalog file relative to the study
     max_cloud_cover: float | None = Field(None, ge=0, le=100)  # keep items with eo:cloud_cover <= this
     mask_asset: str | None = None  # "SCL" / "QA_PIXEL" asset key; None = detect by key; "none" = no mask
+    # Sign asset hrefs with a Planetary Computer SAS token (eocausal.imagery.signing); None = auto:
+    # planetary_computer when the catalog is on planetarycomputer.microsoft.com, else none.
+    sign: Literal["none", "planetary_computer"] | None = None
     max_items: int = Field(2000, ge=1, le=100_000)  # per period; more is an error (narrow the search)
     # Composite periods: a list of {name, start, end} (or bare years), or start/end for one.
     periods: list[PeriodSpec] = Field(default_factory=list)
@@ -200,7 +203,7 @@ class ImagerySpec(_Strict):
                     f"study has one imagery partition, {GEOTIFF_PERIOD!r} (its files as they are)"
                 )
         if self.source != "stac":
-            given = [k for k in ("catalog", "max_cloud_cover", "mask_asset") if getattr(self, k) is not None]
+            given = [k for k in ("catalog", "max_cloud_cover", "mask_asset", "sign") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"imagery.{'/'.join(given)} apply to source 'stac' only")
         if self.source != "earthengine":

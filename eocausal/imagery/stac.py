@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
@@ -71,6 +72,7 @@ from eocausal.imagery.remote import (
     retry_kind,
 )
 from eocausal.imagery.retry import GaveUp, RetryPolicy, RetryStats, call_with_retries
+from eocausal.imagery.signing import PLANETARY_COMPUTER_HOST, SasSigner
 from eocausal.imagery.sources import ChipFailure
 
 if TYPE_CHECKING:
@@ -266,6 +268,7 @@ class _Readers(threading.local):
 
     def __init__(self):
         self.open: OrderedDict[str, object] = OrderedDict()
+        self.expiry: dict[str, float] = {}  # href -> when the token it was opened with expires
 
 
 class StacSource:
@@ -289,6 +292,8 @@ class StacSource:
         sleep: Callable[[float], None] | None = None,
         seed: int | None = None,
         max_open_datasets: int = 32,
+        sign: str | None = None,
+        signer: "SasSigner | None" = None,
     ):
         if end <= start:
             raise ValueError(f"period {period_name!r}: end {end} must be after start {start}")
@@ -313,6 +318,13 @@ class StacSource:
         self._grids: dict[str, Grid] = {}
         self._file_scaling: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple]] = {}
         self._all_open: list = []
+        # imagery.sign: planetary_computer (None = auto: the catalog is on Planetary Computer).
+        self.sign = sign if sign is not None else (
+            "planetary_computer" if urlparse(self.catalog).hostname == PLANETARY_COMPUTER_HOST else "none")
+        if self.sign not in ("none", "planetary_computer"):
+            raise ValueError(f"imagery.sign must be 'none' or 'planetary_computer', got {sign!r}")
+        self._signer = signer or (SasSigner(timeout_s=self.request_timeout_s)
+                                  if self.sign == "planetary_computer" else None)
 
     @classmethod
     def from_spec(cls, spec: "ImagerySpec", period: "PeriodSpec", catalog: str | Path, **kwargs) -> "StacSource":
@@ -322,7 +334,7 @@ class StacSource:
             max_items=spec.max_items, max_concurrency=min(spec.max_concurrency, 16),
             retry=RetryPolicy(max_attempts=spec.max_attempts, initial_delay_s=DEFAULT_REMOTE_RETRY.initial_delay_s,
                               max_delay_s=DEFAULT_REMOTE_RETRY.max_delay_s),
-            request_timeout_s=spec.request_timeout_s, **kwargs,
+            request_timeout_s=spec.request_timeout_s, sign=spec.sign, **kwargs,
         )
 
     # -- metadata -----------------------------------------------------------------------------
@@ -533,6 +545,9 @@ class StacSource:
                 except Exception:  # a dataset whose connection failed
                     pass
 
+        if self._signer is not None:
+            # The token first, outside the retries: a refusing endpoint stops the run, named.
+            self._signer.sign(href)
         stop = getattr(readers, "stop", None)
         return call_with_retries(
             fn, policy=self.retry, classify=classify_remote_error, kind_of=retry_kind, describe=describe,
@@ -544,11 +559,18 @@ class StacSource:
 
     def _open(self, href: str, readers: _Readers):
         ds = readers.open.get(href)
+        if ds is not None and self._signer is not None and self._signer.expired(readers.expiry.get(href, 0.0)):
+            readers.open.pop(href)  # opened with a token that is expiring: open again, signed anew
+            ds.close()
+            ds = None
         if ds is not None:
             readers.open.move_to_end(href)
             return ds
+        url = href
+        if self._signer is not None:
+            url, readers.expiry[href] = self._signer.sign(href)
         try:
-            ds = rasterio.open(gdal_path(href))
+            ds = rasterio.open(gdal_path(url))
         except RasterioError as exc:
             raise ImageryError(f"{href}: cannot open: {exc}") from exc
         readers.open[href] = ds

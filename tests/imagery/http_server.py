@@ -44,6 +44,8 @@ class Faults:
     only: str = ""  # a path substring the numbering (and faults) apply to; "" = every request
     status_every: int = 0  # every n-th matching request answers `status` (0 = never)
     status: int = 503
+    # When set, .tif files answer 403 unless the query holds every one of these parameters (a SAS token).
+    require_query: tuple[str, ...] = ()
 
 
 @dataclass
@@ -221,6 +223,10 @@ class _Server:
         if self.api is not None and (path == "/api" or path.startswith("/api/")):
             status, payload, ctype = self.api.answer(h.command, path, query, body)
             return self._send(h, head, status, payload, ctype)
+        if self.faults.require_query and path.endswith(".tif"):
+            given = {p.split("=", 1)[0] for p in query.split("&") if "=" in p}
+            if not set(self.faults.require_query) <= given:
+                return self._send(h, head, 403, b"no SAS token", "text/plain")
         target = (self.root / path.lstrip("/")).resolve()
         if target != self.root and self.root not in target.parents:
             return self._send(h, head, 403, b"outside", "text/plain")

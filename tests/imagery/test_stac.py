@@ -7,7 +7,8 @@ responses. A chip from the STAC source must be byte for byte the GeoTIFF source'
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+import json
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,106 @@ def test_unusable_catalogs_name_the_rule(crop_catalog, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(StacError, match="not a STAC catalog"):
         source(tmp_path / "bad.json").items((-180, -90, 180, 90))
+
+
+# -- Planetary Computer signing (imagery.sign: planetary_computer) ---------------------------------
+
+
+class TokenEndpoint:
+    """A fake SAS token endpoint on 127.0.0.1: answers ``status`` or a token valid for ``ttl_s``."""
+
+    def __init__(self, status: int = 200, ttl_s: float = 3600.0):
+        import http.server
+        import threading
+
+        self.status, self.ttl_s, self.paths = status, ttl_s, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.paths.append(self.path)
+                if outer.status != 200:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                expiry = datetime.now(timezone.utc) + timedelta(seconds=outer.ttl_s)
+                body = json.dumps({"msft:expiry": expiry.isoformat().replace("+00:00", "Z"),
+                                   "token": f"st=x&se=y&sp=rl&sig=t{len(outer.paths)}"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api/sas/v1/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_signed_reads_match_unsigned_local_reads_and_refresh_expiring_tokens(crop_catalog):
+    from eocausal.imagery.signing import SasSigner
+
+    root = crop_catalog.parent
+    points = unit_points(DEMO_CROP, 12, seed=5)
+    local = source(crop_catalog).read_chips(points, 16)
+    tokens = TokenEndpoint(ttl_s=3600.0)
+    try:
+        with FileServer(root, Faults(require_query=("st", "sig"))) as server:
+            unsigned = source(server.url_of(crop_catalog)).read_chips(points[:1], 16)
+            assert isinstance(unsigned[0], ChipFailure) and "403" in unsigned[0].detail
+            signer = SasSigner(tokens.url)
+            stac = source(server.url_of(crop_catalog), sign="planetary_computer", signer=signer)
+            signed = stac.read_chips(points, 16)
+            assert server.count(".tif", status=403) >= 1  # the unsigned try above only
+    finally:
+        tokens.close()
+    assert_same_chips(signed, local)
+    # One token per (account, container): the host, and the catalog's first path segment.
+    assert len(tokens.paths) == 1 and tokens.paths[0].startswith("/api/sas/v1/token/127.0.0.1/")
+
+    # An expiring token is asked for again (a clock, not a wait).
+    now = [1_000_000.0]
+    endpoint = TokenEndpoint(ttl_s=3600.0)
+    try:
+        signer = SasSigner(endpoint.url, clock=lambda: now[0])
+        href = "https://acct.blob.core.windows.net/container/a/b.tif"
+        first, expiry = signer.sign(href)
+        assert first == href + "?st=x&se=y&sp=rl&sig=t1" and signer.sign(href)[0] == first
+        now[0] = expiry - 30.0  # under a minute left
+        assert signer.sign(href)[0].endswith("sig=t2") and len(endpoint.paths) == 2
+        assert endpoint.paths[0].endswith("/acct/container")
+    finally:
+        endpoint.close()
+
+
+def test_a_refusing_token_endpoint_is_one_clear_error_naming_it(crop_catalog):
+    from eocausal.imagery.signing import SasSigner, SigningError
+
+    tokens = TokenEndpoint(status=403)
+    try:
+        with FileServer(crop_catalog.parent, Faults(require_query=("st", "sig"))) as server:
+            stac = source(server.url_of(crop_catalog), sign="planetary_computer", signer=SasSigner(tokens.url))
+            with pytest.raises(SigningError, match=r"token endpoint .*/api/sas/v1/token/127\.0\.0\.1/.* HTTP 403"):
+                stac.read_chips(unit_points(DEMO_CROP, 4, seed=6), 16)
+    finally:
+        tokens.close()
+
+
+def test_sign_is_auto_on_planetary_computer_and_stac_only():
+    from eocausal.study import ImagerySpec
+
+    pc = StacSource("https://planetarycomputer.microsoft.com/api/stac/v1", "sentinel-2-l2a", "p",
+                    date(2020, 1, 1), date(2021, 1, 1))
+    assert pc.sign == "planetary_computer"
+    assert StacSource("https://earth-search.aws.element84.com/v1", "c", "p", date(2020, 1, 1),
+                      date(2021, 1, 1)).sign == "none"
+    with pytest.raises(ValueError, match="apply to source 'stac' only"):
+        ImagerySpec(source="geotiff", path="x.tif", sign="planetary_computer")
