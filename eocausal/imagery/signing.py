@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -32,6 +33,14 @@ SUBSCRIPTION_KEY_ENV = "PC_SDK_SUBSCRIPTION_KEY"
 PLANETARY_COMPUTER_HOST = "planetarycomputer.microsoft.com"
 BLOB_DOMAIN = ".blob.core.windows.net"
 REFRESH_MARGIN_S = 60.0  # a token with less than this left is asked for again
+# A SAS token's signature in a URL (GDAL and rasterio errors quote the URL they opened).
+_SIGNATURE = re.compile(r"([?&]sig=)[^&\s'\"]+")
+
+
+def without_signature(text: str) -> str:
+    """``text`` with every SAS signature (``sig=...``) in it replaced: error messages, chip failure
+    records and logs never carry a usable token."""
+    return _SIGNATURE.sub(r"\1[redacted]", text)
 
 
 class SigningError(ImageryError):

@@ -72,7 +72,7 @@ from eocausal.imagery.remote import (
     retry_kind,
 )
 from eocausal.imagery.retry import GaveUp, RetryPolicy, RetryStats, call_with_retries
-from eocausal.imagery.signing import PLANETARY_COMPUTER_HOST, SasSigner
+from eocausal.imagery.signing import PLANETARY_COMPUTER_HOST, SasSigner, without_signature
 from eocausal.imagery.sources import ChipFailure
 
 if TYPE_CHECKING:
@@ -533,7 +533,7 @@ class StacSource:
             with gdal_env(self.request_timeout_s):
                 return self._chip(items, lon, lat, size_px, readers)
         except GaveUp as exc:
-            return ChipFailure(REASON_FETCH_FAILED, f"({lon:.6f}, {lat:.6f}): {exc}")
+            return ChipFailure(REASON_FETCH_FAILED, f"({lon:.6f}, {lat:.6f}): {without_signature(str(exc))}")
 
     def _retrying(self, fn, href: str, readers: _Readers):
         """One asset's open or read, retried on its own (a failed connection is dropped and reopened)."""
@@ -572,7 +572,7 @@ class StacSource:
         try:
             ds = rasterio.open(gdal_path(url))
         except RasterioError as exc:
-            raise ImageryError(f"{href}: cannot open: {exc}") from exc
+            raise ImageryError(f"{href}: cannot open: {without_signature(str(exc))}") from None
         readers.open[href] = ds
         with self._lock:
             self._all_open.append(ds)

@@ -438,3 +438,21 @@ def test_sign_is_auto_on_planetary_computer_and_stac_only():
                       date(2021, 1, 1)).sign == "none"
     with pytest.raises(ValueError, match="apply to source 'stac' only"):
         ImagerySpec(source="geotiff", path="x.tif", sign="planetary_computer")
+
+
+def test_a_failed_signed_read_never_records_the_token(crop_catalog):
+    """Every asset request answers 404 after signing: the chip failures name the asset and the
+    status, and no record or message carries the token's signature."""
+    from eocausal.imagery.signing import SasSigner, without_signature
+
+    assert without_signature("/vsicurl/https://a/b.tif?st=x&sig=abc%2Bd&sp=r: 404") == \
+        "/vsicurl/https://a/b.tif?st=x&sig=[redacted]&sp=r: 404"
+    tokens = TokenEndpoint(ttl_s=3600.0)
+    try:
+        with FileServer(crop_catalog.parent, Faults(only=".tif", status_every=1, status=404)) as server:
+            stac = source(server.url_of(crop_catalog), sign="planetary_computer", signer=SasSigner(tokens.url))
+            chips = stac.read_chips(unit_points(DEMO_CROP, 3, seed=7), 16)
+    finally:
+        tokens.close()
+    failures = [c for c in chips if isinstance(c, ChipFailure)]
+    assert failures and all("sig=t1" not in f.detail for f in failures), [f.detail for f in failures]
