@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.naming import safe_name
 from assets.studies import StudyEntry, study_definitions, study_name
 from eocausal.study import StudyError, default_workdir
 
@@ -53,15 +54,10 @@ def broken_study_definitions(name: str, study_path: Path, error: str) -> dg.Defi
     schedule or sensor, and the catalog leaves it out until the file is fixed."""
     message = f"study file {study_path} does not follow the study contract: {error}"
 
-    @dg.asset(key=[safe_key(name), "study_file"], group_name="broken_studies", description=message,
+    @dg.asset(key=[safe_name(name) or "study", "study_file"], group_name="broken_studies", description=message,
               metadata={"study": str(study_path), "error": error})
     def study_file() -> None:
         raise dg.Failure(description=message)
 
     log.warning("%s: the study is left out of the deployment until it is fixed", message)
     return dg.Definitions(assets=[study_file])
-
-
-def safe_key(name: str) -> str:
-    """An asset-key part from a folder name (letters, digits and underscores)."""
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "study"

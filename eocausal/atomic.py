@@ -5,9 +5,9 @@ reader (or a run killed midway) sees the old file or the new one, never half of 
 the temporary file is removed and the target is left as it was. Files are made readable like
 ordinary files (``0o644``; ``mkstemp`` would leave them private).
 
-Writers with their own temp-file naming (the chip store, which names a temp file after its writer
-process so a later run can sweep a dead writer's leftovers; the DuckDB swap in
-:mod:`eocausal.warehouse`, whose temp file must not exist before DuckDB creates it) keep theirs.
+The chip store passes its own temp-name ``prefix`` (the writer's host and pid, so a later run can
+sweep a dead writer's leftovers). The DuckDB swap in :mod:`eocausal.warehouse` keeps its own code:
+its temp file must not exist before DuckDB creates it.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ FILE_MODE = 0o644
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int = FILE_MODE) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int = FILE_MODE,
+                prefix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it replaces
-    ``path``, otherwise it is removed. The folder is created if needed."""
+    ``path``, otherwise it is removed. The folder is created if needed. ``prefix``: the temp
+    file's name prefix (default ``.<name>.``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name[:24]}.", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name[:24]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eocausal import progress
+from eocausal import atomic, progress
 from eocausal.faults import crash_point, write_point
 from eocausal.imagery import chipstore
 from eocausal.imagery.chipstore import stored_chip_keys as stored_chip_keys  # the public count of a cache
@@ -109,21 +108,9 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that readers see either nothing or the whole file, even if killed (legacy layout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_point(path)  # fault tests: a full or read-only disk
-    # The writer's host and pid in the temp name let a later run tell a dead writer's leftover
-    # from a live writer's file (see _sweep_stale_temp_files).
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.stem[:16]}.{_HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=path.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic.atomic_path(path, mode=chipstore.CHIP_FILE_MODE, prefix=chipstore.writer_temp_prefix(path.stem)) as tmp:
+        with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 _HOST_TAG = chipstore.HOST_TAG

@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import socket
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -44,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from eocausal import atomic
 from eocausal.faults import crash_point, write_point
 
 log = logging.getLogger(__name__)
@@ -274,28 +274,28 @@ class PartWriter:
         return self.flush()
 
 
+# Chip files (parts and legacy .npz) stay private, the mode they had before the shared atomic writer.
+CHIP_FILE_MODE = 0o600
+
+
+def writer_temp_prefix(stem: str) -> str:
+    """A chip file's temp-name prefix: the writer's host and pid let a later run tell a dead writer's
+    leftover from a live writer's file (chips._sweep_stale_temp_files)."""
+    return f".{stem[:16]}.{HOST_TAG}.{os.getpid()}."
+
+
 def _write_part(folder: Path, table: pa.Table) -> Path:
     """Write ``table`` as a new part so that readers see the whole part or nothing, even if killed."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{time.time_ns():020d}-{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     path = folder / f"{stem}{PART_SUFFIX}"
     write_point(path)  # fault tests: a full or read-only disk
-    # The writer's host and pid in the temp name let a later run tell a dead writer's leftover
-    # from a live writer's file (see chips._sweep_stale_temp_files).
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem[:16]}.{HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic.atomic_path(path, mode=CHIP_FILE_MODE, prefix=writer_temp_prefix(stem)) as tmp:
+        with open(tmp, "wb") as fh:
             pq.write_table(
                 table, fh, row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION,
                 compression_level=COMPRESSION_LEVEL, use_dictionary=["dtype", "source_file"],
                 write_statistics=False,
             )
         crash_point("chips.part_written")  # fault tests: the part whole, not yet under its name
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
     return path

@@ -32,11 +32,19 @@ from eocausal.imagery.earthengine import (
     load_credentials,
     utm_crs_code,
 )
-from eocausal.imagery.ee_collections import COLLECTIONS
+from eocausal.imagery.ee_collections import CLOUD_SCORE_PLUS_ID, COLLECTIONS
 from eocausal.imagery.geotiff import GeoTiffSource, ImageryError
 from eocausal.imagery.sources import open_source
 from eocausal.study import ImagerySpec, StudyError
-from tests.imagery.fake_earthengine import DEMO_CROP, FakeEarthEngine, Faults, http_error
+from tests.imagery.fake_earthengine import (
+    DEMO_CROP,
+    FakeEarthEngine,
+    FakeEarthEngineServer,
+    Faults,
+    fake_image,
+    http_error,
+    offline_ee,
+)
 
 CRS = "EPSG:32721"  # the crop's area, in the southern-hemisphere UTM zone Earth Engine would use
 # The shipped crop's real pixels, re-gridded onto multiples of 30 m, so that a local read and an
@@ -113,22 +121,9 @@ def test_utm_zone_follows_the_unit():
     assert [g["crsCode"] for g in grids] == ["EPSG:32721", "EPSG:32633"]
 
 
-def test_composite_expression_builds_with_the_librarys_offline_algorithms(monkeypatch):
+def test_composite_expression_builds_with_the_librarys_offline_algorithms():
     """Every collection's recipe is a valid ee expression (the client's own test algorithm list)."""
-    import ee
-    from ee import apitestcase
-
-    monkeypatch.setattr(ee.data, "_install_cloud_api_resource", lambda: None)
-    monkeypatch.setattr(ee.data, "getAlgorithms", apitestcase.GetAlgorithms)
-    ee.Reset()
-    try:
-        # What ee.Initialize does, minus credentials and network (ee.Initialize itself is refused).
-        ee.data.initialize(credentials=None, project="offline-test")
-        ee.ApiFunction.initialize()
-        for cls in ee._DYNAMIC_CLASSES:
-            cls.initialize()
-        ee._InitializeGeneratedClasses()
-        ee._InitializeUnboundMethods()
+    with offline_ee() as ee:
         for name, coll in COLLECTIONS.items():
             r = recipe(coll.default_bands, name)
             text = json.dumps(ee.serializer.encode(build_composite(ee, r)))
@@ -140,8 +135,6 @@ def test_composite_expression_builds_with_the_librarys_offline_algorithms(monkey
         assert '"Image.bitwiseAnd"' in landsat and "30" in landsat  # QA_PIXEL bits 1-4 = 30
         s2 = json.dumps(ee.serializer.encode(build_composite(ee, recipe(("B4",), "sentinel2_sr"))))
         assert '"Image.remap"' in s2 and '"SCL"' in s2
-    finally:
-        ee.Reset()
 
 
 def test_chips_are_the_scenes_real_pixels_on_the_fixed_grid(aligned_scene):
@@ -467,9 +460,6 @@ def test_factory_builds_the_analysis_period_source_with_the_env_selected_client(
 
 
 # -- Cloud Score+ masking (imagery.cloud_mask: cloud_score_plus) ----------------------------------
-
-from eocausal.imagery.ee_collections import CLOUD_SCORE_PLUS_ID  # noqa: E402
-from tests.imagery.fake_earthengine import FakeEarthEngineServer, fake_image, offline_ee  # noqa: E402
 
 S2_ID = "COPERNICUS/S2_SR_HARMONIZED"
 
