@@ -113,9 +113,9 @@ def chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.nd
         yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache)
 
 
-def fit_feature_pca(features: np.ndarray, n_components: int, seed: int) -> PCAReduction | None:
+def fit_feature_pca(features: np.ndarray, n_components: int) -> PCAReduction | None:
     """The exact PCA of the finite rows, from their moments accumulated ``LOAD_CHIPS`` rows at a
-    time (never a float64 copy of every feature). ``seed`` is kept for callers: nothing is random."""
+    time (never a float64 copy of every feature)."""
     moments = PCAMoments(features.shape[1])
     for start in range(0, len(features), LOAD_CHIPS):
         moments.update(features[start : start + LOAD_CHIPS])
@@ -196,7 +196,7 @@ def _load_or_refit_pca(path: Path, features: np.ndarray, spec: EmbeddingSpec) ->
             return PCAReduction.from_dict(json.loads(pca_path.read_text()))
         except (EmbeddingError, ValueError):
             pass  # damaged: fit it again below
-    pca = fit_feature_pca(features, spec.pca_components, spec.seed)
+    pca = fit_feature_pca(features, spec.pca_components)
     if pca is not None:
         _write_atomic(pca_path, lambda fh: fh.write(json.dumps(pca.to_dict()).encode()))
     return pca
