@@ -121,6 +121,22 @@ class PeriodSpec(_Strict):
         return self
 
 
+class EarthEngineExportSpec(_Strict):
+    """``imagery.export``: Earth Engine batch export instead of a request per chip (see eocausal.imagery.ee_export).
+
+    Each block of ``block_px`` x ``block_px`` chip centres is one export task writing a Cloud-Optimised
+    GeoTIFF of the composite to ``gs://<bucket>/<prefix>/...``; chips are cut from it locally, with the
+    same pixels and chip keys as the request-per-chip path.
+    """
+
+    bucket: str = Field(min_length=3, max_length=222, pattern=r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+    prefix: str = Field("eocausal-exports", max_length=512)
+    block_px: int = Field(1024, ge=64, le=8192)  # chip centres per block side; an export is this + chip_size_px - 1
+    poll_interval_s: float = Field(30.0, gt=0)
+    task_timeout_s: float = Field(6 * 3600.0, gt=0)  # a task not finished by then fails its block
+    max_tasks_in_flight: int = Field(20, ge=1, le=3000)  # started and not finished; Earth Engine queues them
+
+
 def _year_period(value):
     """A bare year (2019 or "2019") is shorthand for that calendar year."""
     if isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"\d{4}", value)):
@@ -176,6 +192,8 @@ class ImagerySpec(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)
     high_volume: bool = False  # use the high-volume endpoint (for many small automated requests)
     project: str | None = None  # Google Cloud project; None = from the environment/credentials
+    # Batch export per block instead of one request per chip (large studies); None = per-chip requests.
+    export: EarthEngineExportSpec | None = None
 
     @field_validator("periods", mode="before")
     @classmethod
@@ -206,6 +224,11 @@ class ImagerySpec(_Strict):
             given = [k for k in ("catalog", "max_cloud_cover", "mask_asset", "sign") if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"imagery.{'/'.join(given)} apply to source 'stac' only")
+        if self.source != "earthengine" and self.export is not None:
+            raise ValueError(
+                f"imagery.export (Earth Engine batch export) applies to source 'earthengine' only, not "
+                f"{self.source!r}: a '{self.source}' study reads its imagery's files directly"
+            )
         if self.source != "earthengine":
             given = [k for k in ("cloud_mask", "cloud_score_threshold") if k in self.model_fields_set]
             if given:

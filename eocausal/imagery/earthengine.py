@@ -255,6 +255,20 @@ def decode_chip(payload: bytes, grid: dict, recipe: CompositeRecipe, source_labe
             raw = ds.read(out_dtype=np.float32)
     except RasterioError as exc:
         raise ChipDecodeError(f"response is not a readable GeoTIFF ({len(payload)} bytes): {exc}") from exc
+    return chip_from_stack(raw, n, source_label)
+
+
+def chip_from_stack(raw: np.ndarray, n_bands: int, source_label: str) -> Chip | None:
+    """A chip from the composite's pixels on its grid: ``n_bands`` bands, then valid/clear_obs/total_obs.
+
+    Shared by the interactive path (:func:`decode_chip`) and the batch-export path (chips cut
+    from exported COGs), so the same pixels give the same chip. None = no imagery in the period.
+    """
+    n = n_bands
+    if raw.shape[0] != n + len(QUALITY_BANDS):
+        raise ChipDecodeError(
+            f"{raw.shape[0]} bands; expected {n} composite bands and {len(QUALITY_BANDS)} quality bands")
+    raw = raw.astype(np.float32, copy=False)
     values, quality = raw[:n], raw[n:]
     total = np.nan_to_num(quality[2], nan=0.0)
     if not (total > 0).any():
@@ -459,6 +473,92 @@ class EarthEngineApi:
             raise EarthEngineError("EarthEngineApi.compute_pixels called before initialize()")
         request = {"expression": self._composite(recipe), "fileFormat": "GEO_TIFF", "grid": grid}
         return self._ee.data.computePixels(request)
+
+    # -- batch export (imagery.export; see eocausal.imagery.ee_export) ---------------------------
+
+    def export_task(self, recipe: CompositeRecipe, grid: dict, bucket: str, object_name: str,
+                    description: str) -> Any:
+        """The (unstarted) ``ee.batch`` task exporting the composite on ``grid`` as one Cloud-Optimised GeoTIFF.
+
+        ``crs`` + ``crsTransform`` + ``dimensions`` give exactly the pixel grid computePixels gets
+        (the client folds them into ``clipToBoundsAndScale`` on the grid's projection);
+        ``fileDimensions`` at least the image's size keeps the output one file.
+        """
+        if self._ee is None:
+            raise EarthEngineError("EarthEngineApi.export_task called before initialize()")
+        width, height = grid["dimensions"]["width"], grid["dimensions"]["height"]
+        t = grid["affineTransform"]
+        shard = 256
+        return self._ee.batch.Export.image.toCloudStorage(
+            image=self._composite(recipe),
+            description=description[:100],
+            bucket=bucket,
+            fileNamePrefix=object_name[:-4] if object_name.endswith(".tif") else object_name,
+            dimensions=f"{width}x{height}",
+            crs=grid["crsCode"],
+            crsTransform=[t["scaleX"], t["shearX"], t["translateX"], t["shearY"], t["scaleY"], t["translateY"]],
+            maxPixels=int(width) * int(height) + 1,
+            shardSize=shard,
+            fileDimensions=[-(-int(width) // shard) * shard, -(-int(height) // shard) * shard],
+            fileFormat="GeoTIFF",
+            formatOptions={"cloudOptimized": True},
+        )
+
+    def start_export(self, recipe: CompositeRecipe, grid: dict, bucket: str, object_name: str,
+                     description: str) -> str:
+        """Starts the export task; returns its operation name (what :meth:`export_status` takes)."""
+        task = self.export_task(recipe, grid, bucket, object_name, description)
+        task.start()
+        return task.name or task.id
+
+    def export_status(self, task_id: str) -> dict:
+        """``{"state": READY | RUNNING | COMPLETED | FAILED | CANCELLED ..., "error_message": ...}``."""
+        if self._ee is None:
+            raise EarthEngineError("EarthEngineApi.export_status called before initialize()")
+        from ee import _cloud_api_utils
+
+        operation = self._ee.data.getOperation(task_id)
+        return _cloud_api_utils.convert_operation_to_task(operation)
+
+    def _storage_session(self) -> Any:
+        from google.auth.transport.requests import AuthorizedSession
+
+        credentials, _ = load_credentials()
+        return AuthorizedSession(credentials)
+
+    def export_exists(self, bucket: str, object_name: str) -> bool:
+        """Whether the bucket already holds the object (an export finished by an earlier run)."""
+        from urllib.parse import quote
+
+        url = f"https://storage.googleapis.com/storage/v1/b/{quote(bucket, safe='')}/o/{quote(object_name, safe='')}"
+        response = self._storage_session().get(url, timeout=60)
+        if response.status_code == 404:
+            return False
+        response.raise_for_status()
+        return True
+
+    def fetch_export(self, bucket: str, object_name: str) -> str:
+        """A local copy of an exported COG (downloaded once into ``EOCAUSAL_EE_EXPORT_DIR``, default a
+        temp folder), for the GeoTIFF source to cut chips from."""
+        import tempfile
+        from pathlib import Path
+        from urllib.parse import quote
+
+        root = Path(os.environ.get("EOCAUSAL_EE_EXPORT_DIR", "") or Path(tempfile.gettempdir()) / "eocausal-ee-exports")
+        target = root / bucket / object_name
+        if target.exists():
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        url = (f"https://storage.googleapis.com/storage/v1/b/{quote(bucket, safe='')}/o/"
+               f"{quote(object_name, safe='')}?alt=media")
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        with self._storage_session().get(url, timeout=600, stream=True) as response:
+            response.raise_for_status()
+            with open(partial, "wb") as fh:
+                for block in response.iter_content(1 << 20):
+                    fh.write(block)
+        os.replace(partial, target)
+        return str(target)
 
 
 # -- retries ------------------------------------------------------------------------------------

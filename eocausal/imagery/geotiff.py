@@ -476,6 +476,29 @@ class GeoTiffSource:
                     chips[k], best_valid[k] = chip, n_valid
         return chips
 
+    def read_chips_at(self, corners: Sequence[tuple[int, int]], size_px: int, name: str | None = None) -> list[Chip]:
+        """Chips whose top-left pixel (row, col) in one file of the source is given (pixel units).
+
+        For callers that know the file's grid and so need no coordinate lookup (the Earth Engine
+        batch export cuts each chip where its fixed grid lies in the exported COG). ``name``: the
+        file (default: the source's only file). Reading, bucketing and validity are those of
+        :meth:`read_chips`; pixels outside the file are invalid.
+        """
+        if int(size_px) != size_px or size_px < 1:
+            raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
+        size_px = int(size_px)
+        if name is None and len(self._files) != 1:
+            raise ImageryError(f"{self.path}: {len(self._files)} files; name the one to read")
+        info = self._files[0] if name is None else next((f for f in self._files if f.name == name), None)
+        if info is None:
+            raise ImageryError(f"{self.path}: no file named {name!r}; files: {self.files}")
+        half = size_px // 2
+        covered = [(k, (int(row) + half, int(col) + half)) for k, (row, col) in enumerate(corners)]
+        chips: list[Chip | None] = [None] * len(covered)
+        for k, chip in self._read_file(info, covered, size_px):
+            chips[k] = chip
+        return chips  # type: ignore[return-value]
+
     def _read_file(self, info: _FileInfo, covered: list[tuple[int, tuple[int, int]]], size_px: int):
         """(point index, chip) of one file; a remote file's reads are retried as a whole."""
         def read():

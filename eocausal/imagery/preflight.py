@@ -260,7 +260,12 @@ def _check_earthengine(study, survey: pd.DataFrame, ee_client=None) -> ImageryCh
     spec = study.imagery
     client = ee_client if ee_client is not None else earthengine_client_from_env()
     name = spec.period_names()[0]
-    source = EarthEngineSource.from_spec(spec, spec.period(name), client)
+    if spec.export is not None:  # batch export: no per-chip request to size-check
+        from eocausal.imagery.ee_export import EarthEngineExportSource
+
+        source = EarthEngineExportSource.from_spec(spec, spec.period(name), client)
+    else:
+        source = EarthEngineSource.from_spec(spec, spec.period(name), client)
     project = spec.project or "(from the environment)"
     # What the chip stage does before its first request: missing, unreadable or refused (401/403)
     # credentials are an EarthEngineCredentialsError naming the variable and what to do.

@@ -85,7 +85,10 @@ def open_source(study: "Study", period: str | None = None, ee_client: "EarthEngi
     if spec.source == "earthengine":
         from eocausal.imagery.earthengine import EarthEngineSource
 
-        return EarthEngineSource.from_spec(
-            spec, spec.period(period), ee_client if ee_client is not None else earthengine_client_from_env()
-        )
+        client = ee_client if ee_client is not None else earthengine_client_from_env()
+        if spec.export is not None:  # batch export per block (eocausal.imagery.ee_export)
+            from eocausal.imagery.ee_export import EarthEngineExportSource
+
+            return EarthEngineExportSource.from_spec(spec, spec.period(period), client)
+        return EarthEngineSource.from_spec(spec, spec.period(period), client)
     raise ValueError(f"unknown imagery.source {spec.source!r}")

@@ -56,6 +56,12 @@ class Faults:
     init_status: int | None = None
     # Earth Engine ids collection_exists() says are not there.
     missing_ids: set[str] = field(default_factory=set)
+    # Export tasks whose description contains a key end FAILED with the value as Earth Engine's error.
+    fail_exports: dict[str, str] = field(default_factory=dict)
+    # Export tasks whose description contains one of these never leave RUNNING (a stuck task).
+    stuck_exports: set[str] = field(default_factory=set)
+    # start_export answers this HTTP status once per task before accepting it (429: queue full, retried).
+    start_status_once: int | None = None
 
 
 def http_error(status: int, message: str):
@@ -77,8 +83,15 @@ def http_error(status: int, message: str):
 class FakeEarthEngine:
     """Counts calls; thread-safe; never touches the network."""
 
-    def __init__(self, scene: Path = DEMO_CROP, latency_s: float = 0.0, faults: Faults | None = None, seed: int = 0):
+    def __init__(self, scene: Path = DEMO_CROP, latency_s: float = 0.0, faults: Faults | None = None, seed: int = 0,
+                 export_root: Path | None = None, export_polls: tuple[int, int] = (1, 1)):
         self.scene = Path(scene)
+        # Batch exports: the folder standing for Cloud Storage (export_root/<bucket>/<object>), and how
+        # many polls a task answers READY, then RUNNING, before it writes its COG and says COMPLETED.
+        self.export_root = None if export_root is None else Path(export_root)
+        self.export_polls = export_polls
+        self.tasks: dict[str, dict] = {}
+        self.export_log: list[tuple[str, str]] = []  # (event, task id or object): started, polled, completed...
         self.latency_s = latency_s
         self.faults = faults or Faults()
         self._rng = random.Random(seed)
@@ -153,6 +166,84 @@ class FakeEarthEngine:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    # -- batch export ---------------------------------------------------------------------------
+
+    def _bucket_path(self, bucket: str, object_name: str) -> Path:
+        if self.export_root is None:
+            raise RuntimeError("FakeEarthEngine(export_root=...) is needed for exports")
+        return self.export_root / bucket / object_name
+
+    def start_export(self, recipe: CompositeRecipe, grid: dict, bucket: str, object_name: str,
+                     description: str) -> str:
+        with self._lock:
+            refuse = self.faults.start_status_once
+            key = (bucket, object_name)
+            if refuse is not None and key not in getattr(self, "_refused", set()):
+                self.__dict__.setdefault("_refused", set()).add(key)
+                raise http_error(refuse, "Too many tasks already in the queue (3000). Please wait for some to finish.")
+            task_id = f"FAKE{len(self.tasks) + 1:06d}"
+            self.tasks[task_id] = {"recipe": recipe, "grid": grid, "bucket": bucket, "object": object_name,
+                                   "description": description, "polls": 0, "state": "READY"}
+            self.export_log.append(("started", task_id))
+        return f"projects/fake/operations/{task_id}"
+
+    def export_status(self, task_id: str) -> dict:
+        task_id = task_id.rsplit("/", 1)[-1]
+        write = False
+        with self._lock:
+            task = self.tasks[task_id]
+            task["polls"] += 1
+            self.export_log.append(("polled", task_id))
+            if task["state"] in ("COMPLETED", "FAILED"):
+                return self._task_answer(task_id, task)
+            ready, running = self.export_polls
+            failure = next((m for k, m in self.faults.fail_exports.items() if k in task["description"]), None)
+            stuck = any(k in task["description"] for k in self.faults.stuck_exports)
+            if task["polls"] <= ready:
+                task["state"] = "READY"
+            elif task["polls"] <= ready + running or stuck:
+                task["state"] = "RUNNING"
+            elif failure is not None:
+                task["state"], task["error"] = "FAILED", failure
+            else:
+                task["state"] = "COMPLETED"
+                write = True
+            if task["state"] != "COMPLETED":
+                return self._task_answer(task_id, task)
+        if write:
+            self._write_cog(task)
+            self.export_log.append(("completed", task_id))
+        return self._task_answer(task_id, task)
+
+    @staticmethod
+    def _task_answer(task_id: str, task: dict) -> dict:
+        out = {"id": task_id, "state": task["state"], "description": task["description"]}
+        if task["state"] == "FAILED":
+            out["error_message"] = task["error"]
+        return out
+
+    def _write_cog(self, task: dict) -> None:
+        """The export's output: the composite on the task's grid, as a real Cloud-Optimised GeoTIFF."""
+        from rasterio.shutil import copy as rio_copy
+
+        dest = self._bucket_path(task["bucket"], task["object"])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        payload = self.render(task["recipe"], task["grid"])
+        partial = dest.with_name(f".{dest.name}.part")
+        with MemoryFile(payload) as mem, mem.open() as src:
+            rio_copy(src, partial, driver="COG", compress="deflate", blocksize=256)
+        partial.replace(dest)
+
+    def export_exists(self, bucket: str, object_name: str) -> bool:
+        return self._bucket_path(bucket, object_name).exists()
+
+    def fetch_export(self, bucket: str, object_name: str) -> str:
+        path = self._bucket_path(bucket, object_name)
+        if not path.exists():
+            raise http_error(404, f"No such object: {bucket}/{object_name}")
+        self.export_log.append(("fetched", object_name))
+        return str(path)
 
     # -- pixels -------------------------------------------------------------------------------
 
