@@ -6,7 +6,8 @@ instance, so that they show in the UI and the asset catalog afterwards: the one 
 ``<working folder>/dagster_home``, one per working folder (`dagster dev` shows it with
 ``DAGSTER_HOME=<working folder>/dagster_home``). A home without a ``dagster.yaml`` gets
 :data:`INSTANCE_CONFIG`, which the repository's ``dagster.yaml`` repeats: the warehouse pool,
-no telemetry, and the library's loggers (``eocausal.*``) captured into the run logs.
+the caps on Earth Engine and GPU runs (assets/run_tags.py), no telemetry, and the library's
+loggers (``eocausal.*``) captured into the run logs. A home that has a ``dagster.yaml`` keeps it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from assets.run_tags import TAG_CONCURRENCY_LIMITS
 from eocausal.warehouse import process_alive
 
 DAGSTER_HOME_FOLDER = "dagster_home"
@@ -29,7 +31,9 @@ PID_TAG = "eocausal/pid"
 INSTANCE_CONFIG: dict = {
     # DuckDB admits one writing process and, while it writes, no other reader: every asset that
     # opens the warehouse file is in the `duckdb_warehouse` pool, one at a time.
-    "concurrency": {"pools": {"default_limit": 1}},
+    # Runs fetching from Earth Engine (2 at once) and embedding on a GPU (1 per GPU: set the limit to
+    # the machine's GPUs) are capped across the instance by their tags (assets/run_tags.py).
+    "concurrency": {"pools": {"default_limit": 1}, "runs": {"tag_concurrency_limits": TAG_CONCURRENCY_LIMITS}},
     "telemetry": {"enabled": False},
     # The library's module loggers (logging.getLogger("eocausal...")) in each run's logs, INFO and above.
     "python_logs": {"managed_python_loggers": ["eocausal"], "python_log_level": "INFO"},

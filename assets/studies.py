@@ -1,15 +1,17 @@
 """One study's graph, and a deployment of many: what the `StudyComponent` (assets/components.py),
 `dagster dev` (assets/definitions.py) and `eocausal run` (assets/runner.py) build.
 
-A study's graph: every asset keyed under the study's name ([study, "survey"],
-[study, "marts", "analysis_units"], ...), its job ``<safe study>__study_job`` (tagged
-``eocausal/study=<study>``), its schedule and sensors (names scoped the same way). `image_chips` and
+A study's graph: every asset keyed under the study's name ([study, "survey"], [study, "marts",
+"analysis_units"], ...), its job ``<safe study>__study_job`` (tagged ``eocausal/study=<study>``, and
+``eocausal/earthengine``/``eocausal/gpu`` where its study fetches from Earth Engine or embeds on a
+GPU: assets/run_tags.py), its schedule and sensors (names scoped the same way). `image_chips` and
 `image_embeddings` are partitioned by the study's imagery periods (a StaticPartitionsDefinition of
 the period names; a GeoTIFF study has the one period `geotiff`); everything downstream is
-unpartitioned and consumes the analysis period's partition only (a SpecificPartitionsPartitionMapping
-on each dependency on the two imagery assets, dbt models' included). A run for the analysis period
-materialises the whole graph; a run for another period selects the survey and the two imagery
-assets (assets/partitions.py; used by assets/runner.py and sensors/).
+unpartitioned and consumes the analysis period's partition only (a
+SpecificPartitionsPartitionMapping on each dependency on the two imagery assets, dbt models'
+included). A run for the analysis period materialises the whole graph; a run for another period
+selects the survey and the two imagery assets (assets/partitions.py; used by assets/runner.py and
+sensors/).
 
 The graph carries no resources: the deployment binds ONE `study` and ONE `warehouse` resource that
 hold every study's file and working folder (assets/resources.py; Dagster refuses two resource
@@ -34,6 +36,7 @@ from assets.naming import STUDY_JOB, STUDY_TAG, check_unique_names, scoped
 from assets.partitions import consume_analysis_period, imagery_periods
 from assets.publish import published_warehouse
 from assets.resources import StudyResource, WarehouseResource
+from assets.run_tags import study_run_tags
 from assets.sensitivity import effect_sensitivity
 from assets.survey import survey
 from eocausal.study import load_study
@@ -89,10 +92,11 @@ def study_definitions(entry: StudyEntry) -> dg.Definitions:
     # One process per run (in_process executor): the run holds its working folder from its first
     # step to its last (WarehouseResource), whether the CLI, the UI, a schedule or a sensor started it.
     # The study tag travels with every run of the job (schedules, sensors, backfills): the
-    # deployment's resources resolve the run's study from it.
+    # deployment's resources resolve the run's study from it. So do the tags that cap Earth Engine
+    # and GPU runs across the instance (assets/run_tags.py).
     study_job = dg.define_asset_job(
         study_job_name(entry.name), selection=dg.AssetSelection.key_prefixes(entry.name),
-        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name},
+        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name, **study_run_tags(entry.study_path)},
         description=f"Study {entry.name}: survey + imagery -> embeddings -> warehouse -> effect estimates. "
                     f"Partitioned by imagery period; the analysis uses {analysis_period!r}.")
     return dg.Definitions(
