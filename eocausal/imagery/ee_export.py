@@ -44,7 +44,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 import rasterio
@@ -253,16 +253,17 @@ class EarthEngineExportSource(EarthEngineSource):
                 while queue and len(running) < self.export.max_tasks_in_flight:
                     block = queue.popleft()
                     name = self.object_name(block, size_px)
-                    if self._call(lambda: exporter.export_exists(self.export.bucket, name), block, "look up"):
-                        self.export_stats.exports_reused += 1
-                        yield from self._cut(block, members[block], grids, size_px)
-                        continue
                     try:
-                        task_id = self._start(block, size_px)
+                        if self._call(lambda: exporter.export_exists(self.export.bucket, name), block, "look up"):
+                            chips = self._cut(block, members[block], grids, size_px)
+                            self.export_stats.exports_reused += 1
+                        else:
+                            running[block] = (self._start(block, size_px), self._clock())
+                            continue
                     except EarthEngineExportError as exc:
                         failures[block] = str(exc)
                         continue
-                    running[block] = (task_id, self._clock())
+                    yield from chips
                 if not running:
                     continue
                 self._pause(self.export.poll_interval_s, _NEVER)
@@ -271,7 +272,12 @@ class EarthEngineExportSource(EarthEngineSource):
                     state = str((status or {}).get("state", "UNKNOWN"))
                     if state == STATE_COMPLETED:
                         del running[block]
-                        yield from self._cut(block, members[block], grids, size_px)
+                        try:
+                            chips = self._cut(block, members[block], grids, size_px)
+                        except EarthEngineExportError as exc:
+                            failures[block] = f"task {task_id} COMPLETED, but {exc}"
+                            continue
+                        yield from chips
                     elif state in FAILED_STATES:
                         del running[block]
                         message = " ".join(str(status.get("error_message") or "no error message").split())
@@ -347,8 +353,9 @@ class EarthEngineExportSource(EarthEngineSource):
             return None
 
     def _cut(self, block: Block, idx: list[int], grids: list[dict], size_px: int
-             ) -> Iterator[tuple[int, Chip | ChipFailure | None]]:
-        """The block's chips, cut from its finished COG by the GeoTIFF source."""
+             ) -> list[tuple[int, Chip | ChipFailure | None]]:
+        """The block's chips, cut from its finished COG by the GeoTIFF source (all or none: an
+        unreadable export fails the block with :class:`EarthEngineExportError`)."""
         exporter: Any = self.client
         name = self.object_name(block, size_px)
         location = self._call(lambda: exporter.fetch_export(self.export.bucket, name), block, "fetch")
@@ -358,15 +365,15 @@ class EarthEngineExportSource(EarthEngineSource):
             cut = source.read_chips_at(corners, size_px)
         except ImageryError as exc:
             raise EarthEngineExportError(f"the export of block {block.label} ({name}) is unreadable: {exc}") from None
-        label = self.source_label
+        out: list[tuple[int, Chip | ChipFailure | None]] = []
         for i, chip in zip(idx, cut):
             try:
-                out = chip_from_stack(chip.data, self.n_bands, label)
+                out.append((i, chip_from_stack(chip.data, self.n_bands, self.source_label)))
             except ChipDecodeError as exc:
                 raise EarthEngineExportError(f"the export of block {block.label} ({name}): {exc}") from None
-            self.export_stats.chips += 1
-            self.stats.chips += 1
-            yield i, out
+        self.export_stats.chips += len(out)
+        self.stats.chips += len(out)
+        return out
 
     def _corners(self, location: Any, block: Block, grids: list[dict]) -> list[tuple[int, int]]:
         """Top-left (row, col) of each chip grid in the exported COG, which must lie on the chips' lattice."""
@@ -395,13 +402,6 @@ class EarthEngineExportSource(EarthEngineSource):
                 raise EarthEngineExportError(f"the export of block {block.label} is not on the chips' pixel lattice "
                                              f"(offset {col:.3f}, {row:.3f} px)")
             out.append((int(round(row)), int(round(col))))
-        return out
-
-    def read_chips(self, points: Iterable[tuple[float, float]], size_px: int) -> list[Chip | ChipFailure | None]:
-        points = [(float(lon), float(lat)) for lon, lat in points]
-        out: list[Chip | ChipFailure | None] = [None] * len(points)
-        for i, result in self.iter_chips(points, size_px):
-            out[i] = result
         return out
 
     def __repr__(self) -> str:

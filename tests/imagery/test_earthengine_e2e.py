@@ -90,3 +90,39 @@ def test_earthengine_study_runs_end_to_end_and_reruns_from_the_store(ee_study):
     rerun = run_study(study_path)
     assert rerun.success and fake.calls == calls  # nothing stored is fetched again
     assert rerun.metadata["image_chips"]["n_chips_extracted"] == 0
+
+
+def test_chip_asset_materialises_from_earthengine_batch_exports(ee_study, tmp_path, monkeypatch):
+    """imagery.export through the Dagster chip stage: per-block COG tasks, chip keys of the per-chip path."""
+    import dagster as dg
+
+    from assets.chips import build_image_chips
+    from assets.resources import StudyResource, WarehouseResource
+    from assets.survey import survey
+
+    study_path, faulty = ee_study
+    fake = FakeEarthEngine(faulty.scene, export_root=tmp_path / "bucket", export_polls=(1, 2))
+    monkeypatch.setitem(fake_earthengine.SHARED, "client", fake)
+    image_chips = build_image_chips(dg.StaticPartitionsDefinition(["2020", "2021"]))
+
+    def materialise(warehouse: str):
+        resources = {"study": StudyResource(study_path=str(study_path)),
+                     "warehouse": WarehouseResource(root=str(tmp_path / warehouse))}
+        result = dg.materialize([survey, image_chips], resources=resources, raise_on_error=False, partition_key="2020")
+        assert result.success
+        index = pd.read_parquet(tmp_path / warehouse / "lake" / "image_chips" / "period=2020.parquet")
+        return result.asset_materializations_for_node("image_chips")[0].metadata, index
+
+    per_chip_meta, per_chip = materialise("per_chip")
+    doc = yaml.safe_load(study_path.read_text())
+    doc["imagery"]["export"] = {"bucket": "eo-bucket", "block_px": 256, "poll_interval_s": 0.001}
+    study_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    calls = fake.calls
+    meta, exported = materialise("export")
+
+    provenance = meta["imagery_provenance"].value
+    assert provenance["mode"] == "export" and fake.calls == calls  # no computePixels request
+    assert provenance["export"]["tasks_started"] == provenance["export"]["blocks"] == len(fake.tasks) > 1
+    cols = ["unit_id", "chip_key", "status", "reason", "valid_share", "source_file", "cloud_share"]
+    pd.testing.assert_frame_equal(exported[cols], per_chip[cols])
+    assert meta["n_chips_extracted"].value == per_chip_meta["n_chips_extracted"].value > 100

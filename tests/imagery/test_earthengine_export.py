@@ -264,3 +264,22 @@ def test_the_real_clients_export_task_asks_for_one_cog_on_the_chips_exact_grid()
     text = str(expression)
     t = grid["affineTransform"]
     assert CRS in text and repr(t["translateX"]) in text and repr(t["translateY"]) in text
+
+
+def test_an_unusable_file_in_the_bucket_fails_its_block_not_the_others(aligned_scene, tmp_path):
+    points = points_of(units_grid(30))
+    blocks = blocks_of(points)
+    bad = sorted(blocks, key=lambda b: (b.by, b.bx))[0]
+    fake = FakeEarthEngine(aligned_scene, export_root=tmp_path / "bucket")
+    src = export_source(fake)
+    target = tmp_path / "bucket" / "eo-bucket" / src.object_name(bad, SIZE)
+    target.parent.mkdir(parents=True)
+    with rasterio.open(target, "w", driver="GTiff", width=8, height=8, count=2, dtype="float32", crs=CRS,
+                       transform=rasterio.Affine(30.0, 0, 0, 0, -30.0, 0)) as dst:
+        dst.write(np.ones((2, 8, 8), np.float32))
+    delivered = []
+    with pytest.raises(EarthEngineExportError, match=rf"block {bad.label} .*has 2 bands, expected 6"):
+        for i, _ in src.iter_chips(points, SIZE):
+            delivered.append(i)
+    assert sorted(delivered) == sorted(set(range(len(points))) - set(blocks[bad]))
+    assert src.export_stats.tasks_started == len(blocks) - 1
