@@ -21,6 +21,9 @@ to a request rate, retried with exponential backoff and jitter on rate limits (4
 errors (5xx), timeouts and corrupt responses; any other 4xx fails that unit with its reason;
 authentication or permission errors (401/403) stop the run.
 
+Large studies can use batch exports instead (``imagery.export``): one Cloud-Optimised GeoTIFF per
+block of units, the same chips cut from it locally (:mod:`eocausal.imagery.ee_export`).
+
 Credentials come from the environment only: ``EOCAUSAL_EE_SERVICE_ACCOUNT_KEY`` (path to a
 service-account JSON key file), else Application Default Credentials (``GOOGLE_APPLICATION_CREDENTIALS``
 or ``gcloud auth application-default login``). They are never logged or written anywhere.
@@ -81,7 +84,8 @@ QUALITY_BANDS = ("valid", "clear_obs", "total_obs")
 
 KEY_FILE_ENV = "EOCAUSAL_EE_SERVICE_ACCOUNT_KEY"
 PROJECT_ENVS = ("EOCAUSAL_EE_PROJECT", "GOOGLE_CLOUD_PROJECT")
-# Least privilege: read Earth Engine, bill the Cloud project. No Drive or Storage scopes.
+# Least privilege: read Earth Engine, bill the Cloud project. No Drive scope; cloud-platform also lets
+# imagery.export look up and download its COGs from the study's Cloud Storage bucket.
 SCOPES = ("https://www.googleapis.com/auth/earthengine", "https://www.googleapis.com/auth/cloud-platform")
 
 REASON_FETCH_FAILED = "fetch_failed"
