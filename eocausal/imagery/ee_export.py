@@ -294,10 +294,13 @@ class EarthEngineExportSource(EarthEngineSource):
 
     def _failure_message(self, failures: dict[Block, str], members: dict[Block, list[int]],
                          points: list[tuple[float, float]]) -> str:
+        # Quadkey tiles as the survey assigns them (eocausal.tiles), over the units asked for in this run:
+        # the survey's own tiles when no chip was cached before.
+        all_tiles = _tiles_of(points)
         lines = []
         for block, why in sorted(failures.items(), key=lambda kv: (kv[0].crs, kv[0].by, kv[0].bx)):
             idx = members[block]
-            tiles = sorted(set(_tiles_of([points[i] for i in idx])))
+            tiles = sorted({all_tiles[i] for i in idx})
             shown = ", ".join(tiles[:5]) + (f" and {len(tiles) - 5} more" if len(tiles) > 5 else "")
             lines.append(f"tile {shown} (block {block.label}, {len(idx)} units): {why}")
         total = self.export_stats.blocks

@@ -152,8 +152,8 @@ def test_a_failed_export_task_names_the_tile_block_and_ee_error_and_the_rest_is_
         for i, chip in src.iter_chips(points, SIZE):
             delivered.append(i)
     text = str(info.value)
-    members = blocks[failing]
-    tiles = sorted(set(assign_tiles(units["lat"].to_numpy()[members], units["lon"].to_numpy()[members])))
+    survey_tiles = assign_tiles(units["lat"].to_numpy(), units["lon"].to_numpy())  # the survey's `tile` column
+    tiles = sorted(set(survey_tiles[blocks[failing]]))
     assert f"tile {tiles[0]}" in text and failing.label in text and message in text and "FAILED" in text
     assert f"{len(blocks[failing])} units" in text and "1 of " in text
     assert sorted(delivered) == sorted(set(range(len(points))) - set(blocks[failing]))
