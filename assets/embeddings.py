@@ -10,7 +10,7 @@ import pandas as pd
 from dagster import AssetExecutionContext
 
 from assets.resources import StudyResource, WarehouseResource
-from eocausal.embed.embeddings import CODE_VERSION, compute_embeddings, write_json_atomic
+from eocausal.embed.embeddings import CODE_VERSION, component_scores, compute_embeddings, write_json_atomic
 from eocausal.faults import crash_point
 from eocausal.lake import embeddings_table, period_path, write_table_atomic
 from eocausal.quality import validate_embeddings
@@ -27,7 +27,8 @@ def build_image_embeddings(periods: dg.PartitionsDefinition, study: str | None =
         key=key,
         group_name="imagery",
         kinds={"python", "torch", "parquet"},
-        code_version=CODE_VERSION,
+        # The embeddings' own code version, and the lake table's: 2 adds image_components.
+        code_version=f"{CODE_VERSION}.lake-2",
         # same partitions: period P's embeddings read period P's chips
         deps=[dg.AssetKey([study, "image_chips"] if study else ["image_chips"])],
         partitions_def=periods,
@@ -60,8 +61,11 @@ def _materialise_embeddings(period: str, study: StudyResource, warehouse: Wareho
         index, warehouse.layout.chip_cache, warehouse.layout.embedding_cache, spec.embedding, weights_path=weights
     )
     crash_point("embeddings.computed")  # fault tests: cached but not yet in the lake
+    # The marts hold these scores on the stored PCA (embedding.pca_components), not the features.
+    components = component_scores(emb.features, emb.pca) if emb.pca is not None else None
     table = embeddings_table(
-        emb.unit_ids, emb.features, embedding_version=emb.version, embedding_method=emb.method, period=period
+        emb.unit_ids, emb.features, components,
+        embedding_version=emb.version, embedding_method=emb.method, period=period,
     )
     path = write_table_atomic(table, period_path(warehouse.lake, "image_embeddings", period))
     # The PCA fitted once on these embeddings, under their version, for estimators that want it.
@@ -80,6 +84,7 @@ def _materialise_embeddings(period: str, study: StudyResource, warehouse: Wareho
             "dagster/column_schema": dg.TableSchema(columns=[
                 dg.TableColumn("unit_id", "string"),
                 dg.TableColumn("embedding", f"list<float32>[{emb.features.shape[1]}]"),
+                dg.TableColumn("image_components", f"list<float32>[{emb.pca.n_components_ if emb.pca else 0}]"),
                 dg.TableColumn("embedding_version", "string"),
                 dg.TableColumn("embedding_method", "string"),
                 dg.TableColumn("period", "string"),

@@ -26,7 +26,7 @@ from eocausal.imagery.sources import open_source
 from eocausal.lake import CURRENT_ESTIMATE_FILE, current_estimate_frame, stored_pca, write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
-from eocausal.warehouse import query
+from eocausal.warehouse import query_units
 
 
 @dg.asset(
@@ -63,7 +63,7 @@ def effect_estimates(
 ) -> dg.MaterializeResult:
     spec = study.load()
     survey_version = frame_version(pd.read_parquet(warehouse.lake / "survey.parquet"))
-    units = query(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
+    units = query_units(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
     if units.empty:
         raise dg.Failure(description="marts.analysis_units is empty: no unit has a usable chip and embedding")
     embeddings_version = str(units["embedding_version"].iloc[0])

@@ -21,7 +21,7 @@ from eocausal.interpret import CODE_VERSION as SALIENCY_CODE_VERSION
 from eocausal.report import CODE_VERSION as REPORT_CODE_VERSION
 from eocausal.report import png_markdown
 from eocausal.survey import covariate_column
-from eocausal.warehouse import query
+from eocausal.warehouse import query_units
 
 GROUP = "heterogeneity"
 
@@ -58,7 +58,7 @@ def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
 )
 def cate_estimates(context, study: StudyResource, warehouse: WarehouseResource):
     spec = study.load()
-    units = query(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
+    units = query_units(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
     covariates = [covariate_column(c) for c in spec.survey.covariates]
     stage = het.run_cate(spec, _workspace(warehouse), units, covariates)
     common = {"cate_version": stage.version, "from_cache": stage.from_cache, "enabled": stage.enabled}

@@ -17,7 +17,7 @@ from eocausal.lake import stored_pca, write_table_atomic
 from eocausal.quality import MIN_MEASURED_OUTCOMES_PER_ARM
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
-from eocausal.warehouse import query
+from eocausal.warehouse import query_units
 
 # Parquet schema-metadata key holding the imputation diagnostics (so a cached file keeps them).
 DIAGNOSTICS_KEY = b"eocausal_imputation_diagnostics"
@@ -73,7 +73,7 @@ def imputed_outcomes(
             ],
         )
 
-    units = query(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
+    units = query_units(warehouse.warehouse_path, "select * from marts.analysis_units order by unit_id")
     if units.empty:
         raise dg.Failure(description="marts.analysis_units is empty: no unit has a usable chip and embedding")
     measured = units["outcome"].notna()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from eocausal import atomic
@@ -47,23 +48,46 @@ def write_frame(df: pd.DataFrame, path: Path) -> Path:
     return write_table_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
 
 
-def embeddings_table(unit_ids: list[str], features: np.ndarray, **constant_columns: str) -> pa.Table:
-    """Unit ids with one float32 list per unit (the column dbt reads as ``embedding``)."""
-    n, dim = features.shape
-    flat = pa.array(np.ascontiguousarray(features, dtype=np.float32).reshape(-1))
+def _float_lists(matrix: np.ndarray) -> pa.Array:
+    """One float32 list per row of ``matrix``, built from its flat buffer (no per-row objects)."""
+    n, dim = matrix.shape
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
+
+
+def embeddings_table(unit_ids: list[str], features: np.ndarray, components: np.ndarray | None = None,
+                     **constant_columns: str) -> pa.Table:
+    """Unit ids with one float32 list per unit (the column dbt reads as ``embedding``) and, when
+    given, the units' leading principal components (``image_components``, what the marts hold)."""
+    n = features.shape[0]
     columns = {
         "unit_id": pa.array(list(unit_ids), type=pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32())),
+        "embedding": _float_lists(features),
     }
+    if components is not None:
+        columns["image_components"] = _float_lists(components)
     for name, value in constant_columns.items():
         columns[name] = pa.array([value] * n, type=pa.string())
     return pa.table(columns)
 
 
 def embedding_matrix(column: pd.Series) -> np.ndarray:
-    """The (n, dim) float matrix from a column of per-unit float lists."""
+    """The (n, dim) float matrix from a column of per-unit float lists.
+
+    A column kept in Arrow (pandas ``ArrowDtype``, as :func:`eocausal.warehouse.query_units`
+    returns the marts' vectors) is read from its flat values buffer in one piece; a column of
+    per-row arrays is stacked row by row."""
     if len(column) == 0:
         return np.zeros((0, 0))
+    if isinstance(column.dtype, pd.ArrowDtype):
+        arr = column.array.__arrow_array__().combine_chunks()
+        if arr.null_count:
+            raise ValueError(f"{arr.null_count} unit(s) have no vector (a null list)")
+        lengths = pc.list_value_length(arr).to_numpy()
+        if (lengths != lengths[0]).any():
+            raise ValueError("the units' vectors have different lengths")
+        flat = arr.flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(np.float64, copy=False).reshape(len(arr), int(lengths[0]))
     return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])
 
 

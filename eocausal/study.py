@@ -563,6 +563,18 @@ class Study(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _components_stored(self) -> "Study":
+        # The warehouse holds embedding.pca_components scores per unit, not the embedding.
+        k = self.analysis.image_components
+        if k != "auto" and int(k) > self.embedding.pca_components:
+            raise ValueError(
+                f"analysis.image_components ({k}) exceeds embedding.pca_components "
+                f"({self.embedding.pca_components}), the components the warehouse holds per unit: "
+                "ask for fewer, or raise embedding.pca_components"
+            )
+        return self
+
     def resolve(self, relative: str) -> Path:
         """A path from the study file, resolved inside the study folder (never outside it)."""
         root = self.root.resolve()

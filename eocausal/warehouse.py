@@ -124,3 +124,18 @@ def query(db_path: Path, sql: str, params: list | None = None) -> pd.DataFrame:
     """Run a read-only query on a warehouse file (short-lived connection)."""
     with duckdb.connect(str(db_path), read_only=True) as con:
         return con.execute(sql, params or []).df()
+
+
+def query_units(db_path: Path, sql: str) -> pd.DataFrame:
+    """As :func:`query`, with list columns (the units' image components) kept in Arrow: a pandas
+    ``ArrowDtype`` column over DuckDB's flat buffer instead of one numpy array per row, which
+    :func:`eocausal.lake.embedding_matrix` reads in one piece."""
+    import pyarrow as pa
+
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        table = con.sql(sql).to_arrow_table()
+    vectors = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+    frame = table.drop_columns(vectors).to_pandas()
+    for name in vectors:
+        frame[name] = pd.Series(pd.arrays.ArrowExtensionArray(table.column(name)), index=frame.index)
+    return frame[table.column_names]

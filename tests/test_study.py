@@ -52,6 +52,7 @@ def test_spec_hash_changes_with_analysis(tmp_path):
         ({"survey": {**BASE["survey"], "covariates": []}}, "covariates is empty"),
         ({"imagery": {"source": "geotiff"}}, "imagery.path is required"),
         ({"unexpected": 1}, "unexpected"),
+        ({"analysis": {"image_components": 200}}, "exceeds embedding.pca_components (128)"),
     ],
 )
 def test_contract_violations_are_named(tmp_path, patch, words):

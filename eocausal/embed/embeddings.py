@@ -122,6 +122,18 @@ def fit_feature_pca(features: np.ndarray, n_components: int) -> PCAReduction | N
     return pca_from_moments(moments, n_components)
 
 
+def component_scores(features: np.ndarray, pca: PCAReduction) -> np.ndarray:
+    """Every unit's scores on the stored PCA's components (float32 [n, k]), ``LOAD_CHIPS`` rows at a
+    time (never a float64 copy of every feature); rows with non-finite features get NaN."""
+    scores = np.full((len(features), pca.n_components_), np.nan, dtype=np.float32)
+    for start in range(0, len(features), LOAD_CHIPS):
+        block = features[start : start + LOAD_CHIPS]
+        finite = np.isfinite(block).all(axis=1)
+        if finite.any():
+            scores[start : start + LOAD_CHIPS][finite] = pca.transform(block[finite])
+    return scores
+
+
 def _write_atomic(path: Path, write: Callable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_point(path)  # fault tests: a full or read-only disk

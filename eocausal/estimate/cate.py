@@ -115,7 +115,15 @@ def build_features(units: pd.DataFrame, covariates: list[str], image_components:
     tabular = units[covariates].to_numpy(dtype=float) if covariates else np.zeros((len(units), 0))
     pca = None
     image = np.zeros((len(units), 0))
-    if "embedding" in units.columns and len(units):
+    if "image_components" in units.columns and len(units):
+        # The marts' scores on the stored PCA (eocausal.estimate.effects.image_components).
+        scores = embedding_matrix(units["image_components"])
+        if image_components > scores.shape[1]:
+            raise ValueError(f"{image_components} image components asked for, but the units carry "
+                             f"{scores.shape[1]} (embedding.pca_components)")
+        image = scores[:, :image_components]
+        pca = stored_pca.leading(image_components) if stored_pca is not None else None
+    elif "embedding" in units.columns and len(units):
         embedding = embedding_matrix(units["embedding"])
         pca = image_reduction(embedding, image_components, seed, stored_pca)
         image = pca.transform(embedding)

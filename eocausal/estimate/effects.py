@@ -87,22 +87,42 @@ def feature_sets(
     return out
 
 
+def stored_components(units: pd.DataFrame) -> np.ndarray | None:
+    """The units' scores on the embedding stage's stored PCA (``image_components``, what
+    marts.analysis_units holds), or None where the units carry the full ``embedding`` instead."""
+    if "image_components" not in units.columns:
+        return None
+    return embedding_matrix(units["image_components"])
+
+
 def image_components(units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec,
                      pca: PCAReduction | None = None, n_components: int | None = None) -> np.ndarray:
     """The units' image components: ``n_components``, else ``analysis.image_components`` (with
     ``"auto"``, the count :func:`eocausal.estimate.components.choose_components` picks among the
-    stored ones)."""
-    embedding = embedding_matrix(units["embedding"])
+    stored ones).
+
+    From the units' ``image_components`` (the stored PCA's scores, leading first) where they have
+    them; else from their ``embedding`` through ``pca`` (or a PCA fitted here)."""
     k = n_components or analysis.image_components
-    if k == "auto":
+    stored = stored_components(units)
+    if stored is None:
+        embedding = embedding_matrix(units["embedding"])
+        if k != "auto":
+            return image_reduction(embedding, int(k), analysis.seed, pca).transform(embedding)
         stored = image_reduction(embedding, max(CANDIDATES), analysis.seed, pca).transform(embedding)
+    elif k != "auto" and int(k) > stored.shape[1]:
+        raise ValueError(
+            f"{int(k)} image components asked for, but the units carry {stored.shape[1]} "
+            "(embedding.pca_components, capped by the number of embedded units): ask for fewer, or raise "
+            "embedding.pca_components and embed again"
+        )
+    if k == "auto":
         tabular = units[covariates].to_numpy(dtype=float) if covariates else None
         outcome = units["outcome"].to_numpy(dtype=float)
         measured = np.isfinite(outcome)
         k = choose_components(outcome[measured], units["treatment"].to_numpy(dtype=int)[measured],
                               None if tabular is None else tabular[measured], stored[measured]).n_components
-        return stored[:, :k]
-    return image_reduction(embedding, int(k), analysis.seed, pca).transform(embedding)
+    return stored[:, : int(k)]
 
 
 def imputation_features(
@@ -270,7 +290,8 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
     tabular = (units[covariates].to_numpy(dtype=float)[keep] if covariates and headline_set == "tabular+image"
                else None)
     k = X.shape[1] - (0 if tabular is None else tabular.shape[1])
-    stored = pca.n_components_ if pca is not None else 0
+    carried = stored_components(units)
+    stored = carried.shape[1] if carried is not None else pca.n_components_ if pca is not None else 0
     wider = image_components(units, covariates, analysis, pca, n_components=max(min(2 * k, max(stored, k)), k))[keep]
     detail["headline"] = {"feature_set": headline_set, "estimator": "aipw", "estimand": "ATE",
                           "estimate": headline.estimate, "std_error": headline.std_error}

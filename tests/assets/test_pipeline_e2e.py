@@ -42,7 +42,9 @@ def test_warehouse_tables_and_exclusions(e2e_run):
     assert excluded["reason"].notna().all()
     chips = outcome.metadata["image_chips"]
     assert chips["n_excluded"] == len(excluded)
-    assert units["embedding"].map(len).eq(132).all()
+    # the marts hold the stored PCA's scores (embedding.pca_components), not the 132-wide embedding
+    assert "embedding" not in units.columns
+    assert units["image_components"].map(len).eq(min(128, len(units))).all()
     latest = query(db, "select * from marts.effect_estimates_latest")
     assert len(latest) == 16
 

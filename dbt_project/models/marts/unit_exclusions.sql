@@ -7,9 +7,9 @@ select
     cast(coalesce(
         case when chip_status = 'excluded' then chip_reason end,
         case when chip_status is null then 'no_chip_record' end,
-        case when embedding is null then 'no_embedding' end
+        case when image_components is null then 'no_embedding' end
     ) as varchar) as reason,
     cast(valid_share as double) as valid_share
 from {{ ref('int_units_imaged') }}
-where chip_status is distinct from 'ok' or embedding is null
+where chip_status is distinct from 'ok' or image_components is null
 order by unit_id
