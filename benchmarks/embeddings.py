@@ -5,7 +5,8 @@
 
 For the same chips it measures chips/s and achieved GFLOP/s of
   (a) the plain conv2d reference (float32),
-  (b) the fast path in float32,
+  (b) the fast path in float32 (through the fused AVX2 CPU kernel, eocausal.embed.rcf_cpu, where it
+      loaded; the same embedder with the kernel turned off gives the torch/oneDNN path's row),
   (c) the fast path in bfloat16 (bf16 inputs, float32 accumulation),
   (d) a ResNet-18 forward (torchvision layout; 6-band first layer; float32 and bf16 autocast) at
       its usual 224 px input (chips resized) and at the chips' own 64 px,
@@ -137,10 +138,25 @@ def main(argv: list[str] | None = None) -> dict:
     # The study default (EmbeddingSpec(): mixed whitened + level filters, pooled over the whole chip,
     # its centre half and quarter; 512 filters, 1,536 features) in the dtype `auto` picks here.
     default = make_embedder(EmbeddingSpec(device=str(device), batch_size=n_chips)).fit(fit_chips, fit_valid)
+
+    def without_cpu_kernel(emb: RCFEmbedder) -> RCFEmbedder:
+        """A copy whose transform state has the fused CPU kernel turned off (the torch path)."""
+        emb = copy.copy(emb)
+        emb.__dict__.pop("_transform_state", None)
+        emb.transform(chips[:1], valid[:1])
+        emb._transform_state[1].cpu_kernel = None
+        return emb
+
+    # Whether the fused AVX2 kernel runs here (float32 on CPU): then the torch path gets rows too.
+    fast32.transform(chips[:1], valid[:1])
+    default.transform(chips[:1], valid[:1])
+    fused_cpu = fast32._transform_state[1].cpu_kernel is not None
+    default_fused = default._transform_state[1].cpu_kernel is not None
     ref_chips = args.reference_chips or (n_chips if device.type == "cuda" else 1)
     tasks: dict[str, tuple] = {
         "(a) conv2d reference fp32": (lambda: reference.transform(chips[:ref_chips], valid[:ref_chips]), ref_chips, rcf_flops, "float32"),
-        "(b) fast path fp32": (lambda: fast32.transform(chips, valid), n_chips, rcf_flops, "float32"),
+        "(b) fast path fp32" + (" (fused CPU kernel)" if fused_cpu else ""): (
+            lambda: fast32.transform(chips, valid), n_chips, rcf_flops, "float32"),
         "(c) fast path bf16": (lambda: fast16.transform(chips, valid), n_chips, rcf_flops, "bfloat16"),
         f"(c) fast bf16, {args.filters // 2} filters x both branches": (
             lambda: half.transform(chips, valid), n_chips, half.flops_per_chip(args.size, args.size), "bfloat16"),
@@ -148,6 +164,18 @@ def main(argv: list[str] | None = None) -> dict:
             lambda: default.transform(chips, valid), n_chips, default.flops_per_chip(args.size, args.size),
             default.dtype_),
     }
+    if fused_cpu:
+        torch32 = without_cpu_kernel(fast32)
+        tasks["(b) fast path fp32, torch/oneDNN (kernel off)"] = (
+            lambda: torch32.transform(chips, valid), n_chips, rcf_flops, "float32")
+    default_name = f"(f) study default ({default.n_filters} filters x 3 scales, {default.dtype_})"
+    if default_fused:
+        default_torch = without_cpu_kernel(default)
+        default_name = default_name[:-1] + ", fused CPU kernel)"
+        tasks[default_name] = tasks.pop(f"(f) study default ({default.n_filters} filters x 3 scales, {default.dtype_})")
+        tasks[f"(f) study default ({default.n_filters} filters x 3 scales, {default.dtype_}, torch path)"] = (
+            lambda: default_torch.transform(chips, valid), n_chips, default.flops_per_chip(args.size, args.size),
+            default.dtype_)
 
     # ResNet-18 as torchvision runs it, at its 224 px input (chips resized, as input_size_px: 224
     # does), and at the chips' own 64 px for comparison; the first layer adapted to the bands.
@@ -211,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.patch_size}x{args.patch_size} ({rcf_flops / 1e9:.3f} GFLOP/chip); ResNet-18 "
           f"{resnet_flops[224] / 1e9:.3f} GFLOP/chip at 224 px, {resnet_flops[args.size] / 1e9:.3f} at {args.size} px; "
           f"fastest call of {args.rounds} interleaved rounds")
-    line = f"{'method':<60} {'chips/s':>10} {'GFLOP/s':>9} {'% GEMM':>8} {'x R18':>7}"
+    line = f"{'method':<72} {'chips/s':>10} {'GFLOP/s':>9} {'% GEMM':>8} {'x R18':>7}"
     print(line)
     print("-" * len(line))
     for name in tasks:
@@ -220,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         chips_s = "" if is_gemm else f"{best[name]:10.1f}"
         of_peak = f"{100 * gflops[name] / peak[dtype]:7.1f}%"
         vs_resnet = "" if is_gemm else f"{best[name] / resnet_best:7.2f}"
-        print(f"{name:<60} {chips_s:>10} {gflops[name]:9.1f} {of_peak:>8} {vs_resnet:>7}")
+        print(f"{name:<72} {chips_s:>10} {gflops[name]:9.1f} {of_peak:>8} {vs_resnet:>7}")
     print("% GEMM: of the same run's best square GEMM in the method's dtype "
           f"(fp32 {peak['float32']:.1f}, bf16 {peak['bfloat16']:.1f} GFLOP/s); "
           "x R18: chips/s over the faster 224 px ResNet-18 row.")
@@ -231,6 +259,23 @@ def main(argv: list[str] | None = None) -> dict:
         f"fast_bf16_over_resnet18_{args.size}px": best[fast_bf16] / resnet_native,
         "fast_bf16_over_reference": best[fast_bf16] / best["(a) conv2d reference fp32"],
     }
+    fast32_name = next(n for n in tasks if n.startswith("(b) fast path fp32"))
+    summary["fast_fp32_share_of_fp32_gemm"] = gflops[fast32_name] / peak["float32"]
+    summary["fused_cpu_kernel"] = fused_cpu
+    summary["study_default_dtype"] = default.dtype_
+    summary["study_default_chips_per_s"] = best[default_name]
+    summary["study_default_share_of_gemm"] = gflops[default_name] / peak[default.dtype_]
+    line = ("the dtype `auto` picks here: {} ({}); study default {:.1f} chips/s = {:.0%} of the {} GEMM rate; "
+            "fast fp32 {:.0%} of the fp32 GEMM rate").format(
+        default.dtype_, "fused CPU kernel" if default_fused else "torch path", best[default_name],
+        summary["study_default_share_of_gemm"], default.dtype_, summary["fast_fp32_share_of_fp32_gemm"])
+    if default_fused:
+        torch_name = f"(f) study default ({default.n_filters} filters x 3 scales, {default.dtype_}, torch path)"
+        summary["study_default_torch_path_share_of_gemm"] = gflops[torch_name] / peak[default.dtype_]
+        line += " (torch path: study default {:.0%}, fast fp32 {:.0%})".format(
+            summary["study_default_torch_path_share_of_gemm"],
+            gflops["(b) fast path fp32, torch/oneDNN (kernel off)"] / peak["float32"])
+    print(line)
     print("fast bf16: {:.0%} of the bf16 GEMM rate; {:.1f}x ResNet-18's chips/s at 224 px ({:.2f}x at {} px, "
           "where ResNet-18 does fewer FLOPs per chip than 1,024 RCF filters); {:.1f}x the conv2d reference".format(
               summary["fast_bf16_share_of_bf16_gemm"], summary["fast_bf16_over_resnet18_224px"],

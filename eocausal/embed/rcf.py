@@ -36,6 +36,10 @@ Two implementations compute the same pooled features:
   bounded slice of device memory on CUDA; nothing of the size of all the activations is ever held.
   With ``dtype = bfloat16`` the multiply runs on bf16 matrix units (AVX512-BF16/AMX, tensor cores)
   with float32 accumulation.
+  In float32 on a CPU with AVX2 and FMA (``dtype`` auto there), a fused kernel compiled from
+  source (``rcf_cpu``) does the same per chip without an im2col matrix or activations in memory:
+  each valid position's patch times every filter, the bias and ReLU, added straight to its pooling
+  rectangle's sums. Without a compiler or those CPU features it is not used (logged at INFO).
 - ``impl="reference"``: a plain float32 ``torch.nn.functional.conv2d``, ``relu`` and masked mean,
   both branches computed explicitly. Slow and simple: the fast path is tested against it.
 
@@ -64,6 +68,7 @@ scales with brightness in reflectance data) and through differences between band
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -74,7 +79,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eocausal.embed import EmbeddingError, rcf_triton
+from eocausal.embed import EmbeddingError, rcf_cpu, rcf_triton
 from eocausal.embed.devices import (
     HostStaging,
     cpu_cache_bytes,
@@ -86,6 +91,8 @@ from eocausal.embed.devices import (
 )
 
 __all__ = ["EmbeddingError", "RCFEmbedder", "RCF_ALGORITHM_VERSION"]
+
+log = logging.getLogger(__name__)
 
 # Bump when a change alters the features for the same config: it belongs in embedding cache keys.
 RCF_ALGORITHM_VERSION = "3"  # 3: level filters (filters="mixed") and nested pooling scales
@@ -796,6 +803,14 @@ class _TransformState:
         # Masked (zeroed) rows give relu(shift) per filter: taken back out of the sums.
         self.masked_row_value = self.bias_used.neg().clamp_min(0.0)
         self.packed = _pack_for_onednn(self.matrix, self.rows_per_multiply()) if emb.impl == "fast" else None
+        # The fused AVX2 kernel (float32 on CPU): filters packed in 16-filter blocks.
+        self.cpu_kernel = None
+        if emb.impl == "fast" and device.type == "cpu" and dtype == torch.float32:
+            self.cpu_kernel = rcf_cpu.kernel()
+            if self.cpu_kernel is not None:
+                self.cpu_packed, self.cpu_shift = rcf_cpu.pack(self.matrix, self.shift)
+        # Per chip shape: each output position's rectangle and patch offset (``_positions``).
+        self._position_maps: dict[tuple, tuple] = {}
         self.center = torch.as_tensor(emb.band_center_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale = torch.as_tensor(emb.band_scale_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._step = None
@@ -869,6 +884,12 @@ class _TransformState:
         return cells, torch.from_numpy(groups).to(self.device)
 
     def embed(self, chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        if self.cpu_kernel is not None:
+            try:
+                return self._embed_cpu_kernel(chips, valid)
+            except (RuntimeError, ValueError) as exc:
+                log.info("RCF: fused CPU kernel failed (%s); using the torch path", exc)
+                self.cpu_kernel = None
         emb, device = self.emb, self.device
         k = emb.patch_size
         with torch.no_grad(), ieee_float32(device):
@@ -971,6 +992,100 @@ class _TransformState:
                 mean_z = (patch_sum @ self.matrix_f32.T) / n_valid[:, None]
                 pooled[:, 1, c] = pos - (mean_z - self.bias_used)
         return pooled, counts
+
+    def _embed_cpu_kernel(self, chips: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """``embed`` through the fused AVX2 kernel, the rest in numpy (small arrays: no threaded
+        torch calls). Same masking as the torch path: invalid or non-finite pixels become 0 (the
+        band median) and every window touching one is left out of the position lists, so it adds
+        exactly 0 and is not counted."""
+        emb = self.emb
+        k, n_filters = emb.patch_size, emb.n_filters
+        x = np.asarray(chips, dtype=np.float32)
+        n_chips, n_bands, h, w = x.shape
+        rows, cols = h - k + 1, w - k + 1
+        center = self.center.view(-1).numpy()
+        scale = self.scale.view(-1).numpy()
+        xh = np.empty((n_chips, h, w, n_bands), dtype=np.float32)  # NHWC: a patch is k runs of k*C
+        np.subtract(x.transpose(0, 2, 3, 1), center, out=xh)
+        np.divide(xh, scale, out=xh)
+        pixel_ok = np.asarray(valid, dtype=bool)
+        all_valid = bool(pixel_ok.all())
+        with np.errstate(over="ignore", invalid="ignore"):
+            all_valid = all_valid and bool(np.isfinite(x.sum()))
+        if not all_valid:
+            pixel_ok = pixel_ok & np.isfinite(x).all(axis=1)
+            xh[~pixel_ok] = 0.0
+            all_valid = bool(pixel_ok.all())
+        layout = self._positions(n_bands, h, w)
+        offset_map, cell_map, sizes, cells, groups = layout
+        per_chip = rows * cols
+        if all_valid:
+            offset, cell = np.tile(offset_map, n_chips), np.tile(cell_map, n_chips)
+            start = np.arange(n_chips + 1, dtype=np.int64) * per_chip
+            counts = np.tile(sizes, (n_chips, 1))
+        else:
+            # Windows lying wholly on valid pixels: a k-wide AND along rows, then along columns.
+            field = pixel_ok[:, :rows, :].copy()
+            for d in range(1, k):
+                field &= pixel_ok[:, d : d + rows, :]
+            ok = field[:, :, :cols].copy()
+            for d in range(1, k):
+                ok &= field[:, :, d : d + cols]
+            ok = ok.reshape(n_chips, per_chip)
+            flat = np.flatnonzero(ok)
+            chip, q = np.divmod(flat, per_chip)
+            offset, cell = offset_map[q], cell_map[q]
+            start = np.zeros(n_chips + 1, dtype=np.int64)
+            np.cumsum(ok.sum(axis=1), out=start[1:])
+            counts = np.bincount(chip * len(cells) + cell, minlength=n_chips * len(cells))
+            counts = counts.reshape(n_chips, len(cells)).astype(np.float64)
+        kern = self.cpu_kernel
+        assert kern is not None
+        both = emb.branches == "both"
+        sums, patch_sums = kern.pool_sums(torch.from_numpy(xh), self.cpu_packed, self.cpu_shift, offset, cell,
+                                          start, len(cells), k, both, torch.get_num_threads())
+        sums = sums.numpy()[:, :, :n_filters].astype(np.float64)
+        if groups is not None:
+            # Rectangles -> nested squares: each square sums its rectangles (sums and counts).
+            sums = np.stack([sums[:, g].sum(axis=1) for g in groups], axis=1)
+            counts = np.stack([counts[:, g].sum(axis=1) for g in groups], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pos = sums / counts[:, :, None]  # 0/0 -> NaN for a region without a valid window
+            pooled = [pos]
+            if both:
+                # relu(-(z - b)) = relu(z - b) - (z - b): its mean is pos - (w . mean patch - b).
+                patch = patch_sums.numpy()
+                if groups is not None:
+                    patch = np.stack([patch[:, g].sum(axis=1) for g in groups], axis=1)
+                mean_z = (patch @ self.matrix_f32.numpy().astype(np.float64).T) / counts[:, :, None]
+                pooled.append(pos - (mean_z - self.bias_used.numpy().astype(np.float64)))
+        features = np.stack(pooled, axis=1).reshape(n_chips, -1).astype(np.float32)
+        empty = np.flatnonzero((counts == 0).any(axis=1)).tolist()
+        return features, empty
+
+    def _positions(self, n_bands: int, h: int, w: int) -> tuple:
+        """For chips of C x h x w: each output position's patch offset and rectangle (row-major),
+        each rectangle's size, the rectangles, and which rectangles make up each nested square
+        (None for grid cells, one output each). Cached per chip shape."""
+        key = (n_bands, h, w)
+        if key not in self._position_maps:
+            k = self.emb.patch_size
+            rows, cols = h - k + 1, w - k + 1
+            cells, groups = pool_layout(rows, cols, self.emb.pool_grid, self.emb.pool_scales)
+            cellmap = np.full((rows, cols), -1, dtype=np.int32)
+            for c, (r0, r1, c0, c1) in enumerate(cells):
+                cellmap[r0:r1, c0:c1] = c
+            if (cellmap < 0).any():  # pool_layout partitions the field; anything else is a bug
+                raise ValueError("the pooling rectangles do not cover the output positions")
+            i, j = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
+            offset = ((i * w + j) * n_bands).astype(np.int32)
+            sizes = np.bincount(cellmap.reshape(-1), minlength=len(cells)).astype(np.float64)
+            members = None
+            if not np.array_equal(groups, np.eye(len(cells), dtype=groups.dtype)):
+                members = [np.flatnonzero(groups[:, o] > 0) for o in range(groups.shape[1])]
+            self._position_maps.clear()
+            self._position_maps[key] = (offset, cellmap.reshape(-1), sizes, cells, members)
+        return self._position_maps[key]
 
     def _reference(self, x: torch.Tensor, field_ok: torch.Tensor, cells) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.emb
