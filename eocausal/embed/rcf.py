@@ -811,6 +811,7 @@ class _TransformState:
                 self.cpu_packed, self.cpu_shift = rcf_cpu.pack(self.matrix, self.shift)
         # Per chip shape: each output position's rectangle and patch offset (``_positions``).
         self._position_maps: dict[tuple, tuple] = {}
+        self._tiled_positions: dict[int, tuple] = {}  # the same for a batch of all-valid chips
         self.center = torch.as_tensor(emb.band_center_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale = torch.as_tensor(emb.band_scale_, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._step = None
@@ -1003,11 +1004,10 @@ class _TransformState:
         x = np.asarray(chips, dtype=np.float32)
         n_chips, n_bands, h, w = x.shape
         rows, cols = h - k + 1, w - k + 1
-        center = self.center.view(-1).numpy()
-        scale = self.scale.view(-1).numpy()
-        xh = np.empty((n_chips, h, w, n_bands), dtype=np.float32)  # NHWC: a patch is k runs of k*C
-        np.subtract(x.transpose(0, 2, 3, 1), center, out=xh)
-        np.divide(xh, scale, out=xh)
+        kern = self.cpu_kernel
+        assert kern is not None
+        # Normalised, NHWC (a patch is k runs of k*C values), in one pass.
+        xh = kern.normalise_nhwc(x, self.center.view(-1).numpy(), self.scale.view(-1).numpy())
         pixel_ok = np.asarray(valid, dtype=bool)
         all_valid = bool(pixel_ok.all())
         with np.errstate(over="ignore", invalid="ignore"):
@@ -1020,9 +1020,12 @@ class _TransformState:
         offset_map, cell_map, sizes, cells, groups = layout
         per_chip = rows * cols
         if all_valid:
-            offset, cell = np.tile(offset_map, n_chips), np.tile(cell_map, n_chips)
-            start = np.arange(n_chips + 1, dtype=np.int64) * per_chip
-            counts = np.tile(sizes, (n_chips, 1))
+            tiled = self._tiled_positions.get(n_chips)
+            if tiled is None or tiled[0] is not offset_map:
+                tiled = (offset_map, np.tile(offset_map, n_chips), np.tile(cell_map, n_chips),
+                         np.arange(n_chips + 1, dtype=np.int64) * per_chip, np.tile(sizes, (n_chips, 1)))
+                self._tiled_positions = {n_chips: tiled}  # one batch size at a time (the last may be shorter)
+            _, offset, cell, start, counts = tiled
         else:
             # Windows lying wholly on valid pixels: a k-wide AND along rows, then along columns.
             field = pixel_ok[:, :rows, :].copy()
@@ -1039,8 +1042,6 @@ class _TransformState:
             np.cumsum(ok.sum(axis=1), out=start[1:])
             counts = np.bincount(chip * len(cells) + cell, minlength=n_chips * len(cells))
             counts = counts.reshape(n_chips, len(cells)).astype(np.float64)
-        kern = self.cpu_kernel
-        assert kern is not None
         both = emb.branches == "both"
         sums, patch_sums = kern.pool_sums(torch.from_numpy(xh), self.cpu_packed, self.cpu_shift, offset, cell,
                                           start, len(cells), k, both, torch.get_num_threads())

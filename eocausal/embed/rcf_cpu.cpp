@@ -154,7 +154,23 @@ __attribute__((target("avx2,fma"))) void run_item(const Args& a, int64_t chip_in
 
 extern "C" {
 
-int rcf_cpu_abi_version() { return 1; }
+int rcf_cpu_abi_version() { return 2; }
+
+// out[b, i, j, c] = (x[b, c, i, j] - center[c]) / scale[c]: the band normalisation and the NHWC
+// layout in one pass (plain float32 arithmetic, as numpy or torch does it).
+void rcf_cpu_normalise_nhwc(const float* x, int64_t n_chips, int64_t bands, int64_t height, int64_t width,
+                            const float* center, const float* scale, float* out) {
+    const int64_t plane = height * width;
+    for (int64_t b = 0; b < n_chips; ++b) {
+        const float* src = x + b * bands * plane;
+        float* dst = out + b * bands * plane;
+        for (int64_t c = 0; c < bands; ++c) {
+            const float m = center[c], s = scale[c];
+            const float* from = src + c * plane;
+            for (int64_t q = 0; q < plane; ++q) dst[q * bands + c] = (from[q] - m) / s;
+        }
+    }
+}
 
 int rcf_cpu_supported() {
     __builtin_cpu_init();
@@ -172,8 +188,9 @@ int rcf_cpu_pool_sums(const float* x, int64_t n_chips, int64_t height, int64_t w
     Args a{x, height * width * bands, width * bands, k, static_cast<int>(k * bands), wpack, shift,
            n_blocks, offset, cell, start, n_cells, sums, patch_sums};
     // Work items: (chip, group of filter blocks); groups of up to 8 blocks (128 filters), fewer
-    // when that would leave under four items per thread.
-    const int64_t want_items = 4 * static_cast<int64_t>(std::max(1, n_threads));
+    // when that would leave under eight items per thread (a thread that other processes hold up
+    // then delays the call by a small item only).
+    const int64_t want_items = 8 * static_cast<int64_t>(std::max(1, n_threads));
     const int64_t fit = (n_chips * n_blocks) / want_items;
     const int group = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, fit)));
     const int groups = (n_blocks + group - 1) / group;

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rcf_cpu.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 FILTER_BLOCK = 16  # filters per block in the packed layout (rcf_cpu.cpp: FB)
 _BUILD_TIMEOUT_S = 300
 
@@ -126,8 +126,24 @@ class _Kernel:
         fn.argtypes = [p, i64, i64, i64, i64, i32, p, p, i32, p, p, p, i32, p, p, i32]
         fn.restype = ctypes.c_int
         self._fn = fn
+        norm = lib.rcf_cpu_normalise_nhwc
+        norm.argtypes = [p, i64, i64, i64, i64, p, p, p]
+        norm.restype = None
+        self._normalise = norm
         self._lib = lib
         self.path = path
+
+    def normalise_nhwc(self, x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """float32 [N, H, W, C] = (x - center) / scale per band, for float32 x [N, C, H, W]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        center = np.ascontiguousarray(center, dtype=np.float32)
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        n, c, h, w = x.shape
+        if center.shape != (c,) or scale.shape != (c,):
+            raise ValueError("center and scale must have one value per band")
+        out = np.empty((n, h, w, c), dtype=np.float32)
+        self._normalise(x.ctypes.data, n, c, h, w, center.ctypes.data, scale.ctypes.data, out.ctypes.data)
+        return out
 
     def pool_sums(
         self,

@@ -176,6 +176,8 @@ def test_a_failing_kernel_call_falls_back_once(monkeypatch, caplog):
     state = emb._transform_state[1]
 
     class Broken:
+        normalise_nhwc = state.cpu_kernel.normalise_nhwc
+
         def pool_sums(self, *args, **kwargs):
             raise RuntimeError("rcf_cpu_pool_sums failed (-3)")
 
