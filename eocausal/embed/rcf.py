@@ -1070,6 +1070,8 @@ class _TransformState:
         (None for grid cells, one output each). Cached per chip shape."""
         key = (n_bands, h, w)
         if key not in self._position_maps:
+            if n_bands * h * w >= 2**31:
+                raise ValueError("chips too large for the kernel's 32-bit position offsets")
             k = self.emb.patch_size
             rows, cols = h - k + 1, w - k + 1
             cells, groups = pool_layout(rows, cols, self.emb.pool_grid, self.emb.pool_scales)

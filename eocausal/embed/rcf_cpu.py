@@ -4,8 +4,8 @@
 else ``g++``/``c++``) into a shared library under the user's cache
 (``$EOCAUSAL_CACHE_DIR`` or ``$XDG_CACHE_HOME/eocausal`` or ``~/.cache/eocausal``, in
 ``rcf_cpu/<hash of source, compiler and flags>/``), once: ``make install`` builds it
-(``python -m eocausal.embed.rcf_cpu``); otherwise the first transform that can use it does (about
-a second). It is loaded with ctypes, which releases the GIL during the call.
+(``python -m eocausal.embed.rcf_cpu``); otherwise the first transform that can use it does (a few
+seconds, once per source, compiler and flag set). It is loaded with ctypes, which releases the GIL during the call.
 
 For each chip it computes, for every valid output position, the dot products of the position's
 normalised patch with every filter, adds the shift (-bias), applies the ReLU and adds the result
@@ -13,8 +13,8 @@ to the sums of the position's pooling rectangle, without an im2col matrix or an 
 in memory (see the .cpp). The features equal the torch path's within float32 rounding.
 
 Where anything is missing (no compiler, a failed build, a CPU without AVX2/FMA, a non-x86 machine)
-``kernel()`` returns None, logs why at INFO, and RCF uses its torch path. A mismatch with the torch
-computation on a small check case disables it with a warning. ``EOCAUSAL_RCF_CPU_KERNEL=0`` turns it
+``kernel()`` returns None, logs why at INFO, and RCF uses its torch path. A mismatch with a float64
+computation on a small check case (at load) disables it with a warning. ``EOCAUSAL_RCF_CPU_KERNEL=0`` turns it
 off.
 """
 
