@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.embeddings import chip_batches, fit_sample, make_embedder
-from eocausal.embed.reduce import fit_pca
-from eocausal.imagery.chips import extract_chips, load_chips
+from eocausal.embed.embeddings import chip_batches, component_scores, fit_sample, make_embedder
+from eocausal.embed.reduce import PCAMoments, pca_from_moments
+from eocausal.imagery.chips import extract_chips
 from eocausal.montecarlo import downsample_chips as downsample
 
 # The context window's side, in chips, and the averaging that brings it back to the chip's pixels.
@@ -47,15 +47,26 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
         return ContextComponents(ids, out, int(len(ok_index)))
     embedder = make_embedder(study.embedding)
     usable = ok_index.reset_index(drop=True)
-    embedder.fit(*downsample(*load_chips(fit_sample(usable, study.embedding.seed), chip_cache), CONTEXT_FACTOR))
+    # Memory stays near the chip stage's: the fit sample is read and averaged a batch at a time (never
+    # every full-size context chip at once) and the PCA is the exact one from streamed moments (never
+    # a float64 copy of every feature), as the embedding stage's.
+    coarse = [downsample(c, v, CONTEXT_FACTOR) for c, v in chip_batches(fit_sample(usable, study.embedding.seed),
+                                                                        chip_cache)]
+    embedder.fit(np.concatenate([c for c, _ in coarse]), np.concatenate([v for _, v in coarse]))
+    del coarse
     features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
+    moments = PCAMoments(embedder.n_features)
     start = 0
     for chips, valid in chip_batches(usable, chip_cache):
-        features[start : start + len(chips)] = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
+        block = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
+        features[start : start + len(chips)] = block
+        moments.update(block)
         start += len(chips)
     finite = np.isfinite(features).all(axis=1)
-    pca = fit_pca(features[finite], n_components, seed=study.embedding.seed)
+    pca = pca_from_moments(moments, n_components)
+    if pca is None:
+        return ContextComponents(ids, out, int(finite.sum()))
     position = {u: i for i, u in enumerate(ids)}
     rows = [position[u] for u in np.asarray(ok_index.index)[finite]]
-    out[rows, : pca.n_components_] = pca.transform(features[finite])
+    out[rows, : pca.n_components_] = component_scores(features, pca)[finite]
     return ContextComponents(ids, out, int(finite.sum()))

@@ -1,0 +1,218 @@
+"""A large study end to end on this machine: wall time, peak memory and per-stage rates, cold and warm.
+
+    .venv/bin/python benchmarks/scale.py --units 100000            # issue 14's study (~20-30 min)
+    .venv/bin/python benchmarks/scale.py --units 5000 --scene-px 2000 --skip-e2
+
+Builds a semi-synthetic study (``eocausal.simulate.write_demo_study``) of ``--units`` units on a
+procedural ``--bands``-band scene of ``--scene-px`` square (``write_procedural_scene``), then runs
+``eocausal run --json`` on it twice in a child process: cold (empty working folder) and warm (every
+stage's output cached). For each run it reports the wall time and the child's peak RSS
+(``getrusage(RUSAGE_CHILDREN)``), and per Dagster step the seconds and units/s, read from the
+run's step statistics in the working folder's Dagster instance. Then bytes and files per million
+units in the chip store, the lake and the warehouse, and (unless ``--skip-e2``) the scaling
+efficiency E(2) = T1 / (2 T2) of the embedding stage over two tiles: T1 = one process
+embedding both tiles' chips on one thread, T2 = two processes at once, one tile each on one
+thread (the chips come from the cold run's store; a fresh embedding cache each time).
+
+Prints a markdown table; ``--out`` also writes it (and a JSON of the figures). Numbers from one run
+on a shared machine: the GEMM rate of the same machine is printed beside them
+(``benchmarks/embeddings.py`` has the embedding stage's own table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _child_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def build_study(out: Path, units: int, scene_px: int, bands: int, seed: int) -> Path:
+    from eocausal.simulate import write_demo_study, write_procedural_scene
+
+    scene = write_procedural_scene(out / "scene.tif", scene_px, scene_px, seed=seed, n_bands=bands)
+    return write_demo_study(out / "study", n_units=units, seed=seed, scene=scene, chip_size_px=64)
+
+
+def run_once(study: Path, workdir: Path) -> dict:
+    """``eocausal run --json`` in a child process (its own peak RSS): wall seconds, RSS, exit code."""
+    script = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter()\n"
+        f"rc = subprocess.call([{str(Path(PY).parent / 'eocausal')!r}, 'run', '--json', '--workdir', "
+        f"{str(workdir)!r}, {str(study)!r}], stdout=subprocess.DEVNULL)\n"
+        "wall = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps({'rc': rc, 'wall_s': wall, 'peak_rss_mb': rss}))\n"
+    )
+    env = {**os.environ, "DAGSTER_HOME": ""}
+    env.pop("DAGSTER_HOME")
+    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def step_seconds(workdir: Path) -> dict[str, float]:
+    """Seconds per step of the working folder's last run (Dagster step statistics)."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
+        runs = instance.get_runs(limit=1)
+        stats = instance.get_run_step_stats(runs[0].run_id) if runs else []
+        return {s.step_key.split("__", 1)[-1]: (s.end_time or 0) - (s.start_time or 0) for s in stats}
+
+
+def folder_bytes_files(path: Path) -> tuple[int, int]:
+    total = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+                files += 1
+            except OSError:
+                pass
+    return total, files
+
+
+def embed_tiles_e2(workdir: Path, study: Path) -> dict:
+    """E(2) of the embedding stage over the two halves of the units (two tiles)."""
+    import pandas as pd
+
+    from eocausal.lake import period_path
+    from eocausal.layout import Layout
+
+    layout = Layout(workdir)
+    index = pd.read_parquet(period_path(layout.lake, "image_chips", "geotiff"))
+    usable = index[index["status"] == "ok"].sort_values("unit_id").reset_index(drop=True)
+    halves = [usable.iloc[: len(usable) // 2], usable.iloc[len(usable) // 2 :]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        parts = []
+        for i, part in enumerate(halves):
+            parts.append(tmp / f"tile{i}.parquet")
+            part.to_parquet(parts[-1])
+        code = (
+            "import sys, time, pandas as pd\n"
+            "from pathlib import Path\n"
+            "from eocausal.embed.embeddings import compute_embeddings\n"
+            "from eocausal.study import load_study\n"
+            "spec = load_study(sys.argv[1]).embedding.model_copy(update={'cpu_threads': 1})\n"
+            "t = time.perf_counter()\n"
+            "for i, p in enumerate(sys.argv[4:]):\n"
+            "    compute_embeddings(pd.read_parquet(p), Path(sys.argv[2]), Path(sys.argv[3]) / str(i), spec)\n"
+            "print(time.perf_counter() - t)\n"
+        )
+
+        def start(cache: str, *tiles: Path) -> subprocess.Popen:
+            return subprocess.Popen([PY, "-c", code, str(study), str(layout.chip_cache), str(tmp / cache),
+                                     *map(str, tiles)], stdout=subprocess.PIPE, text=True)
+
+        t = time.perf_counter()
+        one = start("one", *parts)
+        one.communicate()
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        two = [start(f"two{i}", p) for i, p in enumerate(parts)]
+        for p in two:
+            p.communicate()
+        t2 = time.perf_counter() - t
+    return {"units": len(usable), "t1_s": t1, "t2_s": t2, "e2": t1 / (2 * t2)}
+
+
+def gemm_rate_gflops() -> float:
+    import torch
+
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, b)
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, default=100_000)
+    parser.add_argument("--scene-px", type=int, default=4000)
+    parser.add_argument("--bands", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-e2", action="store_true")
+    parser.add_argument("--keep", type=Path, help="build the study and working folder here (kept)")
+    parser.add_argument("--out", type=Path, help="write the markdown table and JSON here (a folder)")
+    args = parser.parse_args()
+
+    holder = tempfile.TemporaryDirectory() if args.keep is None else None
+    base = Path(holder.name) if holder else args.keep
+    base.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    study = build_study(base, args.units, args.scene_px, args.bands, args.seed)
+    build_s = time.perf_counter() - t
+    workdir = base / "work"
+    figures: dict = {"units": args.units, "scene_px": args.scene_px, "bands": args.bands,
+                     "study_build_s": build_s, "cpu_count": os.cpu_count(), "gemm_fp32_gflops": gemm_rate_gflops()}
+    for label in ("cold", "warm"):
+        run = run_once(study, workdir)
+        run["steps_s"] = step_seconds(workdir)
+        figures[label] = run
+        print(f"{label}: {run['wall_s']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, exit {run['rc']}", flush=True)
+    from eocausal.layout import Layout
+
+    layout = Layout(workdir)
+    per_million = 1e6 / args.units
+    figures["storage"] = {}
+    for name, path in (("chip store", layout.chip_cache), ("lake", layout.lake),
+                       ("embedding cache", layout.embedding_cache), ("warehouse", layout.warehouse),
+                       ("published warehouse", layout.published)):
+        if path.is_dir():
+            size, files = folder_bytes_files(path)
+        else:
+            size, files = (path.stat().st_size, 1) if path.exists() else (0, 0)
+        figures["storage"][name] = {"gb_per_million_units": size * per_million / 1e9,
+                                    "files_per_million_units": files * per_million}
+    if not args.skip_e2:
+        figures["e2"] = embed_tiles_e2(workdir, study)
+
+    lines = [f"# Scale: {args.units:,} units, {args.scene_px} px {args.bands}-band procedural scene, 64 px chips",
+             "", f"fp32 GEMM (torch, 2048^2, all threads): {figures['gemm_fp32_gflops']:.0f} GFLOP/s; "
+             f"{os.cpu_count()} cores; study built in {build_s:.0f} s", "",
+             "| stage | cold s | cold units/s | warm s | warm units/s |", "|---|---:|---:|---:|---:|"]
+    for step in figures["cold"]["steps_s"]:
+        c = figures["cold"]["steps_s"][step]
+        w = figures["warm"]["steps_s"].get(step, float("nan"))
+        lines.append(f"| {step} | {c:.1f} | {args.units / c if c else float('nan'):,.0f} | {w:.1f} | "
+                     f"{args.units / w if w else float('nan'):,.0f} |")
+    for label in ("cold", "warm"):
+        r = figures[label]
+        lines.append(f"| **{label} run, end to end** | {r['wall_s']:.0f} | {args.units / r['wall_s']:,.0f} | "
+                     f"peak RSS {r['peak_rss_mb']:,.0f} MB | exit {r['rc']} |")
+    lines += ["", "| storage | GB per million units | files per million units |", "|---|---:|---:|"]
+    for name, s in figures["storage"].items():
+        lines.append(f"| {name} | {s['gb_per_million_units']:.2f} | {s['files_per_million_units']:,.0f} |")
+    if "e2" in figures:
+        e = figures["e2"]
+        lines += ["", f"E(2), embedding stage over two tiles of {e['units']:,} units (one thread per process): "
+                  f"T1 = {e['t1_s']:.0f} s, T2 = {e['t2_s']:.0f} s, E(2) = T1 / (2 T2) = {e['e2']:.2f}"]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"scale_{args.units}.md").write_text(table + "\n")
+        (args.out / f"scale_{args.units}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    if holder:
+        holder.cleanup()
+
+
+if __name__ == "__main__":
+    main()
