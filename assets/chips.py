@@ -12,6 +12,7 @@ from dagster import AssetExecutionContext
 
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
+from eocausal.faults import rendezvous
 from eocausal.imagery.chips import extract_chips
 from eocausal.imagery.sources import open_source
 from eocausal.lake import period_path, write_frame
@@ -51,6 +52,7 @@ def build_image_chips(periods: dg.PartitionsDefinition, study: str | None = None
 
 
 def _materialise_chips(period: str, study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    rendezvous("chips.start")  # the deployment test: runs meet here, proving two were alive at once
     spec = study.load()
     spec.imagery.check_period_name(period)  # a partition the study no longer names is an error
     units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon"])

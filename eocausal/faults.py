@@ -19,6 +19,13 @@ with ``EOCAUSAL_FS_FAULT=<ERRNO>[@<n>]`` (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``E
 write and every later one fail with that error, as on a disk that filled up (or was read-only) at
 the n-th write (default: the first). ``EOCAUSAL_FS_FAULT_PATH=<text>`` limits the fault (and the
 count) to paths containing ``text``, e.g. ``cache/chips`` or ``published``.
+
+A rendezvous shows that several processes were alive at the same time (ordering, not timing):
+with ``EOCAUSAL_RENDEZVOUS_DIR=<folder>`` and ``EOCAUSAL_RENDEZVOUS_COUNT=<n>``, every process
+reaching :func:`rendezvous` writes ``<folder>/<point>.<pid>`` and waits until ``n`` such files exist
+(the deployment test: two runs started by the daemon meet at the start of their chips stage).
+Waiting is bounded (``EOCAUSAL_RENDEZVOUS_TIMEOUT_S``, default 120 s), then it raises naming who
+came. Without both variables a call returns at once.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ CRASH_AT_ENV = "EOCAUSAL_CRASH_AT"
 CRASH_DIR_ENV = "EOCAUSAL_CRASH_DIR"
 FS_FAULT_ENV = "EOCAUSAL_FS_FAULT"
 FS_FAULT_PATH_ENV = "EOCAUSAL_FS_FAULT_PATH"
+RENDEZVOUS_DIR_ENV = "EOCAUSAL_RENDEZVOUS_DIR"
+RENDEZVOUS_COUNT_ENV = "EOCAUSAL_RENDEZVOUS_COUNT"
+RENDEZVOUS_TIMEOUT_ENV = "EOCAUSAL_RENDEZVOUS_TIMEOUT_S"
 _FS_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EACCES")
 # If nobody kills the paused process, give up rather than hang a pipeline forever.
 _MAX_PAUSE_S = 600.0
@@ -91,3 +101,28 @@ def write_point(path: str | os.PathLike) -> None:
     _writes[only] += 1
     if _writes[only] >= nth:
         raise OSError(code, os.strerror(code), str(path))
+
+
+def rendezvous(point: str) -> None:
+    """Wait here until the asked number of processes have reached this point, when a test asks
+    (see the module docstring); otherwise do nothing. Raises RuntimeError when the others do not
+    come in time."""
+    folder, count = os.environ.get(RENDEZVOUS_DIR_ENV), os.environ.get(RENDEZVOUS_COUNT_ENV)
+    if not folder or not count:
+        return
+    folder_path, wanted = Path(folder), int(count)
+    folder_path.mkdir(parents=True, exist_ok=True)
+    mine = folder_path / f"{point}.{os.getpid()}"
+    tmp = folder_path / f".{point}.{os.getpid()}.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, mine)
+    timeout = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or 120.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        came = sorted(p.name for p in folder_path.glob(f"{point}.*") if not p.name.startswith("."))
+        if len(came) >= wanted:
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"rendezvous {point!r}: {len(came)} of {wanted} processes came within {timeout:.0f} s "
+                               f"({', '.join(came)} in {folder_path}); the others never started or are queued")
+        time.sleep(0.2)
