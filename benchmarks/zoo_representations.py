@@ -12,18 +12,29 @@ once:
 - ``cone``: max over positions of the smoothed activation x (1 - distance / R)+ for R = the
   chip's half-width and half of it (a distance-discounted max: "how close is the nearest strong
   response");
+- ``near``: 1 - d / R (R = half-width) for d the distance to the nearest position whose smoothed
+  activation exceeds its 50th / 80th / 95th percentile over all chips ("how close is the nearest
+  strong response": the form of a distance-to-nearest confounder);
+- ``pnear``: the same on 128 directions of the per-position activations (8 leading pixel-level
+  principal directions, their pairwise sums and differences, both signs);
 
-and representations are blocks of these, standardised and reduced to 64 principal components by
-the product's ``fit_pca``. Nonlinear expansions of the components (random Fourier features on
-the leading ones) are measured by the same out-of-fold ridge R² as the zoo (``zoo.oof_r2``).
+and representations (``representation``) are blocks of these - ``sq3``, ``sq6``, ``logsq3``
+(log(mean + 1e-3) of sq3), ``max3``/``max6``, ``cone``, ``near``, ``pnear`` joined by ``+`` -
+standardised and reduced to 64 principal components by the product's ``fit_pca`` (``a|b:16``:
+a's 64 components followed by the 16 leading components of b, PCA'd on its own). Nonlinear
+expansions of components: ``@prodN`` (pairwise products of the N leading components) and
+``@rffN`` (256 random Fourier features of the N leading) in both nuisances, or ``@cv:prodN`` /
+``@cv:rffN`` (per nuisance, only where it lowers that nuisance's cross-fitted loss). R² as the zoo
+measures it (``zoo.oof_r2``); AIPW on the zoo's draws (as benchmarks/zoo_variants.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_representations.py features --designs landsat_mix_750
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_representations.py r2 --designs landsat_mix_750
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_representations.py aipw --designs landsat_mix_750 \
-        --variants default,sq6,sq3_cone --replications 20
+        --variants "default,sq3+logsq3+near,sq3|logsq3+near:16,default@cv:prod8" --replications 20
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_representations.py oracle --designs demo_proximity_900
 
-Features are cached under --work (default /tmp/zoo_representations, not the repository).
-Results: benchmarks/results/zoo/variants.md (2026-12-06 session 6).
+Features are cached under --work (default /tmp/zoo_representations, not the repository; 5-12 min
+per design on a shared 2-core machine). Results: benchmarks/results/zoo/variants.md (session 6).
 """
 
 from __future__ import annotations
@@ -109,7 +120,8 @@ def pooled_blocks(emb, chips: np.ndarray, valid: np.ndarray, batch: int = 16) ->
             sm_den = F.avg_pool2d(field, SMOOTH, stride=1, padding=SMOOTH // 2, count_include_pad=False)
             smooth = sm_num / sm_den.clamp_min(1e-6)
             if thresholds is None:  # first pass: a sample of positions of the first 128 chips
-                sample = smooth.flatten(2)[:, :, torch.randperm(ho * wo, generator=torch.Generator().manual_seed(s))[:64]]
+                picked = torch.randperm(ho * wo, generator=torch.Generator().manual_seed(s))[:64]
+                sample = smooth.flatten(2)[:, :, picked]
                 out.setdefault("_sample", []).append(sample.permute(0, 2, 1).reshape(-1, smooth.shape[1]))
                 if s + batch >= min(n, 128):
                     sample = torch.cat(out.pop("_sample")).double()
@@ -174,7 +186,14 @@ def _flat(block: np.ndarray) -> np.ndarray:
 
 
 def representation(blocks, variant: str) -> np.ndarray:
-    """Standardised-and-PCA'd components (64) of a named block combination."""
+    """Standardised-and-PCA'd components (64) of a named block combination; ``a|b:16`` is block-wise:
+    the 64 components of ``a`` followed by the 16 leading components of ``b`` (PCA'd on its own)."""
+    if "|" in variant:
+        out = []
+        for part in variant.split("|"):
+            combo, _, k = part.partition(":")
+            out.append(representation(blocks, combo)[:, : int(k) if k else K])
+        return np.hstack(out)
     sq, mx, cone, near = blocks["sq"], blocks["max"], blocks["cone"], blocks["near"]
     pnear = blocks.get("pnear")
     parts = {
@@ -206,9 +225,8 @@ def products(components: np.ndarray, lead: int) -> np.ndarray:
     return np.stack([x[:, i] * x[:, j] for i in range(lead) for j in range(i, lead)], axis=1)
 
 
-R2_VARIANTS = ("sq3", "sq6", "logsq3", "sq3+logsq3", "sq3+max3", "sq3+cone", "sq6+max6", "sq6+cone",
-               "sq3+max3+cone", "sq6+max6+cone", "sq3+near", "sq3+logsq3+near", "sq3+cone+near",
-               "sq3+pnear", "sq3+near+pnear", "sq3+logsq3+near+pnear")
+R2_VARIANTS = ("sq3", "sq6", "logsq3", "sq3+logsq3", "sq3+max3", "sq3+cone", "sq3+near", "sq3+logsq3+near",
+               "sq3+near+pnear")
 
 
 def r2_table(names: list[str], work: Path) -> pd.DataFrame:
@@ -220,11 +238,13 @@ def r2_table(names: list[str], work: Path) -> pd.DataFrame:
         cached = zoo.prepare(zoo.design_by_name(name), CACHE, LANDSAT).components["default"][:, :K]
         row = {"design": name, "cached default": zoo.oof_r2(cached, z)}
         for variant in R2_VARIANTS:
+            if variant.endswith("pnear") and "pnear" not in blocks:
+                continue
             row[variant] = zoo.oof_r2(representation(blocks, variant), z)
         base = representation(blocks, "sq3")
-        row["sq3 + prod8"] = zoo.oof_r2(np.hstack([base, products(base, 8)]), z)
-        for lead, width in ((8, 1.0), (8, 2.0), (16, 1.0), (16, 2.0)):
-            row[f"sq3 + rff{lead}w{width:g}"] = zoo.oof_r2(np.hstack([base, rff(base, lead, width)]), z)
+        for lead in (4, 8):
+            row[f"sq3 + prod{lead}"] = zoo.oof_r2(np.hstack([base, products(base, lead)]), z)
+        row["sq3 + rff8"] = zoo.oof_r2(np.hstack([base, rff(base, 8, 2.0)]), z)
         rows.append(row)
         print(pd.Series(row).to_string(), flush=True)
     return pd.DataFrame(rows).set_index("design")
@@ -309,7 +329,8 @@ def aipw_table(name: str, work: Path, variants: list[str], replications: int) ->
             else:
                 X = np.hstack([draw["tabular"], comps[variant]])
                 r = estimate_effects(draw["y"], draw["d"], X, estimators=("aipw",), folds=5, seed=rep)["aipw"]
-            rows.append({"wide_picked": sum(v == "wide" for v in chosen.values()),"variant": variant, "error": r.estimate - truth, "estimate": r.estimate,
+            rows.append({"wide_picked": sum(v == "wide" for v in chosen.values()), "variant": variant,
+                         "error": r.estimate - truth, "estimate": r.estimate,
                          "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
                          "seconds": time.perf_counter() - started})
     df = pd.DataFrame(rows)
@@ -325,9 +346,43 @@ def aipw_table(name: str, work: Path, variants: list[str], replications: int) ->
     return table
 
 
+def oracle(name: str) -> None:
+    """What pooling can do given the true pixel layers: R² of the confounder from the built and
+    core maps (the layers demo_proximity's confounder is made of) pooled as means over nested
+    squares (SCALES), 16 rings of 2 px, or as "near" (1 - d / 31 for d the distance to the nearest
+    pixel whose 5x5-smoothed value exceeds 0.3 / 0.5 / 0.7 / 0.9)."""
+    from eocausal.montecarlo import unit_chips
+    from eocausal.simulate import read_scene, sample_unit_pixels
+
+    design = zoo.design_by_name(name)
+    scene = read_scene(zoo.scene_path(design.scene, CACHE, LANDSAT))
+    rng = np.random.default_rng(np.random.SeedSequence([design.seed, 0x200]))
+    rows, cols = sample_unit_pixels(scene.valid, design.n_units, 2 * design.chip_px, rng)
+    maps = zoo.pixel_maps(scene)
+    radius_px = max(1, int(round(design.radius_m / scene.pixel_size_m)))
+    raw = zoo.confounder_values(maps, scene.valid, design.confounder, radius_px, rows, cols)
+    chips, valid = unit_chips(scene.data, scene.valid, rows, cols, design.chip_px)
+    keep = valid.mean(axis=(1, 2)) >= 0.8
+    z = zoo._std(raw[keep])
+    core = (zoo.disk_mean(maps["built"], scene.valid, 3) > 0.5).astype(float)
+    for label, layer in (("built", maps["built"]), ("core", core)):
+        c = unit_chips(layer[None].astype(np.float32), scene.valid, rows, cols, design.chip_px)[0][keep, 0]
+        n, h, w = c.shape
+        ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        dist = np.hypot(ii - h // 2, jj - w // 2)
+        sq = np.stack([c[:, slice(*_square(h, s)), slice(*_square(w, s))].mean((1, 2)) for s in SCALES], 1)
+        rings = np.stack([c[:, (dist >= a) & (dist < a + 2)].mean(1) for a in range(0, 32, 2)], 1)
+        smooth = F.avg_pool2d(torch.from_numpy(c[:, None]), SMOOTH, stride=1, padding=SMOOTH // 2,
+                              count_include_pad=False)[:, 0].numpy()
+        cone = np.clip(1 - dist / 31, 0, None)
+        near = np.stack([((smooth > q) * cone).reshape(n, -1).max(1) for q in (0.3, 0.5, 0.7, 0.9)], 1)
+        print(f"{name} {label}: means sq3 {zoo.oof_r2(sq[:, DEFAULT_SCALES], z):.3f}, sq6 {zoo.oof_r2(sq, z):.3f}, "
+              f"rings16 {zoo.oof_r2(rings, z):.3f}; near {zoo.oof_r2(near, z):.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("features", "r2", "aipw"))
+    parser.add_argument("command", choices=("features", "r2", "aipw", "oracle"))
     parser.add_argument("--designs", required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/zoo_representations"))
     parser.add_argument("--replications", type=int, default=20)
@@ -338,6 +393,9 @@ def main() -> None:
     if args.command == "features":
         for name in names:
             compute_features(name, args.work)
+    elif args.command == "oracle":
+        for name in names:
+            oracle(name)
     elif args.command == "r2":
         table = r2_table(names, args.work)
         print(table.round(3).T.to_markdown())
