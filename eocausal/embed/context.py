@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.embeddings import chip_batches, component_scores, fit_sample, make_embedder
+from eocausal.embed.embeddings import chip_batches, component_scores, fit_sample, make_embedder, storage_order
 from eocausal.embed.reduce import PCAMoments, pca_from_moments
 from eocausal.imagery.chips import extract_chips
 from eocausal.montecarlo import downsample_chips as downsample
@@ -57,9 +57,10 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
     moments = PCAMoments(embedder.n_features)
     start = 0
-    for chips, valid in chip_batches(usable, chip_cache):
+    order = storage_order(usable, chip_cache)
+    for chips, valid in chip_batches(usable.iloc[order], chip_cache):
         block = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
-        features[start : start + len(chips)] = block
+        features[order[start : start + len(chips)]] = block
         moments.update(block)
         start += len(chips)
     finite = np.isfinite(features).all(axis=1)

@@ -24,6 +24,7 @@ from eocausal import atomic, progress
 from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAMoments, PCAReduction, pca_from_moments
 from eocausal.faults import write_point
+from eocausal.imagery import chipstore
 from eocausal.imagery.chips import load_chips
 from eocausal.study import EmbeddingSpec
 from eocausal.versioning import json_version
@@ -107,10 +108,22 @@ def fit_sample(usable: pd.DataFrame, seed: int) -> pd.DataFrame:
     return usable.iloc[np.sort(rng.choice(len(usable), FIT_CHIPS, replace=False))]
 
 
+def storage_order(usable: pd.DataFrame, chip_cache: Path) -> np.ndarray:
+    """The permutation of ``usable``'s rows that reads the chip store part by part, row by row
+    (chips in no part, e.g. an old per-chip cache, last): streamed in that order, each batch reads
+    one or two parts' row groups instead of some of every part's."""
+    found = chipstore.scan(Path(chip_cache), set(usable["chip_key"])).found
+    parts = {p: i for i, p in enumerate(sorted({v.part for v in found.values()}))}
+    where = [(parts[found[k].part], found[k].row) if k in found else (len(parts), 0) for k in usable["chip_key"]]
+    return np.array(sorted(range(len(where)), key=where.__getitem__), dtype=np.int64)
+
+
 def chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The chips of ``usable``, in order, ``LOAD_CHIPS`` at a time (chips, valid masks)."""
+    """The chips of ``usable``, in order, ``LOAD_CHIPS`` at a time (chips, valid masks); the store
+    is scanned once for all of them."""
+    stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
     for start in range(0, len(usable), LOAD_CHIPS):
-        yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache)
+        yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache, stored)
 
 
 def fit_feature_pca(features: np.ndarray, n_components: int) -> PCAReduction | None:
@@ -185,8 +198,9 @@ def compute_embeddings(
         moments = PCAMoments(embedder.n_features)  # the stage's PCA, as the blocks arrive
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
-        for block in embedder.transform_stream(chip_batches(usable, chip_cache)):
-            features[start : start + len(block)] = block
+        order = storage_order(usable, chip_cache)  # streamed in store order, written back in index order
+        for block in embedder.transform_stream(chip_batches(usable.iloc[order], chip_cache)):
+            features[order[start : start + len(block)]] = block
             moments.update(block)
             start += len(block)
             progress.report("embeddings", start, len(unit_ids), "chips", spec.method)

@@ -353,11 +353,14 @@ def _has_legacy_chips(cache_dir: Path) -> bool:
     return any(e.is_dir() and len(e.name) == 2 for e in os.scandir(cache_dir))
 
 
-def load_chips(index: pd.DataFrame, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_chips(index: pd.DataFrame, cache_dir: Path,
+               stored: chipstore.Scan | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stack the chips of the ``status == 'ok'`` rows, in index order.
 
     Returns float32 [N, C, H, W] and bool [N, H, W]. Raises :class:`ImageryError` naming the
     unit and file when a chip is missing, unreadable, or of a different shape than the others.
+    ``stored``: the store's scan for (at least) these keys, when the caller has one (batches of
+    one stage scan once).
     """
     cache_dir = Path(cache_dir)
     ok = index[index["status"] == STATUS_OK]
@@ -365,9 +368,11 @@ def load_chips(index: pd.DataFrame, cache_dir: Path) -> tuple[np.ndarray, np.nda
     for unit_id, key in pairs:
         if not isinstance(key, str) or not key:
             raise ImageryError(f"unit {unit_id}: status 'ok' but no chip_key in the index")
-    stored = chipstore.scan(cache_dir, {key for _, key in pairs})
+    keys = {key for _, key in pairs}
+    if stored is None:
+        stored = chipstore.scan(cache_dir, keys)
     try:
-        pixels = chipstore.read_pixels(stored.found)
+        pixels = chipstore.read_pixels({k: stored.found[k] for k in keys if k in stored.found})
     except chipstore.PartError as exc:
         unit_id = next(u for u, k in pairs if k in stored.found and stored.found[k].part == exc.part)
         raise ImageryError(f"unit {unit_id}: cached chip corrupt: {exc}") from exc

@@ -15,6 +15,7 @@ from eocausal.embed.backbone import build_backbone
 from eocausal.embed.embeddings import compute_embeddings
 from eocausal.embed.rcf import RCFEmbedder
 from eocausal.imagery import chips as chips_module
+from eocausal.imagery import chipstore
 from eocausal.imagery.chips import _store, chip_path
 from eocausal.imagery.geotiff import Chip
 from eocausal.study import EmbeddingSpec
@@ -51,9 +52,9 @@ def test_streams_in_batches_and_matches_the_embedder(chip_cache, tmp_path, monke
     loads = []
     real_load = chips_module.load_chips
 
-    def counting_load(idx, cache_dir):
+    def counting_load(idx, cache_dir, stored=None):
         loads.append(int((idx["status"] == "ok").sum()))
-        return real_load(idx, cache_dir)
+        return real_load(idx, cache_dir, stored)
 
     monkeypatch.setattr(stage, "load_chips", counting_load)
     emb = compute_embeddings(index, cache, tmp_path / "emb", spec())
@@ -147,9 +148,9 @@ def test_cpu_threads_hold_during_the_stage_only(chip_cache, tmp_path, monkeypatc
     seen = []
     real_load = chips_module.load_chips
 
-    def load_noting_threads(idx, cache_dir):
+    def load_noting_threads(idx, cache_dir, stored=None):
         seen.append(torch.get_num_threads())
-        return real_load(idx, cache_dir)
+        return real_load(idx, cache_dir, stored)
 
     monkeypatch.setattr(stage, "load_chips", load_noting_threads)
     first = compute_embeddings(index, cache, tmp_path / "one", spec(cpu_threads=1))
@@ -159,3 +160,26 @@ def test_cpu_threads_hold_during_the_stage_only(chip_cache, tmp_path, monkeypatc
     assert again.from_cache and again.version == first.version
     with pytest.raises(ValueError):
         EmbeddingSpec(cpu_threads=0)
+
+
+def test_chips_stream_in_store_order_and_land_in_index_order(chip_cache, tmp_path, monkeypatch):
+    index, _, chips, valid = chip_cache
+    # the same chips in the Parquet store, written in two parts in another order than the index's
+    cache = tmp_path / "store"
+    writer = chipstore.PartWriter(cache)
+    ok = index[index["status"] == "ok"].reset_index(drop=True)
+    for n, i in enumerate([7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6]):
+        writer.add(ok["chip_key"][i], (chips[i] * valid[i]).astype(np.uint16), valid[i], "scene.tif", None)
+        if n == 5:
+            writer.flush()
+    writer.close()
+    monkeypatch.setattr(stage, "LOAD_CHIPS", 5)
+    shuffled = index.iloc[np.random.default_rng(3).permutation(len(index))].reset_index(drop=True)
+    usable = shuffled[shuffled["status"] == "ok"]
+    order = stage.storage_order(usable, cache)
+    assert sorted(order.tolist()) == list(range(len(usable))) and order.tolist() != list(range(len(usable)))
+    ours = compute_embeddings(shuffled, cache, tmp_path / "store_order", spec())
+    monkeypatch.setattr(stage, "storage_order", lambda rows, _: np.arange(len(rows)))
+    plain = compute_embeddings(shuffled, cache, tmp_path / "index_order", spec())
+    assert ours.unit_ids == plain.unit_ids == usable["unit_id"].astype(str).tolist()
+    np.testing.assert_allclose(ours.features, plain.features, rtol=1e-5, atol=1e-6)
