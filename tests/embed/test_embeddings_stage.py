@@ -19,7 +19,6 @@ from eocausal.imagery import chipstore
 from eocausal.imagery.chips import _store, chip_path
 from eocausal.imagery.geotiff import Chip
 from eocausal.study import EmbeddingSpec
-
 from tests.embed.test_rcf import textured_chips
 
 
