@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from assets.naming import STUDY_TAG  # every study job's runs carry it
 from eocausal.study import Study, load_study
 
 EARTHENGINE_TAG = "eocausal/earthengine"
@@ -39,9 +40,14 @@ EARTHENGINE_RUN_LIMIT = 2
 # of the cluster's GPU nodes) in the instance's dagster.yaml.
 GPU_RUN_LIMIT = 1
 
+# One run per study at a time: a run holds its study's working folder from start to end
+# (eocausal.workdir), so a second run of the same study queued beside it would fail as busy
+# instead of waiting. Different studies (working folders) run side by side.
+
 TAG_CONCURRENCY_LIMITS: list[dict] = [
     {"key": EARTHENGINE_TAG, "value": "true", "limit": EARTHENGINE_RUN_LIMIT},
     {"key": GPU_TAG, "value": "true", "limit": GPU_RUN_LIMIT},
+    {"key": STUDY_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
 ]
 
 # What a GPU run adds to the Kubernetes pod of its run (deep-merged onto the launcher's run_k8s_config):

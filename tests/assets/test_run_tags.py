@@ -100,3 +100,6 @@ def test_the_instance_queue_caps_earth_engine_and_gpu_runs(tmp_path):
     counter = TagConcurrencyLimitsCounter(list(limits), [ee, gpu])
     assert not counter.is_blocked(ee) and counter.is_blocked(gpu) and not counter.is_blocked(plain)
     assert not counter.is_blocked(_run(eocausal__gpu="false"))
+    # one run per study at a time (its working folder): a second waits, another study's does not
+    counter = TagConcurrencyLimitsCounter(list(limits), [plain])
+    assert counter.is_blocked(_run(eocausal__study="s")) and not counter.is_blocked(_run(eocausal__study="t"))

@@ -118,10 +118,8 @@ def _instance_config(pg) -> dict:
         "concurrency": {
             "pools": INSTANCE_CONFIG["concurrency"]["pools"],
             "runs": {"max_concurrent_runs": 2,
-                     "tag_concurrency_limits": [
-                         *limits,
-                         # One run per study (working folder) at a time: a second would fail, not wait.
-                         {"key": "eocausal/study", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]},
+                     # with one run per study (working folder) at a time: a second would fail, not wait
+                     "tag_concurrency_limits": limits},
         },
         "run_launcher": {"module": "dagster", "class": "DefaultRunLauncher"},
         "storage": pg.storage_config(),
