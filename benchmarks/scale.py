@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,9 @@ def main() -> None:
     parser.add_argument("--bands", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-e2", action="store_true")
-    parser.add_argument("--keep", type=Path, help="build the study and working folder here (kept)")
+    parser.add_argument("--keep", type=Path, help="build the study and working folder here (kept; an existing "
+                                                  "study there is reused)")
+    parser.add_argument("--runs", default="cold,warm", help="which runs: cold (empty working folder), warm")
     parser.add_argument("--out", type=Path, help="write the markdown table and JSON here (a folder)")
     args = parser.parse_args()
 
@@ -157,12 +160,16 @@ def main() -> None:
     base = Path(holder.name) if holder else args.keep
     base.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    study = build_study(base, args.units, args.scene_px, args.bands, args.seed)
+    existing = base / "study" / "study.yaml"
+    study = existing if existing.is_file() else build_study(base, args.units, args.scene_px, args.bands, args.seed)
     build_s = time.perf_counter() - t
     workdir = base / "work"
+    runs = args.runs.split(",")
+    if "cold" in runs and workdir.exists():
+        shutil.rmtree(workdir)
     figures: dict = {"units": args.units, "scene_px": args.scene_px, "bands": args.bands,
                      "study_build_s": build_s, "cpu_count": os.cpu_count(), "gemm_fp32_gflops": gemm_rate_gflops()}
-    for label in ("cold", "warm"):
+    for label in runs:
         run = run_once(study, workdir)
         run["steps_s"] = step_seconds(workdir)
         figures[label] = run
@@ -188,12 +195,13 @@ def main() -> None:
              "", f"fp32 GEMM (torch, 2048^2, all threads): {figures['gemm_fp32_gflops']:.0f} GFLOP/s; "
              f"{os.cpu_count()} cores; study built in {build_s:.0f} s", "",
              "| stage | cold s | cold units/s | warm s | warm units/s |", "|---|---:|---:|---:|---:|"]
-    for step in figures["cold"]["steps_s"]:
-        c = figures["cold"]["steps_s"][step]
-        w = figures["warm"]["steps_s"].get(step, float("nan"))
+    nan = float("nan")
+    for step in figures[runs[0]]["steps_s"]:
+        c = figures.get("cold", {}).get("steps_s", {}).get(step, nan)
+        w = figures.get("warm", {}).get("steps_s", {}).get(step, nan)
         lines.append(f"| {step} | {c:.1f} | {args.units / c if c else float('nan'):,.0f} | {w:.1f} | "
                      f"{args.units / w if w else float('nan'):,.0f} |")
-    for label in ("cold", "warm"):
+    for label in runs:
         r = figures[label]
         lines.append(f"| **{label} run, end to end** | {r['wall_s']:.0f} | {args.units / r['wall_s']:,.0f} | "
                      f"peak RSS {r['peak_rss_mb']:,.0f} MB | exit {r['rc']} |")
@@ -208,8 +216,9 @@ def main() -> None:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"scale_{args.units}.md").write_text(table + "\n")
-        (args.out / f"scale_{args.units}.json").write_text(json.dumps(figures, indent=2) + "\n")
+        suffix = "" if runs == ["cold", "warm"] else "_" + "_".join(runs)
+        (args.out / f"scale_{args.units}{suffix}.md").write_text(table + "\n")
+        (args.out / f"scale_{args.units}{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     if holder:
         holder.cleanup()
 
