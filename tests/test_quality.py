@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -106,3 +107,19 @@ def test_many_missing_rows_are_capped():
     big = AnalysisSpec(outcome_imputation=True)  # 4 x 4 x 1 x 3 = 48 rows
     with pytest.raises(IncompleteEstimatesError, match=r"48 of 48 requested rows .* \(\+38 more\)"):
         check_estimates_complete(table([]), big, "s")
+
+
+def test_embeddings_check_in_row_blocks_names_non_finite_units_and_constant_features():
+    from eocausal.quality import validate_embeddings
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(5000, 4)).astype(np.float32)  # more than one 4,096-row block
+    ids = [f"u{i}" for i in range(5000)]
+    assert validate_embeddings(features, ids).success
+    features[4500, 2] = np.nan
+    report = validate_embeddings(features, ids)
+    assert not report.success and "u4500" in report.message()
+    flat = np.full((5000, 4), 0.25, dtype=np.float32)
+    flat[4999, 0] = np.inf  # a non-finite value does not make a constant column vary
+    report = validate_embeddings(flat, ids)
+    assert "embedding not constant across units" in report.message() and "u4999" in report.message()
