@@ -22,6 +22,7 @@ import html
 import json
 import multiprocessing
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -88,6 +89,9 @@ class FileServer:
         if self._process is not None:
             self._process.terminate()
             self._process.join(10)
+            if self._process.is_alive():  # never leave a server for interpreter exit to wait on
+                self._process.kill()
+                self._process.join(10)
 
     def __enter__(self) -> "FileServer":
         return self.start()
@@ -114,6 +118,9 @@ class FileServer:
 
 
 def _run_server(root: str, faults: Faults, conn) -> None:
+    # A parent that ignores SIGTERM (Dagster maps SIGTERM to SIGINT's handler, which is SIG_IGN in a
+    # background job) hands that on to this process: restore the default so stop() ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server = _Server(Path(root), faults)
     conn.send(server.port)
     server.serve_forever()
