@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import re
+import signal
+import threading
 import traceback
-from contextlib import ExitStack, nullcontext, redirect_stderr, redirect_stdout
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +85,20 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
                           traces=["".join(traceback.format_exception(exc))])
 
 
+@contextmanager
+def keeping_sigterm():
+    """Restore SIGTERM's disposition afterwards: Dagster's in-process execution maps SIGTERM to
+    SIGINT's handler, which is "ignore" in a background job (``nohup eocausal run ... &``); left so,
+    ``kill`` would no longer stop the process, nor anything it starts afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inputs_only: bool = False) -> RunOutcome:
     # The study's own definitions, with the keys (under the study's name) and job name it has in a
     # deployment: its runs show in the UI under the same assets when the deployment holds it.
@@ -99,6 +115,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
         # keeps the runs, materialisations, checks and lineage for `dagster dev` and the asset catalog.
         home = dagster_home(workdir) if instance is None else None
         inst = stack.enter_context(open_instance(home) if home is not None else nullcontext(instance))
+        stack.enter_context(keeping_sigterm())
         log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
         stack.enter_context(redirect_stdout(log))
         if log_level.upper() not in ("DEBUG", "INFO"):
