@@ -63,7 +63,7 @@ from eocausal.imagery.ee_collections import (
     S2_SCL_NO_DATA_CLASS,
     collection,
 )
-from eocausal.imagery.fetching import as_completed_bounded
+from eocausal.imagery.fetching import as_completed_bounded, chip_request
 from eocausal.imagery.geotiff import Chip, ImageryError
 from eocausal.imagery.retry import RetryPolicy
 from eocausal.imagery.sources import ChipFailure
@@ -902,10 +902,7 @@ class EarthEngineSource:
         exception, a kill), pending requests are cancelled and workers stop before their next
         attempt.
         """
-        if int(size_px) != size_px or size_px < 1:
-            raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
-        size_px = int(size_px)
-        points = [(float(lon), float(lat)) for lon, lat in points]
+        points, size_px = chip_request(points, size_px)
         if not points:
             return
         self.check_request_size(size_px)

@@ -64,6 +64,7 @@ from eocausal.imagery.earthengine import (
     chip_grids,
     classify_error,
 )
+from eocausal.imagery.fetching import chip_request
 from eocausal.imagery.geotiff import Chip, GeoTiffSource, ImageryError
 from eocausal.imagery.sources import ChipFailure
 
@@ -229,10 +230,7 @@ class EarthEngineExportSource(EarthEngineSource):
     ) -> Iterator[tuple[int, Chip | ChipFailure | None]]:
         """(index, chip) block by block as exports finish; raises :class:`EarthEngineExportError` at the end
         when any block failed (after delivering every other block's chips)."""
-        if int(size_px) != size_px or size_px < 1:
-            raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
-        size_px = int(size_px)
-        points = [(float(lon), float(lat)) for lon, lat in points]
+        points, size_px = chip_request(points, size_px)
         if not points:
             return
         grids = chip_grids(points, size_px, self.scale_m, self.crs)

@@ -34,3 +34,11 @@ def as_completed_bounded(work: Callable[[int], T], n: int, max_concurrency: int,
     finally:
         stop.set()
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def chip_request(points, size_px) -> tuple[list[tuple[float, float]], int]:
+    """A remote source's chip request checked and normalised: ((lon, lat) floats, an int size),
+    or ValueError for a size that is not a positive integer."""
+    if int(size_px) != size_px or size_px < 1:
+        raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
+    return [(float(lon), float(lat)) for lon, lat in points], int(size_px)

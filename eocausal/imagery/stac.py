@@ -60,7 +60,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from eocausal.imagery.bandfiles import aligned_factor, cloudy_from_qa_pixel, cloudy_from_scl
-from eocausal.imagery.fetching import as_completed_bounded
+from eocausal.imagery.fetching import as_completed_bounded, chip_request
 from eocausal.imagery.geotiff import Chip, ImageryError, valid_mask
 from eocausal.imagery.remote import (
     DEFAULT_REMOTE_RETRY,
@@ -493,10 +493,7 @@ class StacSource:
         self, points: list[tuple[float, float]], size_px: int
     ) -> Iterator[tuple[int, Chip | ChipFailure | None]]:
         """(index, chip) as chips are composited; None = no item observes the unit in the period."""
-        if int(size_px) != size_px or size_px < 1:
-            raise ValueError(f"size_px must be a positive integer, got {size_px!r}")
-        size_px = int(size_px)
-        points = [(float(lon), float(lat)) for lon, lat in points]
+        points, size_px = chip_request(points, size_px)
         if not points:
             return
         items = self.items(search_bbox(points, size_px))
