@@ -69,8 +69,9 @@ PIXEL_PCS = 8
 K = zoo.DEFAULT_COMPONENTS
 
 
-def chips_for(design: zoo.ZooDesign):
-    """Chips, masks and raw confounder exactly as zoo.prepare makes them."""
+def design_sample(design: zoo.ZooDesign):
+    """The scene, unit pixels, pixel maps, chips, masks, kept units and raw confounder, exactly as
+    zoo.prepare makes them."""
     from eocausal.montecarlo import unit_chips
     from eocausal.simulate import read_scene, sample_unit_pixels
 
@@ -82,6 +83,12 @@ def chips_for(design: zoo.ZooDesign):
     raw = zoo.confounder_values(maps, scene.valid, design.confounder, radius_px, rows, cols)
     chips, valid = unit_chips(scene.data, scene.valid, rows, cols, design.chip_px)
     keep = valid.mean(axis=(1, 2)) >= 0.8
+    return scene, rows, cols, maps, chips, valid, keep, raw
+
+
+def chips_for(design: zoo.ZooDesign):
+    """Chips, masks and raw confounder exactly as zoo.prepare makes them."""
+    _, _, _, _, chips, valid, keep, raw = design_sample(design)
     return chips[keep], valid[keep], zoo._std(raw[keep])
 
 
@@ -352,17 +359,9 @@ def oracle(name: str) -> None:
     squares (SCALES), 16 rings of 2 px, or as "near" (1 - d / 31 for d the distance to the nearest
     pixel whose 5x5-smoothed value exceeds 0.3 / 0.5 / 0.7 / 0.9)."""
     from eocausal.montecarlo import unit_chips
-    from eocausal.simulate import read_scene, sample_unit_pixels
 
     design = zoo.design_by_name(name)
-    scene = read_scene(zoo.scene_path(design.scene, CACHE, LANDSAT))
-    rng = np.random.default_rng(np.random.SeedSequence([design.seed, 0x200]))
-    rows, cols = sample_unit_pixels(scene.valid, design.n_units, 2 * design.chip_px, rng)
-    maps = zoo.pixel_maps(scene)
-    radius_px = max(1, int(round(design.radius_m / scene.pixel_size_m)))
-    raw = zoo.confounder_values(maps, scene.valid, design.confounder, radius_px, rows, cols)
-    chips, valid = unit_chips(scene.data, scene.valid, rows, cols, design.chip_px)
-    keep = valid.mean(axis=(1, 2)) >= 0.8
+    scene, rows, cols, maps, _, _, keep, raw = design_sample(design)
     z = zoo._std(raw[keep])
     core = (zoo.disk_mean(maps["built"], scene.valid, 3) > 0.5).astype(float)
     for label, layer in (("built", maps["built"]), ("core", core)):
