@@ -18,6 +18,7 @@ import pandas as pd
 
 from eocausal.embed.embeddings import chip_batches, component_scores, fit_sample, make_embedder, storage_order
 from eocausal.embed.reduce import PCAMoments, pca_from_moments
+from eocausal.imagery import chipstore
 from eocausal.imagery.chips import extract_chips
 from eocausal.montecarlo import downsample_chips as downsample
 
@@ -57,8 +58,9 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
     moments = PCAMoments(embedder.n_features)
     start = 0
-    order = storage_order(usable, chip_cache)
-    for chips, valid in chip_batches(usable.iloc[order], chip_cache):
+    stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
+    order = storage_order(usable, stored)
+    for chips, valid in chip_batches(usable.iloc[order], chip_cache, stored):
         block = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
         features[order[start : start + len(chips)]] = block
         moments.update(block)

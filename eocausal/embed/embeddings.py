@@ -108,20 +108,22 @@ def fit_sample(usable: pd.DataFrame, seed: int) -> pd.DataFrame:
     return usable.iloc[np.sort(rng.choice(len(usable), FIT_CHIPS, replace=False))]
 
 
-def storage_order(usable: pd.DataFrame, chip_cache: Path) -> np.ndarray:
+def storage_order(usable: pd.DataFrame, stored: chipstore.Scan) -> np.ndarray:
     """The permutation of ``usable``'s rows that reads the chip store part by part, row by row
     (chips in no part, e.g. an old per-chip cache, last): streamed in that order, each batch reads
-    one or two parts' row groups instead of some of every part's."""
-    found = chipstore.scan(Path(chip_cache), set(usable["chip_key"])).found
+    one or two parts' row groups instead of some of every part's. ``stored``: the store's scan."""
+    found = stored.found
     parts = {p: i for i, p in enumerate(sorted({v.part for v in found.values()}))}
     where = [(parts[found[k].part], found[k].row) if k in found else (len(parts), 0) for k in usable["chip_key"]]
     return np.array(sorted(range(len(where)), key=where.__getitem__), dtype=np.int64)
 
 
-def chip_batches(usable: pd.DataFrame, chip_cache: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def chip_batches(usable: pd.DataFrame, chip_cache: Path,
+                 stored: chipstore.Scan | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The chips of ``usable``, in order, ``LOAD_CHIPS`` at a time (chips, valid masks); the store
-    is scanned once for all of them."""
-    stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
+    is scanned once for all of them (``stored``, when the caller has that scan)."""
+    if stored is None:
+        stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
     for start in range(0, len(usable), LOAD_CHIPS):
         yield load_chips(usable.iloc[start : start + LOAD_CHIPS], chip_cache, stored)
 
@@ -198,8 +200,9 @@ def compute_embeddings(
         moments = PCAMoments(embedder.n_features)  # the stage's PCA, as the blocks arrive
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
-        order = storage_order(usable, chip_cache)  # streamed in store order, written back in index order
-        for block in embedder.transform_stream(chip_batches(usable.iloc[order], chip_cache)):
+        stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
+        order = storage_order(usable, stored)  # streamed in store order, written back in index order
+        for block in embedder.transform_stream(chip_batches(usable.iloc[order], chip_cache, stored)):
             features[order[start : start + len(block)]] = block
             moments.update(block)
             start += len(block)

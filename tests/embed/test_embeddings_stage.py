@@ -175,7 +175,7 @@ def test_chips_stream_in_store_order_and_land_in_index_order(chip_cache, tmp_pat
     monkeypatch.setattr(stage, "LOAD_CHIPS", 5)
     shuffled = index.iloc[np.random.default_rng(3).permutation(len(index))].reset_index(drop=True)
     usable = shuffled[shuffled["status"] == "ok"]
-    order = stage.storage_order(usable, cache)
+    order = stage.storage_order(usable, chipstore.scan(cache, set(usable["chip_key"])))
     assert sorted(order.tolist()) == list(range(len(usable))) and order.tolist() != list(range(len(usable)))
     ours = compute_embeddings(shuffled, cache, tmp_path / "store_order", spec())
     monkeypatch.setattr(stage, "storage_order", lambda rows, _: np.arange(len(rows)))
