@@ -197,14 +197,12 @@ def compute_embeddings(
         embedder.fit(chips, valid)
         del chips, valid
         features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
-        moments = PCAMoments(embedder.n_features)  # the stage's PCA, as the blocks arrive
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
         stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
         order = storage_order(usable, stored)  # streamed in store order, written back in index order
         for block in embedder.transform_stream(chip_batches(usable.iloc[order], chip_cache, stored)):
             features[order[start : start + len(block)]] = block
-            moments.update(block)
             start += len(block)
             progress.report("embeddings", start, len(unit_ids), "chips", spec.method)
 
@@ -212,7 +210,10 @@ def compute_embeddings(
         fh, unit_ids=np.array(unit_ids), features=features,
         config=np.array(json.dumps(embedder.config())),
     ))
-    pca = pca_from_moments(moments, spec.pca_components)
+    # Fitted in index order, not as the blocks arrived: float sums depend on their order, and the
+    # store's order depends on how its parts were written (which run, which period first), so a
+    # PCA accumulated in store order differed in the last bits between two working folders.
+    pca = fit_feature_pca(features, spec.pca_components)
     if pca is not None:
         _write_atomic(_pca_path(path), lambda fh: fh.write(json.dumps(pca.to_dict()).encode()))
     return Embeddings(unit_ids, features, version, spec.method, False, embedder.device_, embedder.dtype_, pca)

@@ -205,10 +205,6 @@ def postgres():
         pytest.skip(f"PostgreSQL cannot be installed or started here: {exc}")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "2026-12-06, last verification of session 6: the daemon runs' image_embeddings files differed from "
-    "the in-process run's (chips equal) - not yet explained (the fused RCF CPU kernel or the store-order "
-    "streaming, both landed after this test was first green); see the session 6 closing note"))
 def test_daemon_backfill_on_postgres_matches_the_in_process_run(tmp_path, postgres, stac_server):
     import dagster as dg
 
