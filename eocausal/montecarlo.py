@@ -123,14 +123,27 @@ def downsample_chips(chips: np.ndarray, valid: np.ndarray, factor: int) -> tuple
     h, w = height // factor, width // factor
     if h < 1 or w < 1:
         raise ValueError(f"{height}x{width}-px chips cannot be downsampled by {factor}")
-    block = chips[:, :, : h * factor, : w * factor].reshape(n, bands, h, factor, w, factor)
-    mask = valid[:, : h * factor, : w * factor].reshape(n, h, factor, w, factor)
-    count = mask.sum(axis=(2, 4))
-    total = (block * mask[:, None]).sum(axis=(3, 5))
-    coarse = total / np.maximum(count, 1)[:, None]
-    coarse_valid = 2 * count > factor * factor
-    coarse[np.broadcast_to(~coarse_valid[:, None], coarse.shape)] = 0.0
-    return coarse.astype(np.float32), coarse_valid
+    coarse = np.empty((n, bands, h, w), dtype=np.float32)
+    coarse_valid = np.empty((n, h, w), dtype=bool)
+    # A few chips at a time, factor^2 strided adds: 6x faster than one 6-D reshape-and-sum over
+    # the batch, whose large temporaries cost more in page faults than in arithmetic.
+    for start in range(0, n, _DOWNSAMPLE_CHIPS):
+        block, mask = chips[start : start + _DOWNSAMPLE_CHIPS], valid[start : start + _DOWNSAMPLE_CHIPS]
+        total = np.zeros((len(block), bands, h, w), dtype=np.float32)
+        count = np.zeros((len(block), h, w), dtype=np.int32)
+        for i in range(factor):
+            for j in range(factor):
+                m = mask[:, i : h * factor : factor, j : w * factor : factor]
+                total += block[:, :, i : h * factor : factor, j : w * factor : factor] * m[:, None]
+                count += m
+        ok = 2 * count > factor * factor
+        total /= np.maximum(count, 1)[:, None]
+        total[np.broadcast_to(~ok[:, None], total.shape)] = 0.0
+        coarse[start : start + len(block)], coarse_valid[start : start + len(block)] = total, ok
+    return coarse, coarse_valid
+
+
+_DOWNSAMPLE_CHIPS = 8
 
 
 def prepare_design(

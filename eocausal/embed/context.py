@@ -10,14 +10,21 @@ components. Context chips are cached like chips (their key holds the doubled siz
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from eocausal.embed.embeddings import chip_batches, component_scores, fit_sample, make_embedder, storage_order
-from eocausal.embed.reduce import PCAMoments, pca_from_moments
+from eocausal.embed.embeddings import (
+    chip_batches,
+    component_scores,
+    fit_feature_pca,
+    fit_sample,
+    make_embedder,
+    storage_order,
+)
 from eocausal.imagery import chipstore
 from eocausal.imagery.chips import extract_chips
 from eocausal.montecarlo import downsample_chips as downsample
@@ -33,15 +40,27 @@ class ContextComponents:
     n_usable: int
 
 
+def context_sample(unit_ids: list[str], max_units: int | None, seed: int) -> np.ndarray:
+    """Positions of the units whose context the check reads: all of them up to ``max_units``, else
+    the ``max_units`` with the smallest seeded hash of their id (the same units in any order)."""
+    if max_units is None or len(unit_ids) <= max_units:
+        return np.arange(len(unit_ids))
+    rank = np.array([int.from_bytes(hashlib.blake2b(f"{seed}|{u}".encode(), digest_size=8).digest(), "big")
+                     for u in unit_ids], dtype=np.uint64)
+    return np.sort(np.argsort(rank, kind="stable")[:max_units])
+
+
 def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int) -> ContextComponents:
     """Image components of each unit's context window (columns unit_id, lat, lon), aligned with
-    ``units``; units whose context is outside the imagery or mostly nodata get NaN rows."""
+    ``units``; units whose context is outside the imagery or mostly nodata, or that are not in the
+    check's sample (``analysis.chip_scale_max_units``, :func:`context_sample`), get NaN rows."""
     size = CONTEXT_FACTOR * study.imagery.chip_size_px
-    extraction = extract_chips(units[["unit_id", "lat", "lon"]], source, size, Path(chip_cache),
+    ids = units["unit_id"].astype(str).tolist()
+    sampled = units.iloc[context_sample(ids, study.analysis.chip_scale_max_units, study.analysis.seed)]
+    extraction = extract_chips(sampled[["unit_id", "lat", "lon"]], source, size, Path(chip_cache),
                                study.imagery.max_nodata_share)
     index = extraction.index.set_index(extraction.index["unit_id"].astype(str))
-    ids = units["unit_id"].astype(str).tolist()
-    ok_index = index.loc[ids]
+    ok_index = index.loc[sampled["unit_id"].astype(str).tolist()]
     ok_index = ok_index[ok_index["status"] == "ok"]
     out = np.full((len(ids), n_components), np.nan)
     if len(ok_index) < max(n_components, 10):
@@ -49,24 +68,22 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     embedder = make_embedder(study.embedding)
     usable = ok_index.reset_index(drop=True)
     # Memory stays near the chip stage's: the fit sample is read and averaged a batch at a time (never
-    # every full-size context chip at once) and the PCA is the exact one from streamed moments (never
-    # a float64 copy of every feature), as the embedding stage's.
+    # every full-size context chip at once) and the PCA is the exact one from moments accumulated a
+    # block at a time (never a float64 copy of every feature), as the embedding stage's.
     coarse = [downsample(c, v, CONTEXT_FACTOR) for c, v in chip_batches(fit_sample(usable, study.embedding.seed),
                                                                         chip_cache)]
     embedder.fit(np.concatenate([c for c, _ in coarse]), np.concatenate([v for _, v in coarse]))
     del coarse
     features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
-    moments = PCAMoments(embedder.n_features)
     start = 0
     stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
     order = storage_order(usable, stored)
     for chips, valid in chip_batches(usable.iloc[order], chip_cache, stored):
         block = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
         features[order[start : start + len(chips)]] = block
-        moments.update(block)
         start += len(chips)
     finite = np.isfinite(features).all(axis=1)
-    pca = pca_from_moments(moments, n_components)
+    pca = fit_feature_pca(features, n_components)  # in index order: the store's order is not canonical
     if pca is None:
         return ContextComponents(ids, out, int(finite.sum()))
     position = {u: i for i, u in enumerate(ids)}

@@ -1,0 +1,40 @@
+"""The chip-scale check's context components: the sample it reads at scale, and its NaN rows."""
+
+import numpy as np
+import pandas as pd
+
+from eocausal.embed.context import context_components, context_sample
+from eocausal.imagery.sources import open_source
+from eocausal.simulate import write_demo_study, write_procedural_scene
+from eocausal.study import load_study
+
+
+def test_the_sample_is_capped_seeded_and_independent_of_the_units_order():
+    ids = [f"u{i}" for i in range(1000)]
+    assert context_sample(ids, None, 0).tolist() == list(range(1000))
+    assert context_sample(ids, 1000, 0).tolist() == list(range(1000))
+    picked = context_sample(ids, 100, 0)
+    assert len(picked) == 100 and np.all(np.diff(picked) > 0)
+    shuffled = list(np.random.default_rng(1).permutation(ids))
+    again = context_sample(shuffled, 100, 0)
+    assert {shuffled[i] for i in again} == {ids[i] for i in picked}
+    assert {ids[i] for i in context_sample(ids, 100, 1)} != {ids[i] for i in picked}
+
+
+def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(tmp_path):
+    scene = write_procedural_scene(tmp_path / "scene.tif", 600, 600, seed=2, n_bands=3)
+    study_path = write_demo_study(tmp_path / "study", n_units=120, seed=2, scene=scene, chip_size_px=16)
+    study = load_study(study_path)
+    study = study.model_copy(update={
+        "analysis": study.analysis.model_copy(update={"chip_scale_max_units": 60}),
+        "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
+    })
+    units = pd.read_csv(study_path.parent / "villages.csv").rename(
+        columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    source = open_source(study, study.imagery.analysis_period_name())
+    out = context_components(units, source, study, tmp_path / "chips", n_components=4)
+    sampled = context_sample(units["unit_id"].astype(str).tolist(), 60, study.analysis.seed)
+    finite = np.isfinite(out.components).all(axis=1)
+    assert out.components.shape == (120, 4)
+    assert not finite[np.setdiff1d(np.arange(120), sampled)].any()
+    assert finite[sampled].sum() == out.n_usable >= 50
