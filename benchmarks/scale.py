@@ -7,8 +7,10 @@ Builds a semi-synthetic study (``eocausal.simulate.write_demo_study``) of ``--un
 procedural ``--bands``-band scene of ``--scene-px`` square (``write_procedural_scene``), then runs
 ``eocausal run --json`` on it twice in a child process: cold (empty working folder) and warm (every
 stage's output cached). For each run it reports the wall time and the child's peak RSS
-(``getrusage(RUSAGE_CHILDREN)``), and per Dagster step the seconds and units/s, read from the
-run's step statistics in the working folder's Dagster instance. Then bytes and files per million
+(``getrusage(RUSAGE_CHILDREN)``: the largest process) and of its process tree (dbt runs in its own
+processes; sampled every half second), and per Dagster step the seconds and units/s, read from the
+run's step statistics in the working folder's Dagster instance, and the tree's peak RSS while the
+step ran. Then bytes and files per million
 units in the chip store, the lake and the warehouse, and (unless ``--skip-e2``) the scaling
 efficiency E(2) = T1 / (2 T2) of the embedding stage over two tiles: T1 = one process
 embedding both tiles' chips on one thread, T2 = two processes at once, one tile each on one
@@ -48,7 +50,10 @@ def build_study(out: Path, units: int, scene_px: int, bands: int, seed: int) -> 
 
 
 def run_once(study: Path, workdir: Path) -> dict:
-    """``eocausal run --json`` in a child process (its own peak RSS): wall seconds, RSS, exit code."""
+    """``eocausal run --json`` in a child process (its own peak RSS): wall seconds, RSS, exit code,
+    and the RSS of its process tree (it and dbt's processes) sampled every half second, with times."""
+    import psutil
+
     script = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter()\n"
@@ -60,18 +65,44 @@ def run_once(study: Path, workdir: Path) -> dict:
     )
     env = {**os.environ, "DAGSTER_HOME": ""}
     env.pop("DAGSTER_HOME")
-    out = subprocess.run([PY, "-c", script], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    wrapper = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    samples = []  # (unix time, MB of the run's process tree, wrapper excluded)
+    parent = psutil.Process(wrapper.pid)
+    while wrapper.poll() is None:
+        total = 0
+        try:
+            for child in parent.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        samples.append((time.time(), total / 2**20))
+        time.sleep(0.5)
+    out, _ = wrapper.communicate()
+    if wrapper.returncode:
+        raise subprocess.CalledProcessError(wrapper.returncode, wrapper.args)
+    run = json.loads(out.strip().splitlines()[-1])
+    run["peak_tree_rss_mb"] = max((mb for _, mb in samples), default=0.0)
+    run["rss_samples"] = samples
+    return run
 
 
-def step_seconds(workdir: Path) -> dict[str, float]:
-    """Seconds per step of the working folder's last run (Dagster step statistics)."""
+def step_windows(workdir: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) unix times per step of the working folder's last run (Dagster step statistics)."""
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
         runs = instance.get_runs(limit=1)
         stats = instance.get_run_step_stats(runs[0].run_id) if runs else []
-        return {s.step_key.split("__", 1)[-1]: (s.end_time or 0) - (s.start_time or 0) for s in stats}
+        return {s.step_key.split("__", 1)[-1]: (s.start_time or 0, s.end_time or 0) for s in stats}
+
+
+def step_peak_rss(run: dict, windows: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The largest sampled process-tree RSS (MB) while each step ran."""
+    return {step: max((mb for t, mb in run["rss_samples"] if start <= t <= end), default=float("nan"))
+            for step, (start, end) in windows.items()}
 
 
 def folder_bytes_files(path: Path) -> tuple[int, int]:
@@ -171,9 +202,13 @@ def main() -> None:
                      "study_build_s": build_s, "cpu_count": os.cpu_count(), "gemm_fp32_gflops": gemm_rate_gflops()}
     for label in runs:
         run = run_once(study, workdir)
-        run["steps_s"] = step_seconds(workdir)
+        windows = step_windows(workdir)
+        run["steps_s"] = {step: end - start for step, (start, end) in windows.items()}
+        run["steps_peak_rss_mb"] = step_peak_rss(run, windows)
+        del run["rss_samples"]
         figures[label] = run
-        print(f"{label}: {run['wall_s']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, exit {run['rc']}", flush=True)
+        print(f"{label}: {run['wall_s']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB (process tree "
+              f"{run['peak_tree_rss_mb']:.0f} MB), exit {run['rc']}", flush=True)
     from eocausal.layout import Layout
 
     layout = Layout(workdir)
@@ -194,17 +229,20 @@ def main() -> None:
     lines = [f"# Scale: {args.units:,} units, {args.scene_px} px {args.bands}-band procedural scene, 64 px chips",
              "", f"fp32 GEMM (torch, 2048^2, all threads): {figures['gemm_fp32_gflops']:.0f} GFLOP/s; "
              f"{os.cpu_count()} cores; study built in {build_s:.0f} s", "",
-             "| stage | cold s | cold units/s | warm s | warm units/s |", "|---|---:|---:|---:|---:|"]
+             "| stage | cold s | cold units/s | cold peak RSS MB | warm s | warm units/s | warm peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     nan = float("nan")
     for step in figures[runs[0]]["steps_s"]:
         c = figures.get("cold", {}).get("steps_s", {}).get(step, nan)
         w = figures.get("warm", {}).get("steps_s", {}).get(step, nan)
-        lines.append(f"| {step} | {c:.1f} | {args.units / c if c else float('nan'):,.0f} | {w:.1f} | "
-                     f"{args.units / w if w else float('nan'):,.0f} |")
+        cm = figures.get("cold", {}).get("steps_peak_rss_mb", {}).get(step, nan)
+        wm = figures.get("warm", {}).get("steps_peak_rss_mb", {}).get(step, nan)
+        lines.append(f"| {step} | {c:.1f} | {args.units / c if c else float('nan'):,.0f} | {cm:,.0f} | {w:.1f} | "
+                     f"{args.units / w if w else float('nan'):,.0f} | {wm:,.0f} |")
     for label in runs:
         r = figures[label]
         lines.append(f"| **{label} run, end to end** | {r['wall_s']:.0f} | {args.units / r['wall_s']:,.0f} | "
-                     f"peak RSS {r['peak_rss_mb']:,.0f} MB | exit {r['rc']} |")
+                     f"peak RSS {r['peak_rss_mb']:,.0f} MB (tree {r['peak_tree_rss_mb']:,.0f}) | exit {r['rc']} |")
     lines += ["", "| storage | GB per million units | files per million units |", "|---|---:|---:|"]
     for name, s in figures["storage"].items():
         lines.append(f"| {name} | {s['gb_per_million_units']:.2f} | {s['files_per_million_units']:,.0f} |")

@@ -219,13 +219,13 @@ def test_a_part_is_read_by_row_group_not_whole(tmp_path, monkeypatch):
     result = extract_chips(units, source, size, tmp_path / "cache", 0.9)
     assert pq.ParquetFile(chipstore.part_paths(tmp_path / "cache")[0]).num_row_groups == 10
     read_groups = []
-    real = pq.ParquetFile.read_row_groups
+    real = pq.ParquetFile.read_row_group
 
-    def counting(self, groups, **kw):
-        read_groups.extend(groups)
-        return real(self, groups, **kw)
+    def counting(self, group, **kw):
+        read_groups.append(group)
+        return real(self, group, **kw)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
     one = result.index[result.index["status"] == "ok"].iloc[[-1]]
     data, _ = load_chips(one, tmp_path / "cache")
     assert len(read_groups) == 1 and data.shape[0] == 1
