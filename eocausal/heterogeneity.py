@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from eocausal import atomic, interpret
 from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
-from eocausal.lake import embedding_matrix, period_path, stored_pca, write_table_atomic
+from eocausal.lake import period_path, read_vectors, stored_pca, write_table_atomic
 from eocausal.layout import Layout
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
@@ -297,11 +298,16 @@ def _unit_components(study: Study, ws: Workspace, model_state: dict, unit_ids: l
     """Image principal components of the given units (the CATE stage's PCA on their embeddings)."""
     from eocausal.embed.reduce import PCAReduction
 
-    emb = pd.read_parquet(analysis_imagery(ws.lake, study, "image_embeddings"), columns=["unit_id", "embedding"])
-    emb["unit_id"] = emb["unit_id"].astype(str)
-    emb = emb.set_index("unit_id").loc[unit_ids]
+    ids, features = read_vectors(analysis_imagery(ws.lake, study, "image_embeddings"))
+    rows = pd.Index(ids).get_indexer(unit_ids)
+    if (rows < 0).any():
+        missing = [u for u, r in zip(unit_ids, rows) if r < 0]
+        raise KeyError(f"{len(missing)} unit(s) have no embedding: {missing[:10]}")
     pca = PCAReduction.from_dict(model_state["pca"])
-    return pca.transform(embedding_matrix(emb["embedding"]))
+    out = np.empty((len(rows), pca.n_components_))
+    for start in range(0, len(rows), 4096):  # float64 temporaries for a block of rows, not every unit
+        out[start : start + 4096] = pca.transform(features[rows[start : start + 4096]])
+    return out
 
 
 def _read_model(path: Path) -> dict:
@@ -318,10 +324,10 @@ def study_embedder(study: Study, ws: Workspace):
     # The embedding stage fits on a seeded sample of the usable chips when there are many.
     fit_rows = embed_stage.fit_sample(usable, study.embedding.seed)
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
-    emb = pd.read_parquet(analysis_imagery(ws.lake, study, "image_embeddings"),
-                          columns=["unit_id", "embedding", "embedding_version"])
-    version = str(emb["embedding_version"].iloc[0])
-    reference = (emb["unit_id"].astype(str).tolist()[:8], embedding_matrix(emb["embedding"].iloc[:8]))
+    path = analysis_imagery(ws.lake, study, "image_embeddings")
+    version = str(next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["embedding_version"]))
+                  .column(0)[0].as_py())
+    reference = read_vectors(path, rows=8)  # the first units' stored embeddings, to check the refit
     embedder = transport_mod.fitted_embedder(
         fit_rows, ws.chip_cache, lambda: embed_stage.make_embedder(study.embedding, weights), version,
         ws.models / "embedder", reference=reference, check_index=usable,

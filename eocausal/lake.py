@@ -91,6 +91,31 @@ def embedding_matrix(column: pd.Series) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])
 
 
+def read_vectors(path: Path, column: str = "embedding", rows: int | None = None) -> tuple[list[str], np.ndarray]:
+    """(unit ids, float32 [n, dim]) of a lake table's vector column (``image_embeddings``'
+    ``embedding``), read from its flat Arrow buffer: no per-unit arrays, no float64 copy (a
+    pandas read of 100,000 embeddings made 100,000 arrays and a 0.8 GB float64 stack).
+    ``rows``: only the first ``rows`` units."""
+    if rows is None:
+        table = pq.read_table(path, columns=["unit_id", column])
+    else:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=max(rows, 1), columns=["unit_id", column])
+        first = next(batches, None)
+        table = pa.Table.from_batches([first] if first is not None else [],
+                                      schema=None if first is not None else pq.read_schema(path))
+    ids = [str(u) for u in table.column("unit_id").to_pylist()]
+    arr = table.column(column).combine_chunks()
+    if len(arr) == 0:
+        return ids, np.zeros((0, 0), dtype=np.float32)
+    if arr.null_count:
+        raise ValueError(f"{path}: {arr.null_count} unit(s) have no {column} (a null list)")
+    lengths = pc.list_value_length(arr).to_numpy()
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"{path}: the units' {column} vectors have different lengths")
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return ids, flat.astype(np.float32, copy=False).reshape(len(arr), int(lengths[0]))
+
+
 def stored_pca(lake: Path, period: str, embedding_version: str) -> PCAReduction | None:
     """The PCA the embedding stage stored beside ``period``'s embeddings
     (``image_embeddings/period=<p>.pca.json``), if it belongs to ``embedding_version``; else None

@@ -70,3 +70,17 @@ def test_the_marts_vectors_come_through_arrow_in_one_piece(tmp_path):
     # a subset (as the estimators take for measured outcomes) reads the same rows
     np.testing.assert_array_equal(embedding_matrix(units["image_components"][units.index % 2 == 0]),
                                   comps[order][::2].astype(np.float64))
+
+
+def test_lake_vectors_are_read_from_the_flat_buffer_whole_or_first_rows(tmp_path):
+    from eocausal.lake import read_vectors, write_table_atomic
+
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((30, 12)).astype(np.float32)
+    ids = [f"u{i:02d}" for i in range(30)]
+    path = write_table_atomic(embeddings_table(ids, features, None, embedding_version="v", embedding_method="rcf",
+                                               period="geotiff"), tmp_path / "emb.parquet")
+    got_ids, got = read_vectors(path)
+    assert got_ids == ids and got.dtype == np.float32 and np.array_equal(got, features)
+    first_ids, first = read_vectors(path, rows=8)
+    assert first_ids == ids[:8] and np.array_equal(first, features[:8])
