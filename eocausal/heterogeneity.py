@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from eocausal import atomic, interpret
 from eocausal.estimate import cate as cate_mod
@@ -153,9 +152,13 @@ def analysis_imagery(lake: Path, study: Study, table: str) -> Path:
 def input_versions(lake: Path, study: Study) -> dict[str, str]:
     """The survey's and the (analysis period's) embeddings' data versions, as the ATE stage computes them."""
     survey_version = frame_version(pd.read_parquet(lake / "survey.parquet"))
+    return {"survey": survey_version, "embeddings": embeddings_version(lake, study)}
+
+
+def embeddings_version(lake: Path, study: Study) -> str:
+    """The analysis period's embeddings' version ("" when there are none)."""
     emb = pd.read_parquet(analysis_imagery(lake, study, "image_embeddings"), columns=["embedding_version"])
-    embeddings_version = str(emb["embedding_version"].iloc[0]) if len(emb) else ""
-    return {"survey": survey_version, "embeddings": embeddings_version}
+    return str(emb["embedding_version"].iloc[0]) if len(emb) else ""
 
 
 def _analysis_part(study: Study) -> dict:
@@ -324,10 +327,9 @@ def study_embedder(study: Study, ws: Workspace):
     # The embedding stage fits on a seeded sample of the usable chips when there are many.
     fit_rows = embed_stage.fit_sample(usable, study.embedding.seed)
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
-    path = analysis_imagery(ws.lake, study, "image_embeddings")
-    version = str(next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["embedding_version"]))
-                  .column(0)[0].as_py())
-    reference = read_vectors(path, rows=8)  # the first units' stored embeddings, to check the refit
+    version = embeddings_version(ws.lake, study)
+    # the first units' stored embeddings, to check the refit
+    reference = read_vectors(analysis_imagery(ws.lake, study, "image_embeddings"), rows=8)
     embedder = transport_mod.fitted_embedder(
         fit_rows, ws.chip_cache, lambda: embed_stage.make_embedder(study.embedding, weights), version,
         ws.models / "embedder", reference=reference, check_index=usable,

@@ -80,15 +80,18 @@ def embedding_matrix(column: pd.Series) -> np.ndarray:
     if len(column) == 0:
         return np.zeros((0, 0))
     if isinstance(column.dtype, pd.ArrowDtype):
-        arr = column.array.__arrow_array__().combine_chunks()
-        if arr.null_count:
-            raise ValueError(f"{arr.null_count} unit(s) have no vector (a null list)")
-        lengths = pc.list_value_length(arr).to_numpy()
-        if (lengths != lengths[0]).any():
-            raise ValueError("the units' vectors have different lengths")
-        flat = arr.flatten().to_numpy(zero_copy_only=False)
-        return flat.astype(np.float64, copy=False).reshape(len(arr), int(lengths[0]))
+        return _list_rows(column.array.__arrow_array__().combine_chunks()).astype(np.float64, copy=False)
     return np.stack([np.asarray(v, dtype=np.float64) for v in column.to_numpy()])
+
+
+def _list_rows(arr: pa.ListArray, where: str = "") -> np.ndarray:
+    """The (n, dim) matrix of a non-empty Arrow list array, from its flat values buffer (their dtype)."""
+    if arr.null_count:
+        raise ValueError(f"{where}{arr.null_count} unit(s) have no vector (a null list)")
+    lengths = pc.list_value_length(arr).to_numpy()
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"{where}the units' vectors have different lengths")
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), int(lengths[0]))
 
 
 def read_vectors(path: Path, column: str = "embedding", rows: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -102,16 +105,14 @@ def read_vectors(path: Path, column: str = "embedding", rows: int | None = None)
     out: np.ndarray | None = None
     for batch in pf.iter_batches(batch_size=max(min(n, 4096), 1), columns=["unit_id", column]):
         take = min(len(batch), n - len(ids))
-        arr = batch.column(1).slice(0, take)
-        if arr.null_count:
-            raise ValueError(f"{path}: {arr.null_count} unit(s) have no {column} (a null list)")
-        lengths = pc.list_value_length(arr).to_numpy()
-        dim = int(lengths[0]) if take else 0
+        if take == 0:
+            break
+        block = _list_rows(batch.column(1).slice(0, take), where=f"{path} ({column}): ")
         if out is None:
-            out = np.empty((n, dim), dtype=np.float32)
-        if take and ((lengths != dim).any() or dim != out.shape[1]):
-            raise ValueError(f"{path}: the units' {column} vectors have different lengths")
-        out[len(ids) : len(ids) + take] = arr.flatten().to_numpy(zero_copy_only=False).reshape(take, dim)
+            out = np.empty((n, block.shape[1]), dtype=np.float32)
+        if block.shape[1] != out.shape[1]:
+            raise ValueError(f"{path} ({column}): the units' vectors have different lengths")
+        out[len(ids) : len(ids) + take] = block
         ids += [str(u) for u in batch.column(0).slice(0, take).to_pylist()]
         if len(ids) >= n:
             break

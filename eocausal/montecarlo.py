@@ -114,6 +114,9 @@ def unit_chips(data: np.ndarray, valid: np.ndarray, rows, cols, size_px: int) ->
     return np.ascontiguousarray(chips, dtype=np.float32), valid[r[:, :, None], c[:, None, :]]
 
 
+_DOWNSAMPLE_CHIPS = 8  # chips per block in downsample_chips
+
+
 def downsample_chips(chips: np.ndarray, valid: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """Coarser chips: each factor x factor block becomes the mean of its valid pixels; a block is
     valid when most of its pixels are. Chip sides are cut to a multiple of ``factor``."""
@@ -141,9 +144,6 @@ def downsample_chips(chips: np.ndarray, valid: np.ndarray, factor: int) -> tuple
         total[np.broadcast_to(~ok[:, None], total.shape)] = 0.0
         coarse[start : start + len(block)], coarse_valid[start : start + len(block)] = total, ok
     return coarse, coarse_valid
-
-
-_DOWNSAMPLE_CHIPS = 8
 
 
 def prepare_design(

@@ -356,7 +356,7 @@ def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityRep
     ]
     report = _run_suite("image_embeddings", frame, exp, id_column="unit_id")
     n_constant = int(np.sum(~(high > low)))
-    if features.shape[1] == 0 or n_constant == features.shape[1]:
+    if p == 0 or n_constant == p:
         report.failures.append(
             RuleFailure(rule="embedding not constant across units", column=None, rows=[], unit_ids=[],
                         examples=[f"{n_constant} of {features.shape[1]} features constant"])

@@ -23,9 +23,8 @@ from eocausal.embed.embeddings import (
     fit_feature_pca,
     fit_sample,
     make_embedder,
-    storage_order,
+    store_order_batches,
 )
-from eocausal.imagery import chipstore
 from eocausal.imagery.chips import extract_chips
 from eocausal.montecarlo import downsample_chips as downsample
 
@@ -76,9 +75,8 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     del coarse
     features = np.empty((len(usable), embedder.n_features), dtype=np.float32)
     start = 0
-    stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
-    order = storage_order(usable, stored)
-    for chips, valid in chip_batches(usable.iloc[order], chip_cache, stored):
+    order, batches = store_order_batches(usable, chip_cache)
+    for chips, valid in batches:
         block = embedder.transform(*downsample(chips, valid, CONTEXT_FACTOR))
         features[order[start : start + len(chips)]] = block
         start += len(chips)

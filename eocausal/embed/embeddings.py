@@ -118,6 +118,15 @@ def storage_order(usable: pd.DataFrame, stored: chipstore.Scan) -> np.ndarray:
     return np.array(sorted(range(len(where)), key=where.__getitem__), dtype=np.int64)
 
 
+def store_order_batches(usable: pd.DataFrame,
+                        chip_cache: Path) -> tuple[np.ndarray, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """(order, batches): ``usable``'s chips streamed in store order (:func:`storage_order`), the store
+    scanned once; batch rows are ``usable``'s rows ``order[start : start + len(batch)]``."""
+    stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
+    order = storage_order(usable, stored)
+    return order, chip_batches(usable.iloc[order], chip_cache, stored)
+
+
 def chip_batches(usable: pd.DataFrame, chip_cache: Path,
                  stored: chipstore.Scan | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The chips of ``usable``, in order, ``LOAD_CHIPS`` at a time (chips, valid masks); the store
@@ -199,9 +208,8 @@ def compute_embeddings(
         features = np.empty((len(unit_ids), embedder.n_features), dtype=np.float32)
         start = 0
         progress.report("embeddings", 0, len(unit_ids), "chips", spec.method)
-        stored = chipstore.scan(Path(chip_cache), set(usable["chip_key"]))
-        order = storage_order(usable, stored)  # streamed in store order, written back in index order
-        for block in embedder.transform_stream(chip_batches(usable.iloc[order], chip_cache, stored)):
+        order, batches = store_order_batches(usable, chip_cache)  # written back in index order
+        for block in embedder.transform_stream(batches):
             features[order[start : start + len(block)]] = block
             start += len(block)
             progress.report("embeddings", start, len(unit_ids), "chips", spec.method)
