@@ -148,9 +148,11 @@ def held_by_this_process(workdir: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def exclusive_workdir(workdir: Path) -> Iterator[Path]:
+def exclusive_workdir(workdir: Path, shared: bool = False) -> Iterator[Path]:
     """Hold ``workdir`` for this process (see the module docstring); raises :class:`WorkdirBusy`,
-    or :class:`WorkdirUnusable` when the folder cannot be made or written."""
+    or :class:`WorkdirUnusable` when the folder cannot be made or written. ``shared``: held beside
+    other shared holders (the tile runs of one study, which write their own tiles' files and the
+    content-keyed chip store), never beside an exclusive one."""
     workdir = prepare_workdir(workdir)
     path = workdir / LOCK_NAME
     try:
@@ -160,7 +162,7 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
         raise WorkdirUnusable(message) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             raise WorkdirBusy(
@@ -168,8 +170,9 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
                 "wait for it to finish, or give this run its own working folder (--workdir)"
             ) from None
         try:
+            who = "tile runs, e.g. " if shared else ""
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+            os.pwrite(fd, f"{who}pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
         except OSError as exc:
             raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: {exc}") from None
         held = workdir.resolve()

@@ -1,0 +1,95 @@
+"""Sensor `refresh_waves`: carries a refresh of the study through its waves of runs.
+
+A refresh (the monthly schedule, a survey wave) starts with its first wave: per imagery period, a
+run of the survey and the period's embedder (assets/partitions.py). This sensor requests the next
+waves as the previous succeed, from the runs on the instance (no state of its own; run keys keep
+each request to one run):
+
+- a period whose first-wave run succeeded gets one run per tile of the survey (the tiles job:
+  chips and embeddings of ``<period>|<tile>``), which the run queue launches side by side;
+- a period whose tiles' runs all succeeded gets its merge run (`image_components`), the analysis
+  period's with the rest of the graph.
+
+A failed run stops its period's refresh there (the run-failure sensor records it); the next
+refresh, or a re-execution of the failed run, carries it on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from assets.naming import scoped
+from assets.partitions import PERIOD_TAG, REFRESH_TAG, WAVE_TAG, merge_request, partition_parts, tile_requests
+from eocausal.layout import Layout
+from eocausal.study import load_study
+
+REFRESH_SENSOR = "refresh_waves"
+# The study's most recent runs the sensor looks at (a refresh is a few runs per tile and period).
+RECENT_RUNS = 1000
+
+
+# A refresh's own tags, carried from its first wave to the next ones (not the job's: the study
+# tag would put a tile's run under the one-run-per-study cap).
+_REFRESH_TAG_KEYS = frozenset({"eocausal/trigger", "eocausal/refresh_month", "eocausal/survey_wave",
+                               "eocausal/survey_wave_sha256"})
+
+
+def _carried_tags(run: dg.DagsterRun) -> dict[str, str]:
+    return {k: v for k, v in run.tags.items() if k in _REFRESH_TAG_KEYS}
+
+
+def next_wave_requests(instance: dg.DagsterInstance, study_job_name: str, tiles_job_name: str, tiles: list[str],
+                       analysis_period: str, study: str | None) -> list[dg.RunRequest]:
+    """The run requests that carry each recent refresh one wave on (see the module docstring)."""
+    records = instance.get_runs(filters=dg.RunsFilter(job_name=study_job_name), limit=RECENT_RUNS)
+    records += instance.get_runs(filters=dg.RunsFilter(job_name=tiles_job_name), limit=RECENT_RUNS)
+    by_refresh: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # refresh, period, wave
+    for run in records:
+        refresh, period, wave = run.tags.get(REFRESH_TAG), run.tags.get(PERIOD_TAG), run.tags.get(WAVE_TAG)
+        if refresh and period and wave:
+            by_refresh[refresh][period][wave].append(run)
+    requests: list[dg.RunRequest] = []
+    for refresh, periods in by_refresh.items():
+        for period, waves in periods.items():
+            if waves.get("merge") or not any(r.status == dg.DagsterRunStatus.SUCCESS for r in waves.get("prepare", [])):
+                continue  # finished (or merging), or its first wave has not succeeded (yet)
+            tags = _carried_tags(waves["prepare"][0])
+            done = {partition_parts(r.tags.get("dagster/partition", ""))[1] for r in waves.get("tile", [])
+                    if r.status == dg.DagsterRunStatus.SUCCESS}
+            tried = {partition_parts(r.tags.get("dagster/partition", ""))[1] for r in waves.get("tile", [])}
+            if set(tiles) <= done:
+                requests.append(merge_request(refresh, period, analysis_period, tags, study_job_name, study=study))
+            elif not tried:
+                requests += tile_requests(refresh, period, tiles, tags, tiles_job_name, study=study)
+    return requests
+
+
+def build_refresh_sensor(study_job, tiles_job, workdir: str, study_path: str,
+                         study: str | None = None) -> dg.SensorDefinition:
+    """The study's sensor, named <safe study>__refresh_waves (assets.naming.scoped)."""
+    survey_path = Layout(Path(workdir)).lake / "survey.parquet"
+
+    @dg.sensor(
+        name=scoped(study, REFRESH_SENSOR),
+        jobs=[study_job, tiles_job],
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Carries each refresh of the study through its waves: after a period's survey and embedder "
+                    "run, one run per tile (chips, embeddings); after every tile, the period's merge and "
+                    "(analysis period) the rest of the graph.",
+    )
+    def refresh_waves(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        if not survey_path.exists():
+            return dg.SensorResult(skip_reason=f"no survey yet ({survey_path})")
+        tiles = sorted(set(pd.read_parquet(survey_path, columns=["tile"])["tile"].astype(str)))
+        analysis_period = load_study(study_path).imagery.analysis_period_name()
+        requests = next_wave_requests(context.instance, study_job.name, tiles_job.name, tiles, analysis_period, study)
+        if not requests:
+            return dg.SensorResult(skip_reason="no refresh waiting for its next wave")
+        return dg.SensorResult(run_requests=requests)
+
+    return refresh_waves
