@@ -13,19 +13,17 @@ import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
 
-from assets.partitions import PERIOD_DIM, partition_parts
+from assets.partitions import by_period, partition_parts
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.embed.embeddings import (
     CODE_VERSION,
     FittedEmbedder,
     embed_chips,
-    feature_moments,
     load_embedder,
-    write_atomic,
 )
-from eocausal.embed.merge import MOMENTS_SUFFIX, write_moments
+from eocausal.embed.merge import write_tile
 from eocausal.faults import crash_point
-from eocausal.lake import embedder_path, embeddings_table, tile_path, write_table_atomic
+from eocausal.lake import embedder_path, tile_path
 
 
 def build_image_embeddings(partitions: dg.PartitionsDefinition, study: str | None = None) -> dg.AssetsDefinition:
@@ -46,7 +44,7 @@ def build_image_embeddings(partitions: dg.PartitionsDefinition, study: str | Non
             dg.AssetKey([study, "image_chips"] if study else ["image_chips"]),
             # the period's embedder
             dg.AssetDep(dg.AssetKey([study, "image_embedder"] if study else ["image_embedder"]),
-                        partition_mapping=dg.MultiToSingleDimensionPartitionMapping(PERIOD_DIM)),
+                        partition_mapping=by_period()),
         ],
         partitions_def=partitions,
     )
@@ -73,11 +71,7 @@ def _materialise_embeddings(period: str, tile: str, study: StudyResource,
     index = pd.read_parquet(chips_path)
     emb = embed_chips(index, warehouse.layout.chip_cache, warehouse.layout.embedding_cache, fitted, spec.embedding)
     crash_point("embeddings.computed")  # fault tests: cached but not yet in the lake
-    table = embeddings_table(emb.unit_ids, emb.features, None, embedding_version=emb.version,
-                             embedding_method=emb.method, embedder_version=version, period=period, tile=tile)
-    path = write_table_atomic(table, tile_path(warehouse.lake, "image_embeddings", period, tile))
-    write_moments(feature_moments(emb.features), tile_path(warehouse.lake, "image_embeddings", period, tile,
-                                                           MOMENTS_SUFFIX), write_atomic)
+    path = write_tile(warehouse.lake, period, tile, emb, version)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": dg.MetadataValue.int(len(emb.unit_ids)),

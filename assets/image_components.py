@@ -1,12 +1,13 @@
-"""Assets `image_chip_index` and `image_components`: a period's imagery merged from its tiles, with the exact PCA.
+"""Assets `image_chip_index` and `image_components`: a period's imagery merged from its tiles.
 
-Partitioned by imagery period (assets/partitions.py); depends on every tile of its period's
-`image_chips` and `image_embeddings`. It merges the tiles of the survey's units in survey order
-(eocausal.embed.merge) into the tables the rest of the graph reads — `image_chip_index`, lake/image_chips/period=P.parquet,
-and `image_components`, lake/image_embeddings/period=P.parquet (embedding and the scores on the
-stored PCA, which the marts hold) — fits the PCA from the tiles' moments and stores it beside them
-(period=P.pca.json). One step, two assets (each dbt source maps to one asset). Their checks judge
-the period: enough usable units (`chip_usability`) and valid embeddings (`embeddings_valid`).
+Partitioned by imagery period (assets/partitions.py); each depends on every tile of its period
+(`image_chips`, `image_embeddings`). One step merges the tiles of the survey's units in survey
+order (eocausal.embed.merge) into the tables the rest of the graph reads: `image_chip_index`,
+lake/image_chips/period=P.parquet, and `image_components`, lake/image_embeddings/period=P.parquet
+(embeddings and their scores on the stored PCA, which the marts hold), with the exact PCA fitted
+from the tiles' moments beside it (period=P.pca.json). Two assets because each dbt source maps
+to one. Their checks judge the period: enough usable units (`chip_usability`) and valid
+embeddings (`embeddings_valid`).
 """
 
 import dagster as dg
@@ -15,7 +16,7 @@ from dagster import AssetExecutionContext
 
 from assets.metadata import table_metadata
 from assets.naming import scoped
-from assets.partitions import PERIOD_DIM
+from assets.partitions import by_period
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.embed.embeddings import CODE_VERSION, component_scores, write_json_atomic
 from eocausal.embed.merge import merge_period
@@ -30,7 +31,7 @@ def build_image_components(periods: dg.PartitionsDefinition, study: str | None =
     def key(name: str) -> dg.AssetKey:
         return dg.AssetKey([study, name] if study else [name])
 
-    every_tile = dg.MultiToSingleDimensionPartitionMapping(PERIOD_DIM)
+    every_tile = by_period()
     chip_index, components = key("image_chip_index"), key("image_components")
 
     @dg.multi_asset(

@@ -26,6 +26,7 @@ functions below take the study's name; the constants are the unprefixed stage ke
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -68,6 +69,14 @@ def tile_partitions(periods: list[str], study: str | None) -> dg.MultiPartitions
         PERIOD_DIM: dg.StaticPartitionsDefinition(periods),
         TILE_DIM: dg.DynamicPartitionsDefinition(name=tiles_partitions_name(study)),
     })
+
+
+def by_period() -> dg.MultiToSingleDimensionPartitionMapping:
+    """The mapping between a period asset and the period x tile assets of its period (every tile
+    of the period upstream of the merge; the period's embedder upstream of each tile)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)  # beta in Dagster 1.13, and the documented way
+        return dg.MultiToSingleDimensionPartitionMapping(PERIOD_DIM)
 
 
 def tile_partition_key(period: str, tile: str) -> dg.MultiPartitionKey:

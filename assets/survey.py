@@ -38,7 +38,8 @@ def survey(context: AssetExecutionContext, study: StudyResource,
     spec = study.load()
     try:
         df, report = load_survey(spec.survey_path, spec.survey,
-                                 outcome_may_be_missing=spec.analysis.outcome_imputation)
+                                 outcome_may_be_missing=spec.analysis.outcome_imputation,
+                                 max_units_per_tile=spec.imagery.max_units_per_tile)
     except DataQualityError as exc:
         raise dg.Failure(
             description=f"survey rejected: {exc}",

@@ -17,19 +17,25 @@ import numpy as np
 import pandas as pd
 
 from eocausal.embed import EmbeddingError
-from eocausal.embed.embeddings import embedding_version
+from eocausal.embed.embeddings import Embeddings, embedding_version, feature_moments, write_atomic
 from eocausal.embed.reduce import PCAMoments, PCAReduction, pca_from_moments
-from eocausal.lake import read_vectors, tile_path
+from eocausal.lake import embeddings_table, read_vectors, tile_path, write_table_atomic
 from eocausal.study import EmbeddingSpec
 
 MOMENTS_SUFFIX = ".moments.npz"
 
 
-def write_moments(moments: PCAMoments, path: Path, write) -> Path:
-    """``moments`` as an .npz at ``path`` (``write(path, writer)``: the caller's atomic writer)."""
-    write(Path(path), lambda fh: np.savez(fh, n=moments.n, n_skipped=moments.n_skipped, mean=moments.mean,
-                                           m2=moments.m2, max_abs=moments.max_abs))
-    return Path(path)
+def write_tile(lake: Path, period: str, tile: str, emb: Embeddings, embedder_version: str) -> Path:
+    """One tile's embeddings (lake/image_embeddings/period=P/tile=T.parquet) and, beside them, the
+    moments of its features (tile=T.moments.npz); the table's path."""
+    table = embeddings_table(emb.unit_ids, emb.features, None, embedding_version=emb.version,
+                             embedding_method=emb.method, embedder_version=embedder_version, period=period, tile=tile)
+    path = write_table_atomic(table, tile_path(lake, "image_embeddings", period, tile))
+    moments = feature_moments(emb.features)
+    write_atomic(tile_path(lake, "image_embeddings", period, tile, MOMENTS_SUFFIX),
+                 lambda fh: np.savez(fh, n=moments.n, n_skipped=moments.n_skipped, mean=moments.mean,
+                                     m2=moments.m2, max_abs=moments.max_abs))
+    return path
 
 
 def read_moments(path: Path) -> PCAMoments:
