@@ -39,7 +39,8 @@ def build_image_components(periods: dg.PartitionsDefinition, study: str | None =
         specs=[
             dg.AssetSpec(chip_index, group_name="imagery", kinds={"python", "parquet"},
                          code_version=f"{CODE_VERSION}.merge-1",
-                         deps=[dg.AssetDep(key("image_chips"), partition_mapping=every_tile)],
+                         # the survey: its units and their tiles are what is merged
+                         deps=[key("survey"), dg.AssetDep(key("image_chips"), partition_mapping=every_tile)],
                          description="The period's chip index (one record per survey unit), merged from its tiles."),
             dg.AssetSpec(components, group_name="imagery", kinds={"python", "parquet"},
                          code_version=f"{CODE_VERSION}.merge-1",

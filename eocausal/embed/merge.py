@@ -97,7 +97,8 @@ def merge_period(lake: Path, period: str, units: pd.DataFrame, spec: EmbeddingSp
     for t in tiles:
         path = tile_path(lake, "image_embeddings", period, t)
         meta = pd.read_parquet(path, columns=["embedder_version", "embedding_method"]).drop_duplicates()
-        embedders.update(meta["embedder_version"]), methods.update(meta["embedding_method"])
+        embedders.update(meta["embedder_version"])
+        methods.update(meta["embedding_method"])
         tile_ids, block = read_vectors(path)
         if not tile_ids:
             continue
