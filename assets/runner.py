@@ -80,7 +80,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
     check_sql_safe_path(workdir)  # it reaches SQL through dbt's sources: fail before any work
     try:
-        with exclusive_workdir(workdir):
+        with exclusive_workdir(workdir, role="all"):  # it runs every kind of run of the study
             return _run_locked(study, study_path, workdir, instance, log_level, inputs_only)
     except WorkdirBusy as exc:
         return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_BUSY,
