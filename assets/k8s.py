@@ -28,7 +28,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets.partitions import PERIOD_TAG, PREPARE_KEYS, keyed, tiles_job_name
+from assets.partitions import PERIOD_TAG, refresh_job_name, tiles_job_name
 from assets.studies import build_definitions, study_job_name, study_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -120,11 +120,13 @@ def render_run_job(run: dg.DagsterRun, instance: dg.DagsterInstance, config: Map
 
 
 def study_run(study_path: str | Path, workdir: str | Path, period: str | None = None,
-              asset_selection: Sequence[dg.AssetKey] | None = None, tile: str | None = None) -> dg.DagsterRun:
+              asset_selection: Sequence[dg.AssetKey] | None = None, tile: str | None = None,
+              prepare: bool = False) -> dg.DagsterRun:
     """The run the deployment makes of the study's job for one imagery period (default: the
     analysis period; the whole graph unless ``asset_selection``), or of its tiles job for one tile
-    of it (``tile``: partition ``<period>|<tile>``), as a run in a code location loaded from the
-    image (``assets.definitions`` in :data:`IMAGE_PROJECT_ROOT`)."""
+    of it (``tile``: partition ``<period>|<tile>``), or of its refresh job (``prepare``: a refresh's
+    first wave), as a run in a code location loaded from the image (``assets.definitions`` in
+    :data:`IMAGE_PROJECT_ROOT`)."""
     from dagster._core.code_pointer import ModuleCodePointer
     from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 
@@ -132,7 +134,8 @@ def study_run(study_path: str | Path, workdir: str | Path, period: str | None = 
 
     defs = build_definitions(study_path, workdir)
     name = study_name(study_path)
-    job = defs.resolve_job_def(tiles_job_name(name) if tile else study_job_name(name))
+    job = defs.resolve_job_def(tiles_job_name(name) if tile else refresh_job_name(name) if prepare
+                               else study_job_name(name))
     period = period or load_study(study_path).imagery.analysis_period_name()
     partition = f"{period}|{tile}" if tile else period
     origin = JobPythonOrigin(
@@ -149,13 +152,14 @@ def study_run(study_path: str | Path, workdir: str | Path, period: str | None = 
 
 def render_study_run(study_path: str | Path, workdir: str | Path, period: str | None = None,
                      asset_selection: Sequence[dg.AssetKey] | None = None,
-                     instance_yaml: str | Path = INSTANCE_YAML, tile: str | None = None) -> tuple[dg.DagsterRun, dict]:
+                     instance_yaml: str | Path = INSTANCE_YAML, tile: str | None = None,
+                     prepare: bool = False) -> tuple[dg.DagsterRun, dict]:
     """(the run, its Kubernetes Job) for one imagery period of the study, or one tile of it (see :func:`study_run`)."""
     from dagster._core.instance.ref import InstanceRef
 
     instance_yaml = Path(instance_yaml)
     config = launcher_config(instance_yaml)
-    run = study_run(study_path, workdir, period, asset_selection, tile)
+    run = study_run(study_path, workdir, period, asset_selection, tile, prepare)
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.from_config(home) as instance:
         # The deployment's instance as the run pod gets it: validated, {env: ...} values left unread.
         deployed = InstanceRef.from_dir(config["dagster_home"], config_dir=str(instance_yaml.parent),
@@ -178,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from eocausal.study import default_workdir
 
     workdir = args.workdir or default_workdir(args.study)
-    selection = list(keyed(study_name(args.study), PREPARE_KEYS)) if args.prepare else None
-    _, job = render_study_run(args.study, workdir, args.period, selection, args.instance, tile=args.tile)
+    _, job = render_study_run(args.study, workdir, args.period, None, args.instance, tile=args.tile,
+                              prepare=args.prepare)
     yaml.safe_dump(job, sys.stdout, sort_keys=False)
     return 0
 

@@ -16,9 +16,10 @@ A refresh is three waves of runs (:func:`refresh_runs`): per period, the survey 
 embedder; per period and tile, the tile's chips and embeddings (side by side, on as many run
 workers as the launcher has); per period, the merge, and for the analysis period the rest of the
 graph (the whole study job: the survey and embedder again, cached). `eocausal run` runs them
-in order in its process (assets/runner.py); the schedule and the
-survey-wave sensor request the first wave and the study's refresh sensor the next ones as the
-previous succeed (sensors/refresh.py).
+in order in its process (assets/runner.py); the schedule and the survey-wave sensor request the
+first wave (the study's refresh job, ``<safe study>__refresh_job``, which a job backfill over the
+periods also starts: deploy/slurm/) and the study's refresh sensor the next ones as the previous
+succeed (sensors/refresh.py).
 
 In a deployment every study's keys carry its name as prefix ([study, "image_chips"]): the
 functions below take the study's name; the constants are the unprefixed stage keys.
@@ -43,6 +44,7 @@ PREPARE_KEYS = (dg.AssetKey("survey"), dg.AssetKey("image_embedder"))
 # The last wave for a period other than the analysis period.
 MERGE_KEYS = (dg.AssetKey("image_chip_index"), dg.AssetKey("image_components"))
 TILES_JOB = "tiles_job"  # a study's tiles job: <safe study>__tiles_job
+REFRESH_JOB = "refresh_job"  # a refresh's first wave (survey, embedder): <safe study>__refresh_job
 PERIOD_DIM, TILE_DIM = "period", "tile"
 # The run tag naming the refresh a run belongs to (its run key's stem), for the refresh sensor.
 REFRESH_TAG = "eocausal/refresh"
@@ -84,11 +86,13 @@ def tile_partition_key(period: str, tile: str) -> dg.MultiPartitionKey:
 
 
 def partition_parts(partition_key) -> tuple[str, str | None]:
-    """(period, tile) of a period or period x tile partition key."""
+    """(period, tile) of a period or period x tile partition key (or its text, as a run's
+    ``dagster/partition`` tag holds it: ``<period>|<tile>``, dimensions in name order)."""
     if isinstance(partition_key, dg.MultiPartitionKey):
         dims = partition_key.keys_by_dimension
         return dims[PERIOD_DIM], dims[TILE_DIM]
-    return str(partition_key), None
+    period, _, tile = str(partition_key).partition("|")
+    return period, tile or None
 
 
 def register_tiles(instance: dg.DagsterInstance, study: str | None, tiles) -> list[str]:
@@ -134,16 +138,18 @@ def tiles_job_name(study: str) -> str:
     return scoped(study, TILES_JOB)
 
 
+def refresh_job_name(study: str) -> str:
+    return scoped(study, REFRESH_JOB)
+
+
 def refresh_tags(run_key: str, tags: dict[str, str], period: str, wave: str) -> dict[str, str]:
     return {**tags, REFRESH_TAG: run_key, PERIOD_TAG: period, WAVE_TAG: wave}
 
 
-def prepare_requests(run_key: str, periods: list[str], tags: dict[str, str],
-                     study: str | None = None) -> list[dg.RunRequest]:
-    """A refresh's first wave: per period, the survey and the period's embedder (study job).
+def prepare_requests(run_key: str, periods: list[str], tags: dict[str, str]) -> list[dg.RunRequest]:
+    """A refresh's first wave: per period, the survey and the period's embedder (the refresh job).
     Run keys ``<run_key>:<period>:prepare``."""
     return [dg.RunRequest(run_key=f"{run_key}:{p}:prepare", partition_key=p,
-                          asset_selection=list(keyed(study, PREPARE_KEYS)),
                           tags=refresh_tags(run_key, tags, p, "prepare"))
             for p in periods]
 

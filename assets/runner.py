@@ -19,9 +19,9 @@ from assets.naming import unprefixed, unscoped
 from assets.partitions import (
     MERGE_KEYS,
     PERIOD_ASSET_KEYS,
-    PREPARE_KEYS,
     TILE_ASSET_KEYS,
     keyed,
+    refresh_job_name,
     tile_keys,
     tile_partition_key,
     tiles_job_name,
@@ -116,6 +116,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
     study_job = defs.resolve_job_def(study_job_name(study.name))
     tiles_job = defs.resolve_job_def(tiles_job_name(study.name))
+    refresh_job = defs.resolve_job_def(refresh_job_name(study.name))
     log_path = Layout(workdir).logs / "last_run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
@@ -146,7 +147,7 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
         # The waves of a refresh (assets/partitions.py), in order: each period's survey and
         # embedder; each period's tiles (chips and embeddings); each period's merge, the analysis
         # period's last with the rest of the graph (unless only the inputs are asked for).
-        prepared = [p for p in periods if execute(study_job, p, None, p, keyed(study.name, PREPARE_KEYS))]
+        prepared = [p for p in periods if execute(refresh_job, p, None, p, None)]
         tiles = []
         if prepared:
             survey = pd.read_parquet(Layout(workdir).lake / "survey.parquet", columns=["tile"])

@@ -34,8 +34,11 @@ from assets.image_components import build_image_components
 from assets.imputation import imputed_outcomes
 from assets.naming import STUDY_JOB, STUDY_TAG, TILE_STUDY_TAG, check_unique_names, scoped
 from assets.partitions import (
+    PREPARE_KEYS,
     consume_analysis_period,
     imagery_periods,
+    keyed,
+    refresh_job_name,
     tile_keys,
     tile_partitions,
     tiles_job_name,
@@ -118,13 +121,21 @@ def study_definitions(entry: StudyEntry) -> dg.Definitions:
         tags={TILE_STUDY_TAG: entry.name, **cap_tags},
         description=f"Study {entry.name}: one tile's chips and embeddings for one imagery period "
                     "(partition <period>|<tile>).")
+    # A refresh's first wave, per period: the survey and the period's embedder (assets/partitions.py).
+    refresh_job = dg.define_asset_job(
+        refresh_job_name(entry.name), selection=dg.AssetSelection.assets(*keyed(entry.name, PREPARE_KEYS)),
+        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name, **cap_tags},
+        description=f"Study {entry.name}: a refresh's first wave, the survey and the period's embedder; the "
+                    "study's refresh sensor then requests the tiles' runs and the merges.")
+    jobs = [study_job, tiles_job, refresh_job]
     return dg.Definitions(
         assets=build_study_assets(entry.name, periods, analysis_period),
-        jobs=[study_job, tiles_job],
-        schedules=build_schedules(study_job, periods, entry.name),
-        sensors=[build_survey_wave_sensor(study_job, entry.study_path, study=entry.name),
-                 build_refresh_sensor(study_job, tiles_job, entry.workdir, entry.study_path, study=entry.name),
-                 build_run_failure_sensor([study_job, tiles_job], entry.workdir, study=entry.name)],
+        jobs=jobs,
+        schedules=build_schedules(refresh_job, periods, entry.name),
+        sensors=[build_survey_wave_sensor(refresh_job, entry.study_path, study=entry.name),
+                 build_refresh_sensor(study_job, tiles_job, refresh_job, entry.workdir, entry.study_path,
+                                      study=entry.name),
+                 build_run_failure_sensor(jobs, entry.workdir, study=entry.name)],
         metadata={f"{STUDY_METADATA_PREFIX}{entry.name}": {"study": entry.study_path, "workdir": entry.workdir}},
     )
 

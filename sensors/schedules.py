@@ -27,13 +27,13 @@ def refresh_month(scheduled_at: datetime) -> str:
     return f"{last_month:%Y-%m}"
 
 
-def build_schedules(study_job, periods: list[str],
+def build_schedules(refresh_job, periods: list[str],
                     study: str | None = None) -> list[dg.ScheduleDefinition]:
     """The study's schedule, named <safe study>__imagery_refresh (assets.naming.scoped)."""
 
     @dg.schedule(
         name=scoped(study, IMAGERY_REFRESH_SCHEDULE),
-        job=study_job,
+        job=refresh_job,
         cron_schedule="0 4 1 * *",
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -44,7 +44,7 @@ def build_schedules(study_job, periods: list[str],
         month = refresh_month(context.scheduled_execution_time or datetime.now(timezone.utc))
         return prepare_requests(
             f"imagery-refresh:{month}", periods,
-            tags={"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": month}, study=study,
+            tags={"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": month},
         )
 
     return [imagery_refresh]

@@ -23,14 +23,13 @@ from eocausal.waves import check_wave, file_stamp, install_wave, landing_folder,
 SURVEY_WAVE_SENSOR = "survey_wave_sensor"
 
 
-def build_survey_wave_sensor(study_job, study_path: str, landing: str | None = None,
+def build_survey_wave_sensor(refresh_job, study_path: str, landing: str | None = None,
                              study: str | None = None) -> dg.SensorDefinition:
     """The study's sensor, named <safe study>__survey_wave_sensor (assets.naming.scoped)."""
-    study_key = study  # the key prefix of the study's assets (its name in the deployment)
 
     @dg.sensor(
         name=scoped(study, SURVEY_WAVE_SENSOR),
-        job=study_job,
+        job=refresh_job,
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -68,7 +67,6 @@ def build_survey_wave_sensor(study_job, study_path: str, landing: str | None = N
                     "eocausal/survey_wave": name,
                     "eocausal/survey_wave_sha256": newest.sha256[:16],
                 },
-                study=study_key,
             )
 
         # Remember accepted waves that are still in the folder (quarantined ones have left it).

@@ -65,9 +65,9 @@ def test_definitions_load_and_graph_is_wired(deployment):
 
 
 def test_each_study_has_its_own_job_schedule_and_sensors(deployment):
-    assert sorted(j.name for j in deployment.jobs) == ["catalog_job", "eocausal_demo__study_job",
-                                                       "eocausal_demo__tiles_job", "eocausal_demo_seed7__study_job",
-                                                       "eocausal_demo_seed7__tiles_job"]
+    assert sorted(j.name for j in deployment.jobs) == [
+        "catalog_job", "eocausal_demo__refresh_job", "eocausal_demo__study_job", "eocausal_demo__tiles_job",
+        "eocausal_demo_seed7__refresh_job", "eocausal_demo_seed7__study_job", "eocausal_demo_seed7__tiles_job"]
     assert sorted(s.name for s in deployment.schedules) == ["eocausal_demo__imagery_refresh",
                                                             "eocausal_demo_seed7__imagery_refresh"]
     assert sorted(s.name for s in deployment.sensors) == [

@@ -27,7 +27,7 @@ from assets.instance import (
     record_holder,
 )
 from assets.naming import STUDY_TAG, TILE_STUDY_TAG, unprefixed
-from assets.partitions import PREPARE_KEYS, keyed, tiles_job_name
+from assets.partitions import PREPARE_KEYS, keyed, refresh_job_name, tiles_job_name
 from assets.studies import study_job_name
 from eocausal.faults import CRASH_AT_ENV, CRASH_DIR_ENV
 from eocausal.study import load_study
@@ -52,7 +52,8 @@ def test_the_cli_run_is_in_the_instance_in_its_working_folder(e2e_run):
         prepare, tile, run = runs[-1], runs[-2], runs[-3]
         for r in (prepare, run):
             assert r.tags[WORKDIR_TAG] == str(outcome.workdir) and r.tags[PID_TAG].isdigit()
-            assert r.tags[STUDY_TAG] == name and r.job_name == study_job_name(name)
+            assert r.tags[STUDY_TAG] == name
+        assert prepare.job_name == refresh_job_name(name) and run.job_name == study_job_name(name)
         assert tile.tags[TILE_STUDY_TAG] == name and tile.job_name == tiles_job_name(name) and STUDY_TAG not in tile.tags
         events = [e for r in (prepare, tile, run)
                   for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)]

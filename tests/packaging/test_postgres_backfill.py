@@ -244,12 +244,12 @@ def test_a_refresh_fans_tiles_out_on_postgres_and_matches_the_in_process_run(tmp
             [refresh] = {r.tags[REFRESH_TAG] for r in runs}
             assert refresh.startswith("survey-wave:wave1")
             got = sorted((r.tags[WAVE_TAG], r.job_name, r.tags["dagster/partition"]) for r in runs)
-            want = sorted([("prepare", f"{STUDY}__study_job", p) for p in PERIODS]
+            want = sorted([("prepare", f"{STUDY}__refresh_job", p) for p in PERIODS]
                           + [("tile", f"{STUDY}__tiles_job", f"{p}|{t}") for p in PERIODS for t in tiles]
                           + [("merge", f"{STUDY}__study_job", p) for p in PERIODS])
             assert got == want
             assert {r.tags[PERIOD_TAG] for r in runs} == set(PERIODS)
-            assert all(("eocausal/study" in r.tags) == (r.job_name == f"{STUDY}__study_job") for r in runs)
+            assert all(("eocausal/study" in r.tags) == (r.job_name != f"{STUDY}__tiles_job") for r in runs)
         assert reference.wait(timeout=_WAIT_S) == 0, (logs / "reference.log").read_text()[-3000:]
     finally:
         _stop_group(daemon)

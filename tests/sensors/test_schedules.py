@@ -30,12 +30,14 @@ def test_imagery_refresh_requests_one_run_per_month_and_imagery_period():
     tick = datetime(2026, 12, 1, 4, tzinfo=timezone.utc)
     deployment = defs()
     schedule, [request], [again] = _ticks(deployment, tick)  # the demo (GeoTIFF) study: one period
-    assert schedule.job_name == study_job_name(DEMO) == "eocausal_demo__study_job"
+    assert schedule.job_name == "eocausal_demo__refresh_job"  # a refresh's first wave
     assert schedule.cron_schedule == "0 4 1 * *"
     assert request.run_key == "imagery-refresh:2026-11:geotiff:prepare" == again.run_key  # Dagster runs a key once
     # the refresh's first wave: the survey and the period's embedder (the refresh sensor does the rest)
-    assert request.partition_key == "geotiff"
-    assert request.asset_selection == [dg.AssetKey([DEMO, "survey"]), dg.AssetKey([DEMO, "image_embedder"])]
+    assert request.partition_key == "geotiff" and request.asset_selection is None
+    refresh_job = deployment.resolve_job_def(schedule.job_name)
+    assert refresh_job.asset_layer.executable_asset_keys == {dg.AssetKey([DEMO, "survey"]),
+                                                             dg.AssetKey([DEMO, "image_embedder"])}
     assert request.tags == {"eocausal/trigger": "imagery_refresh", "eocausal/refresh_month": "2026-11",
                             "eocausal/imagery_period": "geotiff", "eocausal/refresh": "imagery-refresh:2026-11",
                             "eocausal/wave": "prepare"}
@@ -66,9 +68,8 @@ def test_imagery_refresh_of_an_earthengine_study_refreshes_every_period(tiny_stu
     assert [r.run_key for r in requests] == [r.run_key for r in again] == [
         "imagery-refresh:2027-01:2019:prepare", "imagery-refresh:2027-01:2020:prepare",
         "imagery-refresh:2027-01:2021:prepare"]
-    prepare = [dg.AssetKey([name, stage]) for stage in ("survey", "image_embedder")]
-    assert [r.asset_selection for r in requests] == [prepare] * 3
+    assert [r.asset_selection for r in requests] == [None] * 3  # the refresh job: survey and embedder
     assert {r.tags["eocausal/imagery_period"] for r in requests} == {"2019", "2020", "2021"}
-    # every request names a partition of the study job
-    job = definitions.resolve_job_def(study_job_name(name))
+    # every request names a partition of the refresh job
+    job = definitions.resolve_job_def(f"{name}__refresh_job")
     assert set(job.partitions_def.get_partition_keys()) == {"2019", "2020", "2021"}
