@@ -90,13 +90,22 @@ def run_once(study: Path, workdir: Path) -> dict:
 
 
 def step_windows(workdir: Path) -> dict[str, tuple[float, float]]:
-    """(start, end) unix times per step of the working folder's last run (Dagster step statistics)."""
+    """(first start, last end) unix times per step over the runs of the working folder's last
+    `eocausal run` (its waves: one process, one pid tag; a tile step spans its tiles' runs)."""
     import dagster as dg
 
+    from assets.instance import PID_TAG
+
+    windows: dict[str, tuple[float, float]] = {}
     with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
-        runs = instance.get_runs(limit=1)
-        stats = instance.get_run_step_stats(runs[0].run_id) if runs else []
-        return {s.step_key.split("__", 1)[-1]: (s.start_time or 0, s.end_time or 0) for s in stats}
+        runs = instance.get_runs(limit=10_000)
+        last = [r for r in runs if runs and r.tags.get(PID_TAG) == runs[0].tags.get(PID_TAG)]
+        for run in last:
+            for s in instance.get_run_step_stats(run.run_id):
+                step, start, end = s.step_key.split("__", 1)[-1], s.start_time or 0, s.end_time or 0
+                before = windows.get(step)
+                windows[step] = (min(before[0], start), max(before[1], end)) if before else (start, end)
+    return windows
 
 
 def step_peak_rss(run: dict, windows: dict[str, tuple[float, float]]) -> dict[str, float]:

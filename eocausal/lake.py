@@ -20,7 +20,7 @@ from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction
 from eocausal.faults import write_point
 
-# The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
+# The tables written once per imagery period (merged from the period's tiles by image_components).
 PERIOD_TABLES = ("image_chips", "image_embeddings")
 
 

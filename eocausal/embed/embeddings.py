@@ -1,13 +1,15 @@
 """The embedding stage: embed every usable chip, cached by content (chips + method).
 
-The cache key hashes the ordered chip keys, the embedder's configuration (with the compute dtype
-resolved, and a backbone's weights by content), so a re-run on the same chips costs one file read,
-and any change to chips or method computes afresh.
-
-Memory is bounded by the output, not by the chips: the embedder is fitted on a seeded sample of
-at most ``FIT_CHIPS`` chips, then the chips stream from the chip cache ``LOAD_CHIPS`` at a time.
-A PCA of the features (``embedding.pca_components``) is fitted once here and stored beside them,
-under the same version, for the estimators that want reduced image features.
+Two steps, as a period's tiles run them: :func:`fit_embedder` fits the embedder once, on the
+usable chips of a seeded sample of at most ``FIT_CHIPS`` of the period's units
+(:func:`fit_sample`, independent of the tiling), and stores it under its version (method,
+configuration with the compute dtype resolved, a backbone's weights by content, the sample's chip
+keys); :func:`embed_chips` transforms a set of chips (a tile's) with it, the chips streaming from
+the chip cache ``LOAD_CHIPS`` at a time, cached under the embedder's version and the ordered chip
+keys, so a re-run on the same chips costs one file read and any change computes afresh.
+:func:`feature_moments` gives a tile's PCA moments (merged per period by eocausal.embed.merge);
+:func:`compute_embeddings` is the whole period at once, with its PCA (``embedding.pca_components``),
+stored beside the features under the same version.
 """
 
 from __future__ import annotations
