@@ -747,7 +747,7 @@ CASES: list[Case] = [
        "exhausted)", lambda s: None, "rejects", INPUT, ("scene.tif", "503"),
        served=Served(remote_scene, {"only": "scene.tif", "status_every": 1, "status": 503}),
        note="the header read gives up when the chip stage opens the file: a clear stage failure (exit 2), not "
-            "per-unit fetch_failed; the first line is the headline, the error line below names image_chips, the "
+            "per-unit fetch_failed; the first line is the headline, the error line below names image_embedder (the first stage to open the imagery), the "
             "URL and the 503"),
     _c("remote_cog_403", REMOTE, "a remote COG URL answering 403 Forbidden", lambda s: None, "rejects", INPUT,
        ("imagery rejected", "scene.tif", "403"), via="validate",
