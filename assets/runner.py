@@ -147,7 +147,8 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
         # The waves of a refresh (assets/partitions.py), in order: each period's survey and
         # embedder; each period's tiles (chips and embeddings); each period's merge, the analysis
         # period's last with the rest of the graph (unless only the inputs are asked for).
-        prepared = [p for p in periods if execute(refresh_job, p, None, p, None)]
+        ordered = [p for p in periods if p != analysis_period] + [analysis_period]  # the analysis last
+        prepared = [p for p in ordered if execute(refresh_job, p, None, p, None)]
         tiles = []
         if prepared:
             survey = pd.read_parquet(Layout(workdir).lake / "survey.parquet", columns=["tile"])
@@ -208,16 +209,15 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
     estimates = pd.DataFrame()
     version = metadata.get("effect_estimates", {}).get("estimate_version")
     published = Layout(workdir).published
-    last = runs[-1][2] if runs else None
-    if last is not None and last.success and version and published.exists():
+    expected = len(periods) * (2 + len(tiles)) if tiles else None
+    success = bool(runs) and all(r.success for _, _, r in runs) and len(runs) == expected
+    if success and version and published.exists():
         estimates = query(
             published,
             "select * from marts.effect_estimates where study = ? and estimate_version = ?"
             " order by estimand, feature_set, estimator",
             [study.name, version],
         )
-    expected = len(periods) * (2 + len(tiles)) if tiles else None
-    success = bool(runs) and all(r.success for _, _, r in runs) and len(runs) == expected
     errors, failed_checks = list(dict.fromkeys(errors)), list(dict.fromkeys(failed_checks))
     if not success and not errors and not failed_checks:
         errors = ["the run failed without a step failure or a failed check: see the run log"]
