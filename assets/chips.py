@@ -1,9 +1,12 @@
 """Asset `image_chips`: one chip per survey unit, cut from the study's imagery and cached by content.
 
-Partitioned by imagery period (the study's `imagery.periods`; a GeoTIFF study has the one period
-`geotiff`): each partition fetches its own period and writes lake/image_chips/period=<name>.parquet,
-so a new period is one materialisation and the others' files are untouched. The partitions
-definition comes from the study, so the asset is built with Definitions (`build_image_chips`).
+Partitioned by imagery period x tile (assets/partitions.py): partition ``<period>|<tile>`` fetches
+its period for the survey's units in that tile and writes
+lake/image_chips/period=<period>/tile=<tile>.parquet, so tiles run side by side and a new period
+or tile is its own materialisation. Its check judges the tile's records (every unit accounted
+for, usable chips within the nodata limit); whether enough of the period's units are usable is
+judged once the tiles are merged (`image_components`). The partitions definition comes from the
+study, so the asset is built with Definitions (`build_image_chips`).
 """
 
 import dagster as dg
@@ -11,17 +14,18 @@ import pandas as pd
 from dagster import AssetExecutionContext
 
 from assets.metadata import table_metadata
+from assets.partitions import partition_parts
 from assets.resources import StudyResource, WarehouseResource
 from eocausal.faults import rendezvous
 from eocausal.imagery.chips import extract_chips
 from eocausal.imagery.sources import open_source
-from eocausal.lake import period_path, write_frame
-from eocausal.quality import too_few_usable_units, validate_chip_index
+from eocausal.lake import tile_path, write_frame
+from eocausal.quality import chip_usability
 from eocausal.versioning import frame_version
 
 
-def build_image_chips(periods: dg.PartitionsDefinition, study: str | None = None) -> dg.AssetsDefinition:
-    """The `image_chips` asset, partitioned by the study's imagery periods."""
+def build_image_chips(partitions: dg.PartitionsDefinition, study: str | None = None) -> dg.AssetsDefinition:
+    """The `image_chips` asset, partitioned by the study's imagery periods x tiles."""
 
     # Keyed [study, "image_chips"] in a study's graph: its op is then <safe study>__image_chips
     # (assets.naming.scoped), one per study, as Dagster wants one op object per op name.
@@ -31,62 +35,50 @@ def build_image_chips(periods: dg.PartitionsDefinition, study: str | None = None
         key=key,
         group_name="imagery",
         kinds={"python", "rasterio", "parquet"},
-        code_version="chips-3",  # 2: any imagery source; cloud_share and detail columns; 3: one file per period
+        code_version="chips-4",  # 2: any source; cloud_share, detail columns; 3: a file per period; 4: per tile
         deps=[dg.AssetKey([study, "survey"] if study else ["survey"])],
-        partitions_def=periods,
+        partitions_def=partitions,
         check_specs=[
             dg.AssetCheckSpec(
                 "chip_usability",
                 asset=key,
                 blocking=True,
-                description="Every unit has a chip record; usable chips meet the nodata limit; "
-                            "enough units are usable.",
+                description="Every unit of the tile has a chip record; usable chips meet the nodata limit.",
             )
         ],
     )
     def image_chips(context: AssetExecutionContext, study: StudyResource,
                     warehouse: WarehouseResource) -> dg.MaterializeResult:
-        return _materialise_chips(context.partition_key, study, warehouse)
+        return _materialise_chips(*partition_parts(context.partition_key), study, warehouse)
 
     return image_chips
 
 
-def _materialise_chips(period: str, study: StudyResource, warehouse: WarehouseResource) -> dg.MaterializeResult:
+def _materialise_chips(period: str, tile: str, study: StudyResource,
+                       warehouse: WarehouseResource) -> dg.MaterializeResult:
     rendezvous("chips.start")  # the deployment test: runs meet here, proving two were alive at once
     spec = study.load()
     spec.imagery.check_period_name(period)  # a partition the study no longer names is an error
-    units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon"])
+    units = pd.read_parquet(warehouse.lake / "survey.parquet", columns=["unit_id", "lat", "lon", "tile"])
+    units = units[units["tile"] == tile]  # none: a tile of an earlier survey wave (an empty file)
     source = open_source(spec, period)  # the GeoTIFF files, or this period's Earth Engine composite
     extraction = extract_chips(
-        units, source, spec.imagery.chip_size_px, warehouse.layout.chip_cache, spec.imagery.max_nodata_share
+        units[["unit_id", "lat", "lon"]], source, spec.imagery.chip_size_px, warehouse.layout.chip_cache,
+        spec.imagery.max_nodata_share,
     )
-    index = extraction.index.assign(period=period)
-    path = write_frame(index, period_path(warehouse.lake, "image_chips", period))
-
-    report = validate_chip_index(index, spec.imagery.max_nodata_share)
-    n_ok = int((index["status"] == "ok").sum())
-    usable_share = n_ok / max(len(index), 1)
-    excluded = index.loc[index["status"] != "ok", "reason"].value_counts().to_dict()
-    enough = usable_share >= spec.imagery.min_usable_share and n_ok >= 10
-    message = (
-        f"{n_ok} of {len(index)} units usable ({usable_share:.1%}); excluded by reason: {excluded or 'none'}"
-    )
-    if not enough:
-        message += f"; below the minimum usable share {spec.imagery.min_usable_share:.0%} (or under 10 units)"
-        # Name the excluded units (and, if none is inside the imagery, the likely cause).
-        shortfall = too_few_usable_units(index, spec.imagery.min_usable_share)
-        if shortfall is not None:
-            report.failures.append(shortfall)
-    if not report.success:
-        message += "\n" + report.message()
+    index = extraction.index.assign(period=period, tile=tile)
+    path = write_frame(index, tile_path(warehouse.lake, "image_chips", period, tile))
+    usability = chip_usability(index, spec.imagery.max_nodata_share, spec.imagery.min_usable_share,
+                               require_enough=False, rows_of=units.index.to_numpy())
     version = frame_version(index)
     return dg.MaterializeResult(
         metadata={
             **table_metadata(index, path),
             "period": period,
-            "n_usable": n_ok,
-            "n_excluded": len(index) - n_ok,
-            "excluded_by_reason": dg.MetadataValue.json({str(k): int(v) for k, v in excluded.items()}),
+            "tile": tile,
+            "n_usable": usability.n_ok,
+            "n_excluded": len(index) - usability.n_ok,
+            "excluded_by_reason": dg.MetadataValue.json(usability.excluded),
             "n_chips_from_cache": extraction.n_cached,
             "n_chips_extracted": extraction.n_extracted,
             "n_chips_failed": extraction.n_failed,
@@ -99,9 +91,9 @@ def _materialise_chips(period: str, study: StudyResource, warehouse: WarehouseRe
         check_results=[
             dg.AssetCheckResult(
                 check_name="chip_usability",
-                passed=bool(report.success and enough),
-                description=message,
-                metadata={"report": dg.MetadataValue.json(report.to_metadata())},
+                passed=usability.passed,
+                description=usability.message,
+                metadata={"report": dg.MetadataValue.json(usability.report.to_metadata())},
             )
         ],
     )

@@ -109,7 +109,7 @@ def effect_clusters(study: StudyResource, warehouse: WarehouseResource):
     group_name=GROUP,
     kinds={"python", "torch", "rasterio", "parquet"},
     code_version=TRANSPORT_CODE_VERSION,
-    deps=[effect_clusters, "image_chips"],
+    deps=[effect_clusters, "image_chip_index", "image_components"],
     description="CATE (with SE) and cluster membership on a grid of cells over the transport region; "
                 "GeoTIFF + PNG map.",
 )

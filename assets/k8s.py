@@ -3,13 +3,15 @@
 deploy/k8s/dagster.yaml configures the instance of a Kubernetes deployment: K8sRunLauncher (one
 Kubernetes Job per run), Postgres storage, and the run queue's caps on Earth Engine and GPU runs
 (assets/run_tags.py). :func:`render_study_run` builds the study's job as the deployment does,
-makes the run a schedule or backfill would make for one imagery period (the job's tags: the
-study, the caps, and for a GPU study ``dagster-k8s/config`` asking for an ``nvidia.com/gpu``), and
+makes the run a schedule or backfill would make for one imagery period, or one tile of it (the
+job's tags: the study, the caps, and for a GPU study ``dagster-k8s/config`` asking for an
+``nvidia.com/gpu``), and
 hands it to the launcher configured from that file, which builds the Job exactly as it would on a
 cluster; the Job is captured instead of sent (no cluster is contacted). It needs the ``k8s`` extra::
 
     pip install "eocausal[k8s]"
-    python -m assets.k8s path/to/study.yaml [--period 2021] [--instance deploy/k8s/dagster.yaml]
+    python -m assets.k8s path/to/study.yaml [--period 2021] [--tile 0231 | --prepare] \
+        [--instance deploy/k8s/dagster.yaml]
 
 prints the Job as YAML: image, command, environment, resources, volumes, as the cluster would get it.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets.partitions import period_run_keys
+from assets.partitions import PERIOD_TAG, refresh_job_name, tiles_job_name
 from assets.studies import build_definitions, study_job_name, study_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +36,6 @@ INSTANCE_YAML = PROJECT_ROOT / "deploy" / "k8s" / "dagster.yaml"
 # Where the image holds the project (the code location's working directory in a run pod).
 IMAGE_PROJECT_ROOT = "/opt/eocausal"
 IMAGE_PYTHON = "/usr/local/bin/python"
-PERIOD_TAG = "eocausal/imagery_period"
 
 # A kubeconfig naming a cluster that is never contacted: the launcher loads one when it is built.
 _OFFLINE_KUBECONFIG = {
@@ -119,10 +120,13 @@ def render_run_job(run: dg.DagsterRun, instance: dg.DagsterInstance, config: Map
 
 
 def study_run(study_path: str | Path, workdir: str | Path, period: str | None = None,
-              asset_selection: Sequence[dg.AssetKey] | None = None) -> dg.DagsterRun:
+              asset_selection: Sequence[dg.AssetKey] | None = None, tile: str | None = None,
+              prepare: bool = False) -> dg.DagsterRun:
     """The run the deployment makes of the study's job for one imagery period (default: the
-    analysis period; the whole graph unless ``asset_selection``), as a run in a code location
-    loaded from the image (``assets.definitions`` in :data:`IMAGE_PROJECT_ROOT`)."""
+    analysis period; the whole graph unless ``asset_selection``), or of its tiles job for one tile
+    of it (``tile``: partition ``<period>|<tile>``), or of its refresh job (``prepare``: a refresh's
+    first wave), as a run in a code location loaded from the image (``assets.definitions`` in
+    :data:`IMAGE_PROJECT_ROOT`)."""
     from dagster._core.code_pointer import ModuleCodePointer
     from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 
@@ -130,8 +134,10 @@ def study_run(study_path: str | Path, workdir: str | Path, period: str | None = 
 
     defs = build_definitions(study_path, workdir)
     name = study_name(study_path)
-    job = defs.resolve_job_def(study_job_name(name))
+    job = defs.resolve_job_def(tiles_job_name(name) if tile else refresh_job_name(name) if prepare
+                               else study_job_name(name))
     period = period or load_study(study_path).imagery.analysis_period_name()
+    partition = f"{period}|{tile}" if tile else period
     origin = JobPythonOrigin(
         job.name,
         RepositoryPythonOrigin(
@@ -139,20 +145,21 @@ def study_run(study_path: str | Path, workdir: str | Path, period: str | None = 
             code_pointer=ModuleCodePointer("assets.definitions", "defs", working_directory=IMAGE_PROJECT_ROOT),
         ),
     )
-    tags = {**job.tags, "dagster/partition": period, PERIOD_TAG: period}
+    tags = {**job.tags, "dagster/partition": partition, PERIOD_TAG: period}
     return dg.DagsterRun(job_name=job.name, run_id=str(uuid.uuid4()), tags=tags, job_code_origin=origin,
                          asset_selection=frozenset(asset_selection) if asset_selection else None)
 
 
 def render_study_run(study_path: str | Path, workdir: str | Path, period: str | None = None,
                      asset_selection: Sequence[dg.AssetKey] | None = None,
-                     instance_yaml: str | Path = INSTANCE_YAML) -> tuple[dg.DagsterRun, dict]:
-    """(the run, its Kubernetes Job) for one imagery period of the study (see :func:`study_run`)."""
+                     instance_yaml: str | Path = INSTANCE_YAML, tile: str | None = None,
+                     prepare: bool = False) -> tuple[dg.DagsterRun, dict]:
+    """(the run, its Kubernetes Job) for one imagery period of the study, or one tile of it (see :func:`study_run`)."""
     from dagster._core.instance.ref import InstanceRef
 
     instance_yaml = Path(instance_yaml)
     config = launcher_config(instance_yaml)
-    run = study_run(study_path, workdir, period, asset_selection)
+    run = study_run(study_path, workdir, period, asset_selection, tile, prepare)
     with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.from_config(home) as instance:
         # The deployment's instance as the run pod gets it: validated, {env: ...} values left unread.
         deployed = InstanceRef.from_dir(config["dagster_home"], config_dir=str(instance_yaml.parent),
@@ -166,15 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", help="the study file")
     parser.add_argument("--workdir", help="its working folder (default: the study's default)")
     parser.add_argument("--period", help="the imagery period (default: the analysis period)")
-    parser.add_argument("--period-run", action="store_true",
-                        help="the run a non-analysis period gets: survey, chips and embeddings only")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--prepare", action="store_true",
+                       help="a refresh's first run for the period: the survey and the period's embedder")
+    which.add_argument("--tile", help="a tile's run (the tiles job): the tile's chips and embeddings")
     parser.add_argument("--instance", default=str(INSTANCE_YAML), help="the instance file (run_launcher)")
     args = parser.parse_args(argv)
     from eocausal.study import default_workdir
 
     workdir = args.workdir or default_workdir(args.study)
-    selection = list(period_run_keys(study_name(args.study))) if args.period_run else None
-    _, job = render_study_run(args.study, workdir, args.period, selection, args.instance)
+    _, job = render_study_run(args.study, workdir, args.period, None, args.instance, tile=args.tile,
+                              prepare=args.prepare)
     yaml.safe_dump(job, sys.stdout, sort_keys=False)
     return 0
 

@@ -19,6 +19,9 @@ import dagster as dg
 
 # The tag every run of a study's job carries (schedules, sensors and backfills of the job too).
 STUDY_TAG = "eocausal/study"
+# The tag of a study's tile runs (its tiles job): they share the working folder with each other,
+# so they stay outside the one-run-per-study cap that counts STUDY_TAG.
+TILE_STUDY_TAG = "eocausal/tiles_of"
 SEPARATOR = "__"
 
 STUDY_JOB = "study_job"  # a study's job: <safe study>__study_job
@@ -63,15 +66,17 @@ def check_unique_names(studies: Iterable[str]) -> None:
 
 
 def run_study_name(run: dg.DagsterRun | None, studies: Collection[str]) -> str:
-    """The study a run belongs to: its ``eocausal/study`` tag (every study job's runs), else the
-    prefix of the assets and checks it selected (a UI "Materialize" run of the global asset job),
+    """The study a run belongs to: its ``eocausal/study`` tag (every study job's runs) or
+    ``eocausal/tiles_of`` tag (its tiles job's), else the prefix of the assets and checks it
+    selected (a UI "Materialize" run of the global asset job),
     else the deployment's only study. A run that selects two studies' assets fails here, naming them."""
     known = sorted(studies)
     if run is not None:
-        tagged = run.tags.get(STUDY_TAG)
+        tag = STUDY_TAG if STUDY_TAG in run.tags else TILE_STUDY_TAG
+        tagged = run.tags.get(tag)
         if tagged is not None:
             if tagged not in studies:
-                raise dg.Failure(description=f"run tagged {STUDY_TAG}={tagged!r}, a study this deployment does "
+                raise dg.Failure(description=f"run tagged {tag}={tagged!r}, a study this deployment does "
                                              f"not hold (it holds {known})")
             return tagged
         keys = [*(run.asset_selection or ()), *(c.asset_key for c in run.asset_check_selection or ())]

@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from assets.instance import record_holder
-from assets.naming import run_study_name
+from assets.naming import TILE_STUDY_TAG, run_study_name
 from eocausal.layout import Layout
 from eocausal.study import Study, load_study
 from eocausal.warehouse import check_sql_safe_path
@@ -67,7 +67,10 @@ class WarehouseResource(dg.ConfigurableResource):
         root = self.root_path
         with ExitStack() as stack:
             if not held_by_this_process(root):
-                stack.enter_context(exclusive_workdir(root))
+                # A tile's run shares the folder with the study's other tile runs, and runs beside
+                # its study-job runs (eocausal.workdir.ROLES; assets/studies.py).
+                tile = context.run is not None and TILE_STUDY_TAG in context.run.tags
+                stack.enter_context(exclusive_workdir(root, role="tile" if tile else "run"))
             if context.instance is not None and context.run_id:
                 record_holder(context.instance, context.run_id, root)
             yield self

@@ -16,7 +16,16 @@ import pandas as pd
 
 from assets.instance import dagster_home, open_instance
 from assets.naming import unprefixed, unscoped
-from assets.partitions import PERIOD_RUN_KEYS, period_run_keys
+from assets.partitions import (
+    MERGE_KEYS,
+    PERIOD_ASSET_KEYS,
+    TILE_ASSET_KEYS,
+    keyed,
+    refresh_job_name,
+    tile_keys,
+    tile_partition_key,
+    tiles_job_name,
+)
 from assets.studies import build_definitions, study_job_name
 from eocausal import failures
 from eocausal.layout import Layout
@@ -34,7 +43,8 @@ class RunOutcome:
     failed_checks: list[str] = field(default_factory=list)
     # asset key -> materialisation metadata (plain values), keyed by the stage's key without the
     # study's prefix ("survey", "marts/analysis_units"). The imagery assets' entry is their
-    # analysis-period partition's; "image_chips[<period>]" etc. hold every period's.
+    # analysis-period partition's (the tile stages': the period's tiles added up, runner.tiles_summary);
+    # "image_components[<period>]", "image_chips[<period>|<tile>]" etc. hold every partition's.
     metadata: dict = field(default_factory=dict)
     log_path: Path | None = None
     # eocausal.failures: 0 success, 1 failed, 2 input rejected, 3 working folder unusable, 4 busy,
@@ -51,12 +61,13 @@ def _plain(value):
 def run_study(study_path: str | Path, workdir: str | Path | None = None,
               instance: dg.DagsterInstance | None = None, log_level: str = "WARNING",
               inputs_only: bool = False) -> RunOutcome:
-    """Run the study job in this process: every imagery period, then the analysis.
+    """Run the study's jobs in this process: the waves of a refresh (assets/partitions.py).
 
-    One run per imagery period other than the analysis period materialises the survey and that
-    period's `image_chips` and `image_embeddings` partitions (cached by content: an unchanged
-    period costs little); then one run of the whole graph for the analysis period. Success means every run
-    succeeded. dbt's own output, which dagster-dbt echoes to stdout, goes to
+    Per imagery period, a run of the survey and the period's embedder; per period and tile, a run
+    of the tile's chips and embeddings (the tiles job); per period, a run of its merge
+    (`image_components`), the analysis period's with the rest of the graph. Everything is cached by
+    content, so an unchanged period or tile costs little. Success means every run succeeded.
+    dbt's own output, which dagster-dbt echoes to stdout, goes to
     <workdir>/logs/last_run.log so that stdout stays for results (e.g. --json); so does Dagster's
     console log (with the stack traces of failed steps) unless `log_level` is DEBUG or INFO, when it
     is shown at that level. The outcome's `errors` and `failed_checks` say what failed in a line
@@ -69,7 +80,7 @@ def run_study(study_path: str | Path, workdir: str | Path | None = None,
     workdir = Path(workdir).resolve() if workdir else default_workdir(study_path)
     check_sql_safe_path(workdir)  # it reaches SQL through dbt's sources: fail before any work
     try:
-        with exclusive_workdir(workdir):
+        with exclusive_workdir(workdir, role="all"):  # it runs every kind of run of the study
             return _run_locked(study, study_path, workdir, instance, log_level, inputs_only)
     except WorkdirBusy as exc:
         return RunOutcome(False, workdir, pd.DataFrame(), errors=[str(exc)], exit_code=failures.EXIT_BUSY,
@@ -100,16 +111,18 @@ def keeping_sigterm():
 
 
 def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inputs_only: bool = False) -> RunOutcome:
-    # The study's own definitions, with the keys (under the study's name) and job name it has in a
+    # The study's own definitions, with the keys (under the study's name) and job names it has in a
     # deployment: its runs show in the UI under the same assets when the deployment holds it.
     defs = build_definitions(str(Path(study_path).resolve()), str(workdir))
-    job = defs.resolve_job_def(study_job_name(study.name))
-    selection = list(period_run_keys(study.name))
+    study_job = defs.resolve_job_def(study_job_name(study.name))
+    tiles_job = defs.resolve_job_def(tiles_job_name(study.name))
+    refresh_job = defs.resolve_job_def(refresh_job_name(study.name))
     log_path = Layout(workdir).logs / "last_run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    periods = study.imagery.period_names()
     analysis_period = study.imagery.analysis_period_name()
-    other_periods = [p for p in study.imagery.period_names() if p != analysis_period]
+    runs: list[tuple[str, str | None, object]] = []  # (period, tile, result)
     with ExitStack() as stack:
         # Every run on the record: the persistent instance ($DAGSTER_HOME, else <workdir>/dagster_home)
         # keeps the runs, materialisations, checks and lineage for `dagster dev` and the asset catalog.
@@ -123,28 +136,50 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
             # it; the terminal gets the one-line reasons below (progress and the library's log
             # handler hold the terminal's stream, not sys.stderr, and still show).
             stack.enter_context(redirect_stderr(log))
-        runs = [
-            (period, job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
-                                            partition_key=period, asset_selection=selection))
-            for period in other_periods
-        ]
-        result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
-                                        partition_key=analysis_period,
-                                        asset_selection=selection if inputs_only else None)
-        runs.append((analysis_period, result))
+
+        def execute(job, period: str, tile: str | None, partition_key, selection) -> bool:
+            result = job.execute_in_process(instance=inst, raise_on_error=False, run_config=run_config,
+                                            partition_key=partition_key,
+                                            asset_selection=list(selection) if selection is not None else None)
+            runs.append((period, tile, result))
+            return result.success
+
+        # The waves of a refresh (assets/partitions.py), in order: each period's survey and
+        # embedder; each period's tiles (chips and embeddings); each period's merge, the analysis
+        # period's last with the rest of the graph (unless only the inputs are asked for).
+        ordered = [p for p in periods if p != analysis_period] + [analysis_period]  # the analysis last
+        prepared = [p for p in ordered if execute(refresh_job, p, None, p, None)]
+        tiles = []
+        if prepared:
+            survey = pd.read_parquet(Layout(workdir).lake / "survey.parquet", columns=["tile"])
+            tiles = sorted(set(survey["tile"].astype(str)))
+        for period in prepared:
+            tiled = [execute(tiles_job, period, t, tile_partition_key(period, t), tile_keys(study.name))
+                     for t in tiles]
+            if all(tiled):
+                last = period == analysis_period and not inputs_only
+                execute(study_job, period, None, period, None if last else keyed(study.name, MERGE_KEYS))
         # Finalise what the runs left (a failed dbt invocation's output generator) while stderr is
         # still the run log: Python reports an error in a finaliser there, not on the terminal.
         gc.collect()
     errors, failed_checks, metadata, codes, traces = [], [], {}, [], []
-    imagery_steps = {key.to_user_string() for key in PERIOD_RUN_KEYS} - {"survey"}
-    for period, event in ((period, e) for period, r in runs for e in r.all_events):
-        # Another period's imagery failures name the period; the rest read as they always have
-        # (a survey failure, the same in every period's run, is reported once).
-        where = "" if period == analysis_period else f"[{period}]"
+    tile_stages = {key.to_user_string() for key in TILE_ASSET_KEYS}
+    period_stages = {key.to_user_string() for key in (*PERIOD_ASSET_KEYS, *TILE_ASSET_KEYS)}
+    tile_metadata: dict[str, list[dict]] = {}
+    for period, tile, event in ((period, tile, e) for period, tile, r in runs for e in r.all_events):
+        # Imagery failures name their partition: the tile (and the period, unless it is the
+        # analysis period); a survey failure, the same in every period's run, is reported once.
+        def where(stage: str) -> str:
+            if stage not in period_stages:
+                return ""
+            if tile is not None:
+                return f"[tile {tile}]" if period == analysis_period else f"[{period}|{tile}]"
+            return "" if period == analysis_period else f"[{period}]"
+
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
             name = unscoped(study.name, event.step_key)  # <safe study>__image_chips -> image_chips
-            step = name + (where if name in imagery_steps else "")
+            step = name + where(name)
             text = _failure_text(event, err)
             problem = disk_problem(workdir, text)
             traces.append(f"step {step}:\n{err.to_string()}")
@@ -155,9 +190,8 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             stage = unprefixed(study.name, ev.asset_key).to_user_string()
-            asset = stage + (where if stage in imagery_steps else "")
             if not ev.passed:
-                failed_checks.append(f"{asset}:{ev.check_name}: {ev.description or ''}")
+                failed_checks.append(f"{stage}{where(stage)}:{ev.check_name}: {ev.description or ''}")
                 codes.append(failures.EXIT_INPUT if stage in failures.INPUT_ASSETS else failures.EXIT_FAILED)
         elif event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
@@ -165,19 +199,25 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
             plain = {k: _plain(v) for k, v in mat.metadata.items()}
             if mat.partition is not None:
                 metadata[f"{key}[{mat.partition}]"] = plain
-            if mat.partition in (None, analysis_period):
+            if key in tile_stages:
+                if period == analysis_period:
+                    tile_metadata.setdefault(key, []).append(plain)
+            elif mat.partition in (None, analysis_period):
                 metadata[key] = plain
+    # A tile stage's entry for the analysis period: its tiles' counts added up.
+    metadata.update({key: tiles_summary(values) for key, values in tile_metadata.items()})
     estimates = pd.DataFrame()
     version = metadata.get("effect_estimates", {}).get("estimate_version")
     published = Layout(workdir).published
-    if result.success and version and published.exists():
+    expected = len(periods) * (2 + len(tiles)) if tiles else None
+    success = bool(runs) and all(r.success for _, _, r in runs) and len(runs) == expected
+    if success and version and published.exists():
         estimates = query(
             published,
             "select * from marts.effect_estimates where study = ? and estimate_version = ?"
             " order by estimand, feature_set, estimator",
             [study.name, version],
         )
-    success = all(r.success for _, r in runs)
     errors, failed_checks = list(dict.fromkeys(errors)), list(dict.fromkeys(failed_checks))
     if not success and not errors and not failed_checks:
         errors = ["the run failed without a step failure or a failed check: see the run log"]
@@ -190,6 +230,28 @@ def _run_locked(study, study_path, workdir: Path, instance, log_level: str, inpu
             pass
     return RunOutcome(bool(success), workdir, estimates, errors, failed_checks, metadata, log_path,
                       exit_code=code, traces=list(dict.fromkeys(traces)), dagster_home=home)
+
+
+def tiles_summary(tiles: list[dict]) -> dict:
+    """One entry for a tile stage's runs of a period: counts (``n_*``, row counts) and per-reason
+    counts added up, flags true when true for every tile, values every tile shares kept."""
+    out: dict = {"n_tiles": len(tiles)}
+    for key in dict.fromkeys(k for m in tiles for k in m):
+        values = [m[key] for m in tiles if key in m]
+        if all(isinstance(v, bool) for v in values):
+            out[key] = all(values)
+        elif key != "n_features" and (key.startswith("n_") or key == "dagster/row_count") \
+                and all(isinstance(v, int) for v in values):
+            out[key] = sum(values)
+        elif all(isinstance(v, dict) for v in values) and key == "excluded_by_reason":
+            total: dict = {}
+            for v in values:
+                for reason, n in v.items():
+                    total[reason] = total.get(reason, 0) + n
+            out[key] = total
+        elif all(v == values[0] for v in values):
+            out[key] = values[0]
+    return out
 
 
 def _error_names(err) -> list[str]:

@@ -5,13 +5,11 @@ A study's graph: every asset keyed under the study's name ([study, "survey"], [s
 "analysis_units"], ...), its job ``<safe study>__study_job`` (tagged ``eocausal/study=<study>``, and
 ``eocausal/earthengine``/``eocausal/gpu`` where its study fetches from Earth Engine or embeds on a
 GPU: assets/run_tags.py), its schedule and sensors (names scoped the same way). `image_chips` and
-`image_embeddings` are partitioned by the study's imagery periods (a StaticPartitionsDefinition of
-the period names; a GeoTIFF study has the one period `geotiff`); everything downstream is
-unpartitioned and consumes the analysis period's partition only (a
-SpecificPartitionsPartitionMapping on each dependency on the two imagery assets, dbt models'
-included). A run for the analysis period materialises the whole graph; a run for another period
-selects the survey and the two imagery assets (assets/partitions.py; used by assets/runner.py and
-sensors/).
+`image_embeddings` are partitioned by imagery period x tile, in the study's tiles job
+``<safe study>__tiles_job`` (Dagster runs one partitions definition per job); `image_embedder`
+and `image_components` by period, in the study job with everything downstream, which is
+unpartitioned and consumes the analysis period's `image_components` only (assets/partitions.py,
+with the waves of runs a refresh is made of; used by assets/runner.py and sensors/).
 
 The graph carries no resources: the deployment binds ONE `study` and ONE `warehouse` resource that
 hold every study's file and working folder (assets/resources.py; Dagster refuses two resource
@@ -28,24 +26,36 @@ from dagster_dbt import DbtCliResource
 
 from assets.chips import build_image_chips
 from assets.dbt import DBT_EXECUTABLE, build_dbt_assets, dbt_project
+from assets.embedder import build_image_embedder
 from assets.embeddings import build_image_embeddings
 from assets.estimates import effect_estimates
 from assets.heterogeneity import HETEROGENEITY_ASSETS
+from assets.image_components import build_image_components
 from assets.imputation import imputed_outcomes
-from assets.naming import STUDY_JOB, STUDY_TAG, check_unique_names, scoped
-from assets.partitions import consume_analysis_period, imagery_periods
+from assets.naming import STUDY_JOB, STUDY_TAG, TILE_STUDY_TAG, check_unique_names, scoped
+from assets.partitions import (
+    PREPARE_KEYS,
+    consume_analysis_period,
+    imagery_periods,
+    keyed,
+    refresh_job_name,
+    tile_keys,
+    tile_partitions,
+    tiles_job_name,
+)
 from assets.publish import published_warehouse
 from assets.resources import StudyResource, WarehouseResource
 from assets.run_tags import study_run_tags
 from assets.sensitivity import effect_sensitivity
 from assets.survey import survey
 from eocausal.study import load_study
+from sensors.refresh import build_refresh_sensor
 from sensors.run_failures import build_run_failure_sensor
 from sensors.schedules import build_schedules
 from sensors.survey_waves import build_survey_wave_sensor
 
 # The assets defined once at module level (one op each, shared by every study's graph, each study's
-# copy keyed under its name). image_chips, image_embeddings and the dbt steps are built per study.
+# copy keyed under its name). The imagery assets and the dbt steps are built per study.
 SHARED_ASSETS = [survey, effect_estimates, published_warehouse, imputed_outcomes, effect_sensitivity,
                  *HETEROGENEITY_ASSETS]
 # Definitions-level metadata naming each study of a deployment: "eocausal/study/<name>" -> {study, workdir}.
@@ -80,9 +90,11 @@ def study_job_name(study: str) -> str:
 
 def build_study_assets(study: str, periods: list[str], analysis_period: str) -> list[dg.AssetsDefinition]:
     """The study's asset graph, keyed under its name, for these imagery periods."""
-    partitions = dg.StaticPartitionsDefinition(periods)
+    by_period = dg.StaticPartitionsDefinition(periods)
+    by_tile = tile_partitions(periods, study)
     unpartitioned = [*(prefixed(a, study) for a in SHARED_ASSETS), *build_dbt_assets(study)]
-    return [build_image_chips(partitions, study), build_image_embeddings(partitions, study),
+    return [build_image_embedder(by_period, study), build_image_chips(by_tile, study),
+            build_image_embeddings(by_tile, study), build_image_components(by_period, study),
             *(consume_analysis_period(a, analysis_period, study) for a in unpartitioned)]
 
 
@@ -94,17 +106,36 @@ def study_definitions(entry: StudyEntry) -> dg.Definitions:
     # The study tag travels with every run of the job (schedules, sensors, backfills): the
     # deployment's resources resolve the run's study from it. So do the tags that cap Earth Engine
     # and GPU runs across the instance (assets/run_tags.py).
+    tiles = dg.AssetSelection.assets(*tile_keys(entry.name))
+    cap_tags = study_run_tags(entry.study_path)
     study_job = dg.define_asset_job(
-        study_job_name(entry.name), selection=dg.AssetSelection.key_prefixes(entry.name),
-        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name, **study_run_tags(entry.study_path)},
-        description=f"Study {entry.name}: survey + imagery -> embeddings -> warehouse -> effect estimates. "
-                    f"Partitioned by imagery period; the analysis uses {analysis_period!r}.")
+        study_job_name(entry.name), selection=dg.AssetSelection.key_prefixes(entry.name) - tiles,
+        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name, **cap_tags},
+        description=f"Study {entry.name}: survey + embedder -> (tiles job) -> merged imagery -> warehouse -> "
+                    f"effect estimates. Partitioned by imagery period; the analysis uses {analysis_period!r}.")
+    # A tile's run holds the study's working folder shared with the other tiles' runs (the study
+    # job's runs exclusively), so it carries its own tag, not the study tag the one-run-per-study
+    # cap counts; the Earth Engine and GPU caps count it (assets/run_tags.py).
+    tiles_job = dg.define_asset_job(
+        tiles_job_name(entry.name), selection=tiles, executor_def=dg.in_process_executor,
+        tags={TILE_STUDY_TAG: entry.name, **cap_tags},
+        description=f"Study {entry.name}: one tile's chips and embeddings for one imagery period "
+                    "(partition <period>|<tile>).")
+    # A refresh's first wave, per period: the survey and the period's embedder (assets/partitions.py).
+    refresh_job = dg.define_asset_job(
+        refresh_job_name(entry.name), selection=dg.AssetSelection.assets(*keyed(entry.name, PREPARE_KEYS)),
+        executor_def=dg.in_process_executor, tags={STUDY_TAG: entry.name, **cap_tags},
+        description=f"Study {entry.name}: a refresh's first wave, the survey and the period's embedder; the "
+                    "study's refresh sensor then requests the tiles' runs and the merges.")
+    jobs = [study_job, tiles_job, refresh_job]
     return dg.Definitions(
         assets=build_study_assets(entry.name, periods, analysis_period),
-        jobs=[study_job],
-        schedules=build_schedules(study_job, periods, analysis_period, entry.name),
-        sensors=[build_survey_wave_sensor(study_job, entry.study_path, study=entry.name),
-                 build_run_failure_sensor(study_job, entry.workdir, study=entry.name)],
+        jobs=jobs,
+        schedules=build_schedules(refresh_job, periods, entry.name),
+        sensors=[build_survey_wave_sensor(refresh_job, entry.study_path, study=entry.name),
+                 build_refresh_sensor(study_job, tiles_job, refresh_job, entry.workdir, entry.study_path,
+                                      study=entry.name),
+                 build_run_failure_sensor(jobs, entry.workdir, study=entry.name)],
         metadata={f"{STUDY_METADATA_PREFIX}{entry.name}": {"study": entry.study_path, "workdir": entry.workdir}},
     )
 

@@ -89,20 +89,29 @@ def run_once(study: Path, workdir: Path) -> dict:
     return run
 
 
-def step_windows(workdir: Path) -> dict[str, tuple[float, float]]:
-    """(start, end) unix times per step of the working folder's last run (Dagster step statistics)."""
+def step_windows(workdir: Path) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) unix times of each step's executions over the runs of the working folder's last
+    `eocausal run` (its waves: one process, one pid tag): a tile step once per tile and period, the
+    survey and the embedder in the first wave and again (cached) in the analysis run."""
     import dagster as dg
 
+    from assets.instance import PID_TAG
+
+    windows: dict[str, list[tuple[float, float]]] = {}
     with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
-        runs = instance.get_runs(limit=1)
-        stats = instance.get_run_step_stats(runs[0].run_id) if runs else []
-        return {s.step_key.split("__", 1)[-1]: (s.start_time or 0, s.end_time or 0) for s in stats}
+        runs = instance.get_runs(limit=10_000)
+        last = [r for r in runs if runs and r.tags.get(PID_TAG) == runs[0].tags.get(PID_TAG)]
+        for run in last:
+            for s in instance.get_run_step_stats(run.run_id):
+                windows.setdefault(s.step_key.split("__", 1)[-1], []).append((s.start_time or 0, s.end_time or 0))
+    return windows
 
 
-def step_peak_rss(run: dict, windows: dict[str, tuple[float, float]]) -> dict[str, float]:
+def step_peak_rss(run: dict, windows: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
     """The largest sampled process-tree RSS (MB) while each step ran."""
-    return {step: max((mb for t, mb in run["rss_samples"] if start <= t <= end), default=float("nan"))
-            for step, (start, end) in windows.items()}
+    return {step: max((mb for t, mb in run["rss_samples"] for start, end in spans if start <= t <= end),
+                      default=float("nan"))
+            for step, spans in windows.items()}
 
 
 def folder_bytes_files(path: Path) -> tuple[int, int]:
@@ -203,7 +212,7 @@ def main() -> None:
     for label in runs:
         run = run_once(study, workdir)
         windows = step_windows(workdir)
-        run["steps_s"] = {step: end - start for step, (start, end) in windows.items()}
+        run["steps_s"] = {step: sum(end - start for start, end in spans) for step, spans in windows.items()}
         run["steps_peak_rss_mb"] = step_peak_rss(run, windows)
         del run["rss_samples"]
         figures[label] = run

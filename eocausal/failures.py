@@ -80,7 +80,8 @@ INPUT_ERRORS = frozenset({
 CREDENTIAL_ERRORS = frozenset({"EarthEngineError", "EarthEngineCredentialsError"})
 # Assets whose blocking checks judge the input (a failure there is exit 2); any other asset's
 # blocking check judges the results (exit 1).
-INPUT_ASSETS = frozenset({"survey", "image_chips", "image_embeddings"})
+INPUT_ASSETS = frozenset({"survey", "image_embedder", "image_chips", "image_embeddings", "image_chip_index",
+                          "image_components"})
 
 # The order in which one failure's kind wins over another's when a run has several.
 _PRECEDENCE = (EXIT_WORKDIR, EXIT_BUSY, EXIT_CREDENTIALS, EXIT_INPUT, EXIT_FAILED)

@@ -324,8 +324,9 @@ def study_embedder(study: Study, ws: Workspace):
 
     index = pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips"))
     usable = index[index["status"] == "ok"]
-    # The embedding stage fits on a seeded sample of the usable chips when there are many.
-    fit_rows = embed_stage.fit_sample(usable, study.embedding.seed)
+    # The embedding stage fits on the usable chips of a seeded sample of the units when there are many.
+    fit_rows = embed_stage.fit_sample(index, study.embedding.seed)
+    fit_rows = fit_rows[fit_rows["status"] == "ok"]
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
     version = embeddings_version(ws.lake, study)
     # the first units' stored embeddings, to check the refit

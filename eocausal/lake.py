@@ -20,7 +20,7 @@ from eocausal.embed import EmbeddingError
 from eocausal.embed.reduce import PCAReduction
 from eocausal.faults import write_point
 
-# The tables written once per imagery period (Dagster partitions of image_chips/image_embeddings).
+# The tables written once per imagery period (merged from the period's tiles by image_components).
 PERIOD_TABLES = ("image_chips", "image_embeddings")
 
 
@@ -35,6 +35,29 @@ def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -
     if not period or "/" in period or "\\" in period or period in (".", ".."):
         raise ValueError(f"imagery period {period!r} cannot name a lake file")
     return Path(lake) / table / f"period={period}{suffix}"
+
+
+# The tables written once per imagery period and tile (Dagster's period x tile partitions), merged
+# per period into the period tables above by image_components.
+TILE_TABLES = ("image_chips", "image_embeddings")
+# The fitted embedder of each period (image_embedder): which one, in the embedding cache.
+EMBEDDER_TABLE = "image_embedder"
+
+
+def tile_path(lake: Path, table: str, period: str, tile: str, suffix: str = ".parquet") -> Path:
+    """One tile's file of a period: ``<lake>/<table>/period=<period>/tile=<tile>.parquet``.
+    (Tiles are quadkeys, eocausal.tiles: digits 0-3.)"""
+    if table not in TILE_TABLES:
+        raise ValueError(f"{table!r} is not a per-tile lake table; those are {list(TILE_TABLES)}")
+    folder = period_path(lake, table, period, suffix="")
+    if not tile or not tile.isdigit():
+        raise ValueError(f"tile {tile!r} is not a quadkey (digits 0-3)")
+    return folder / f"tile={tile}{suffix}"
+
+
+def embedder_path(lake: Path, period: str) -> Path:
+    """A period's fitted-embedder record: ``<lake>/image_embedder/period=<period>.json``."""
+    return Path(lake) / EMBEDDER_TABLE / period_path(lake, "image_chips", period, suffix=".json").name
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> Path:

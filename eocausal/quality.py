@@ -310,11 +310,13 @@ def validate_chip_index(index: pd.DataFrame, max_nodata_share: float) -> Quality
     return report
 
 
-def too_few_usable_units(index: pd.DataFrame, min_usable_share: float, min_units: int = 10) -> RuleFailure | None:
+def too_few_usable_units(index: pd.DataFrame, min_usable_share: float, min_units: int = 10,
+                         rows_of: np.ndarray | None = None) -> RuleFailure | None:
     """A failure naming the excluded units when too few units have a usable chip, else None.
 
     When every unit lies outside the imagery the cause is almost always the coordinates
-    (latitude and longitude swapped, or not WGS84 degrees), so the rule says so.
+    (latitude and longitude swapped, or not WGS84 degrees), so the rule says so. ``rows_of``: the
+    survey row of each of ``index``'s rows (a sample's), when they are not the survey's rows.
     """
     usable = index["status"] == "ok"
     n_ok = int(usable.sum())
@@ -324,12 +326,46 @@ def too_few_usable_units(index: pd.DataFrame, min_usable_share: float, min_units
     reasons = index.loc[~usable, "reason"]
     if len(index) and (reasons == "outside_coverage").all() and not usable.any():
         rule += ": every unit is outside the imagery - are lat and lon swapped, or not WGS84 degrees?"
-    rows = np.flatnonzero(~usable.to_numpy()).tolist()
+    at = np.flatnonzero(~usable.to_numpy())
     return RuleFailure(
-        rule=rule, column="status", rows=rows,
-        unit_ids=index["unit_id"].iloc[rows].astype(str).tolist(),
+        rule=rule, column="status", rows=(at if rows_of is None else np.asarray(rows_of)[at]).tolist(),
+        unit_ids=index["unit_id"].iloc[at].astype(str).tolist(),
         examples=sorted(set(reasons.dropna().astype(str)))[:5],
     )
+
+
+@dataclass
+class ChipUsability:
+    """The `chip_usability` check of a chip index: its records (:func:`validate_chip_index`) and,
+    where asked, whether enough units are usable (:func:`too_few_usable_units`)."""
+
+    passed: bool
+    message: str
+    report: QualityReport
+    n_ok: int
+    excluded: dict
+
+
+def chip_usability(index: pd.DataFrame, max_nodata_share: float, min_usable_share: float, *,
+                   require_enough: bool = True, rows_of: np.ndarray | None = None,
+                   what: str = "units") -> ChipUsability:
+    """Judge a chip index. ``require_enough`` False for one tile's (a tile may lie in the nodata
+    border; the period's share is judged on the merged index); ``rows_of``: see too_few_usable_units."""
+    report = validate_chip_index(index, max_nodata_share)
+    n_ok = int((index["status"] == "ok").sum())
+    excluded = {str(k): int(v) for k, v in index.loc[index["status"] != "ok", "reason"].value_counts().items()}
+    usable_share = n_ok / max(len(index), 1)
+    enough = not require_enough or (usable_share >= min_usable_share and n_ok >= 10)
+    message = f"{n_ok} of {len(index)} {what} usable ({usable_share:.1%}); excluded by reason: {excluded or 'none'}"
+    if not enough:
+        message += f"; below the minimum usable share {min_usable_share:.0%} (or under 10 units)"
+        # Name the excluded units (and, if none is inside the imagery, the likely cause).
+        shortfall = too_few_usable_units(index, min_usable_share, rows_of=rows_of)
+        if shortfall is not None:
+            report.failures.append(shortfall)
+    if not report.success:
+        message += "\n" + report.message()
+    return ChipUsability(bool(report.success and enough), message, report, n_ok, excluded)
 
 
 def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityReport:

@@ -22,6 +22,7 @@ from eocausal.imagery.ee_collections import (
     COLLECTIONS,
     MASK_S2_SCL,
 )
+from eocausal.tiles import MAX_UNITS_PER_TILE
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
@@ -158,6 +159,9 @@ class ImagerySpec(_Strict):
     # Overrides the file's nodata value; None means "declared value, else detect zero borders".
     nodata: float | None = None
     bands: list[int] | None = None  # 1-based band indexes; None = all bands
+    # Units per spatial tile at most (eocausal.tiles): a tile is one run of chips and embeddings
+    # per period (Dagster's period x tile partitions). Smaller tiles fan a study out to more runs.
+    max_units_per_tile: int = Field(MAX_UNITS_PER_TILE, ge=1)
 
     # -- source: earthengine (see eocausal.imagery.earthengine) --------------------------------
     # earthengine: a name in eocausal.imagery.ee_collections.COLLECTIONS; stac: the collection id.

@@ -19,7 +19,7 @@ import pandas as pd
 
 from eocausal.quality import DataQualityError, QualityReport, RuleFailure, validate_survey
 from eocausal.study import Study, SurveySpec
-from eocausal.tiles import assign_tiles
+from eocausal.tiles import MAX_UNITS_PER_TILE, assign_tiles
 
 CANONICAL_COLUMNS = ("unit_id", "lat", "lon", "treatment", "outcome")
 _NUMERIC = ("lat", "lon", "treatment", "outcome")
@@ -238,13 +238,15 @@ def _unit_id(value) -> str | None:
 
 
 def load_survey(
-    path: Path, spec: SurveySpec, outcome_may_be_missing: bool = False, folds: int | None = None
+    path: Path, spec: SurveySpec, outcome_may_be_missing: bool = False, folds: int | None = None,
+    max_units_per_tile: int = MAX_UNITS_PER_TILE,
 ) -> tuple[pd.DataFrame, QualityReport]:
     """Read, canonicalise and validate; raise DataQualityError naming every failed rule.
 
     ``outcome_may_be_missing`` (the study's ``analysis.outcome_imputation``): an empty outcome is
     allowed and counted in ``report.observations``; a non-finite one is still an error.
     ``folds`` (the study's ``analysis.folds``): each treatment arm needs at least that many units.
+    ``max_units_per_tile`` (the study's ``imagery.max_units_per_tile``): the tiles' size.
     Nothing is written here: the caller writes the canonical table only after this returns.
     """
     df, parse_failures = canonicalise(read_survey_table(path, id_column=spec.unit_id), spec)
@@ -254,7 +256,7 @@ def load_survey(
     if not report.success:
         raise DataQualityError(report)
     df["treatment"] = df["treatment"].astype("int8")
-    df["tile"] = assign_tiles(df["lat"].to_numpy(), df["lon"].to_numpy())  # eocausal.tiles
+    df["tile"] = assign_tiles(df["lat"].to_numpy(), df["lon"].to_numpy(), max_units_per_tile)  # eocausal.tiles
     return df, report
 
 
@@ -283,4 +285,4 @@ def load_study_survey(study: Study) -> tuple[pd.DataFrame, QualityReport]:
     with exit code 2 and the rule, before a chip is cut.
     """
     return load_survey(study.survey_path, study.survey, outcome_may_be_missing=study.analysis.outcome_imputation,
-                       folds=study.analysis.folds)
+                       folds=study.analysis.folds, max_units_per_tile=study.imagery.max_units_per_tile)

@@ -116,7 +116,7 @@ def check_wave(path: Path, study: Study) -> WaveCheck:
         )
     try:
         df, report = load_survey(path, study.survey, outcome_may_be_missing=study.analysis.outcome_imputation,
-                                 folds=study.analysis.folds)
+                                 folds=study.analysis.folds, max_units_per_tile=study.imagery.max_units_per_tile)
     except DataQualityError as exc:
         meta = exc.report.to_metadata()
         return WaveCheck(path, sha, False, f"{path.name} rejected: {exc}", meta["failures"], exc.report.n_rows)

@@ -3,8 +3,11 @@
 Two runs on one working folder would interleave their lake writes and dbt builds (the warehouse
 pool serialises writers only inside one Dagster instance). A run holds an exclusive ``flock`` on
 ``<workdir>/.eocausal-run.lock`` for its whole length; a second run finds it taken and stops with
-a message naming the holder, before it touches anything. The kernel releases the lock when the
-holder exits, killed or not, so a crashed run never leaves the folder locked.
+a message naming the holder, before it touches anything. The runs of a study's tiles (its period x
+tile partitions) write only their own tiles' files and the content-keyed chip store: they share
+``.eocausal-tiles.lock`` with each other instead, and `eocausal run` holds both locks (:data:`ROLES`).
+The kernel releases a lock when its holder exits, killed or not, so a crashed run never leaves the
+folder locked.
 
 A working folder that cannot be used — a file where the folder should be, a read-only folder, a
 full disk — stops the run with :class:`WorkdirUnusable`, one line that names the folder (or the
@@ -21,12 +24,13 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from eocausal.faults import write_point
 
 LOCK_NAME = ".eocausal-run.lock"
+TILES_LOCK_NAME = ".eocausal-tiles.lock"
 # The working folders this process holds (resolved): a Dagster run that `eocausal run` executes in
 # this process finds its folder held by its own process and does not ask for it again.
 _HELD_HERE: set[Path] = set()
@@ -147,12 +151,36 @@ def held_by_this_process(workdir: str | os.PathLike) -> bool:
     return Path(workdir).resolve() in _HELD_HERE
 
 
+# What each kind of run holds: a study-job run (it writes the lake's period tables and the
+# warehouse) the run lock alone; a tile's run (its tile's files and the content-keyed chip store)
+# the tiles lock, shared with the study's other tile runs, so tile runs and study-job runs of one
+# study run side by side (the run queue keeps study-job runs to one at a time); `eocausal run`,
+# which runs every kind in its process, both locks exclusively.
+ROLES = {
+    "run": ((LOCK_NAME, fcntl.LOCK_EX),),
+    "tile": ((TILES_LOCK_NAME, fcntl.LOCK_SH),),
+    "all": ((LOCK_NAME, fcntl.LOCK_EX), (TILES_LOCK_NAME, fcntl.LOCK_EX)),
+}
+
+
 @contextmanager
-def exclusive_workdir(workdir: Path) -> Iterator[Path]:
-    """Hold ``workdir`` for this process (see the module docstring); raises :class:`WorkdirBusy`,
-    or :class:`WorkdirUnusable` when the folder cannot be made or written."""
+def exclusive_workdir(workdir: Path, role: str = "run") -> Iterator[Path]:
+    """Hold ``workdir`` for this process in ``role`` (see :data:`ROLES` and the module docstring);
+    raises :class:`WorkdirBusy`, or :class:`WorkdirUnusable` when the folder cannot be made or written."""
     workdir = prepare_workdir(workdir)
-    path = workdir / LOCK_NAME
+    with ExitStack() as stack:
+        paths = [stack.enter_context(_locked(workdir, name, mode)) for name, mode in ROLES[role]]
+        held = workdir.resolve()
+        _HELD_HERE.add(held)
+        try:
+            yield paths[0]
+        finally:
+            _HELD_HERE.discard(held)
+
+
+@contextmanager
+def _locked(workdir: Path, name: str, mode: int) -> Iterator[Path]:
+    path = workdir / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -160,7 +188,7 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
         raise WorkdirUnusable(message) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
             raise WorkdirBusy(
@@ -168,15 +196,11 @@ def exclusive_workdir(workdir: Path) -> Iterator[Path]:
                 "wait for it to finish, or give this run its own working folder (--workdir)"
             ) from None
         try:
+            who = "a tile run, e.g. " if mode == fcntl.LOCK_SH else ""
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+            os.pwrite(fd, f"{who}pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
         except OSError as exc:
             raise WorkdirUnusable(disk_problem(workdir, exc, path) or f"working folder {workdir}: {exc}") from None
-        held = workdir.resolve()
-        _HELD_HERE.add(held)
-        try:
-            yield path
-        finally:
-            _HELD_HERE.discard(held)
+        yield path
     finally:
         os.close(fd)  # releases the lock

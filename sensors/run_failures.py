@@ -1,4 +1,4 @@
-"""Sensor `run_failure_alerts`: every failed run of the study job leaves an alert record.
+"""Sensor `run_failure_alerts`: every failed run of the study's jobs (study job, tiles job) leaves an alert record.
 
 Thin wiring over eocausal.alerts: the record (one JSON file per run, under <workdir>/alerts/)
 names the run, what triggered it (its eocausal/* and schedule/sensor tags) and each failed
@@ -32,15 +32,16 @@ def _step_message(event: dg.DagsterEvent) -> str:
     return error.message.strip() if error is not None else (event.message or "")
 
 
-def build_run_failure_sensor(study_job, workdir: str, study: str | None = None) -> dg.SensorDefinition:
-    """The study's sensor, named <safe study>__run_failure_alerts (assets.naming.scoped)."""
+def build_run_failure_sensor(jobs, workdir: str, study: str | None = None) -> dg.SensorDefinition:
+    """The study's sensor over its jobs, named <safe study>__run_failure_alerts (assets.naming.scoped)."""
+    jobs = jobs if isinstance(jobs, list) else [jobs]
     alerts = Path(workdir) / ALERTS_FOLDER
 
     @dg.run_failure_sensor(
         name=scoped(study, RUN_FAILURE_SENSOR),
-        monitored_jobs=[study_job],
+        monitored_jobs=jobs,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Writes an alert record for each failed run of {study_job.name} to {alerts}.",
+        description=f"Writes an alert record for each failed run of {', '.join(j.name for j in jobs)} to {alerts}.",
     )
     def run_failure_alerts(context: dg.RunFailureSensorContext) -> None:
         run = context.dagster_run

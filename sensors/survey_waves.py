@@ -3,9 +3,9 @@
 Thin wiring over eocausal.waves. The cursor maps each accepted wave still in the folder to its
 stamp (mtime:size), so a file is handled once, and a wave rewritten in place counts as new.
 Every tick: a bad file goes to landing/quarantine/ with its validation report; of the good
-files, the newest becomes the study's survey and one refresh is requested for it: a run of the
-whole graph for the analysis imagery period and, for a study with several periods, a run of the
-survey, chips and embeddings of each other period (new units need chips in every period).
+files, the newest becomes the study's survey and one refresh is requested for it: its first
+wave, a run of the survey and embedder of every imagery period (new units need chips in every
+period); the study's refresh sensor (sensors/refresh.py) requests its tiles' runs and merges.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ from pathlib import Path
 import dagster as dg
 
 from assets.naming import scoped
-from assets.partitions import period_run_requests
+from assets.partitions import prepare_requests
 from eocausal.study import load_study
 from eocausal.waves import check_wave, file_stamp, install_wave, landing_folder, new_waves, quarantine_wave
 
 SURVEY_WAVE_SENSOR = "survey_wave_sensor"
 
 
-def build_survey_wave_sensor(study_job, study_path: str, landing: str | None = None,
+def build_survey_wave_sensor(refresh_job, study_path: str, landing: str | None = None,
                              study: str | None = None) -> dg.SensorDefinition:
     """The study's sensor, named <safe study>__survey_wave_sensor (assets.naming.scoped)."""
-    study_key = study  # the key prefix of the study's assets (its name in the deployment)
 
     @dg.sensor(
         name=scoped(study, SURVEY_WAVE_SENSOR),
-        job=study_job,
+        job=refresh_job,
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -61,14 +60,13 @@ def build_survey_wave_sensor(study_job, study_path: str, landing: str | None = N
             install_wave(newest, study)
             context.log.info(newest.message)
             name, stamp = newest.path.name, stamps[newest.path.name]
-            run_requests += period_run_requests(
-                f"survey-wave:{name}:{stamp}", study.imagery.period_names(), study.imagery.analysis_period_name(),
+            run_requests += prepare_requests(
+                f"survey-wave:{name}:{stamp}", study.imagery.period_names(),
                 tags={
                     "eocausal/trigger": "survey_wave",
                     "eocausal/survey_wave": name,
                     "eocausal/survey_wave_sha256": newest.sha256[:16],
                 },
-                study=study_key,
             )
 
         # Remember accepted waves that are still in the folder (quarantined ones have left it).

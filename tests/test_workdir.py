@@ -119,3 +119,45 @@ def test_a_really_read_only_folder_is_named(tmp_path):
                 pass
     finally:
         undo()
+
+
+def _hold_in_child(workdir, role: str):
+    """Another process holding ``workdir`` in ``role`` until killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from eocausal.workdir import exclusive_workdir\n"
+         "with exclusive_workdir(sys.argv[1], role=sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
+         str(workdir), role],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_tile_runs_share_the_folder_and_eocausal_run_excludes_them(tmp_path):
+    """Tile runs of one study run side by side, and beside its study-job runs; `eocausal run`
+    (role "all") is refused while any of them holds the folder, and refuses them while it runs."""
+    workdir = tmp_path / "w"
+    tile = _hold_in_child(workdir, "tile")
+    try:
+        with exclusive_workdir(workdir, role="tile"):  # a second tile run
+            pass
+        with exclusive_workdir(workdir, role="run"):  # a study-job run (the queue keeps those to one)
+            pass
+        with pytest.raises(WorkdirBusy, match="a tile run, e.g. pid"):
+            with exclusive_workdir(workdir, role="all"):
+                pass
+    finally:
+        tile.kill()
+        tile.wait()
+    with exclusive_workdir(workdir, role="all"):
+        with pytest.raises(WorkdirBusy):
+            _locked_elsewhere(workdir, "tile")
+
+
+def _locked_elsewhere(workdir, role: str) -> None:
+    code = ("import sys; from eocausal.workdir import exclusive_workdir\n"
+            "with exclusive_workdir(sys.argv[1], role=sys.argv[2]): pass")
+    result = subprocess.run([sys.executable, "-c", code, str(workdir), role], cwd=REPO, capture_output=True, text=True)
+    if "WorkdirBusy" in result.stderr:
+        raise WorkdirBusy(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from assets.definitions import defs
-from assets.naming import STUDY_TAG, run_study_name
+from assets.naming import STUDY_TAG, TILE_STUDY_TAG, run_study_name
 from assets.studies import study_job_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,14 +31,18 @@ def test_definitions_load_and_graph_is_wired(deployment):
     graph = deployment.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     for study in (DEMO, SEED7):
-        for key in ["survey", "image_chips", "image_embeddings", "effect_estimates", "published_warehouse",
+        for key in ["survey", "image_embedder", "image_chips", "image_embeddings", "image_chip_index",
+                    "image_components", "effect_estimates", "published_warehouse",
                     "staging/stg_survey", "intermediate/int_units_imaged", "marts/analysis_units",
                     "marts/unit_exclusions", "marts/effect_estimates", "marts/effect_estimates_latest"]:
             assert f"{study}/{key}" in keys, (study, key)
         parents = lambda k: {p.to_user_string().removeprefix(f"{study}/")  # noqa: E731
                              for p in graph.get(dg.AssetKey([study, *k.split("/")])).parent_keys}
         assert parents("staging/stg_survey") == {"survey"}
-        assert parents("staging/stg_image_embeddings") == {"image_embeddings"}
+        assert parents("staging/stg_image_embeddings") == {"image_components"}
+        assert parents("staging/stg_image_chips") == {"image_chip_index"}
+        assert parents("image_components") == {"image_embeddings"} and parents("image_chip_index") == {"image_chips", "survey"}
+        assert parents("image_embeddings") == {"image_chips", "image_embedder"}
         assert parents("effect_estimates") == {"marts/analysis_units", "imputed_outcomes"}
         assert parents("imputed_outcomes") == {"marts/analysis_units"}
         assert parents("effect_sensitivity") == {"effect_estimates"}
@@ -46,6 +50,9 @@ def test_definitions_load_and_graph_is_wired(deployment):
         job = deployment.resolve_job_def(study_job_name(study))
         assert job.tags[STUDY_TAG] == study
         assert {k.path[0] for k in job.asset_layer.executable_asset_keys} == {study}
+        tiles_job = deployment.resolve_job_def(f"{study}__tiles_job")
+        assert tiles_job.tags[TILE_STUDY_TAG] == study and STUDY_TAG not in tiles_job.tags
+        assert {k.path[-1] for k in tiles_job.asset_layer.executable_asset_keys} == {"image_chips", "image_embeddings"}
     # every key but the deployment's catalog is one study's, and no study's asset depends on another's
     from assets.catalog import CATALOG_KEY
 
@@ -58,12 +65,14 @@ def test_definitions_load_and_graph_is_wired(deployment):
 
 
 def test_each_study_has_its_own_job_schedule_and_sensors(deployment):
-    assert sorted(j.name for j in deployment.jobs) == ["catalog_job", "eocausal_demo__study_job",
-                                                       "eocausal_demo_seed7__study_job"]
+    assert sorted(j.name for j in deployment.jobs) == [
+        "catalog_job", "eocausal_demo__refresh_job", "eocausal_demo__study_job", "eocausal_demo__tiles_job",
+        "eocausal_demo_seed7__refresh_job", "eocausal_demo_seed7__study_job", "eocausal_demo_seed7__tiles_job"]
     assert sorted(s.name for s in deployment.schedules) == ["eocausal_demo__imagery_refresh",
                                                             "eocausal_demo_seed7__imagery_refresh"]
     assert sorted(s.name for s in deployment.sensors) == [
-        "catalog_refresh_sensor", "eocausal_demo__run_failure_alerts", "eocausal_demo__survey_wave_sensor",
+        "catalog_refresh_sensor", "eocausal_demo__refresh_waves", "eocausal_demo__run_failure_alerts",
+        "eocausal_demo__survey_wave_sensor", "eocausal_demo_seed7__refresh_waves",
         "eocausal_demo_seed7__run_failure_alerts", "eocausal_demo_seed7__survey_wave_sensor"]
     # one study resource and one warehouse resource for both, each study with its own working folder
     resources = deployment.resources
@@ -76,8 +85,9 @@ def test_each_study_has_its_own_job_schedule_and_sensors(deployment):
 def test_blocking_checks_and_pools(deployment):
     graph = deployment.resolve_asset_graph()
     checks = {(k.asset_key.to_user_string(), k.name): graph.get_check_spec(k) for k in graph.asset_check_keys}
-    for asset, name in [("survey", "survey_suite"), ("image_chips", "chip_usability"),
-                        ("image_embeddings", "embeddings_valid"), ("effect_estimates", "propensity_overlap")]:
+    for asset, name in [("survey", "survey_suite"), ("image_embedder", "chip_usability"),
+                        ("image_chips", "chip_usability"), ("image_chip_index", "chip_usability"), ("image_components", "embeddings_valid"),
+                        ("effect_estimates", "propensity_overlap")]:
         assert checks[(f"{DEMO}/{asset}", name)].blocking, name
     # dbt tests are asset checks too
     assert (f"{DEMO}/marts/analysis_units", "unique_analysis_units_unit_id") in checks
@@ -101,10 +111,16 @@ def _snapshot(deployment: dg.Definitions) -> dict:
                 f"{type(mapping).__name__}({sorted(mapping.partition_keys)})"
                 if isinstance(mapping, dg.SpecificPartitionsPartitionMapping) else None)
         partitions = node.partitions_def
+        if isinstance(partitions, dg.MultiPartitionsDefinition):  # period x tile: the tiles are dynamic
+            partitions = {d.name: (sorted(d.partitions_def.get_partition_keys())
+                                   if isinstance(d.partitions_def, dg.StaticPartitionsDefinition)
+                                   else f"dynamic {d.partitions_def.name}") for d in partitions.partitions_defs}
+        elif partitions is not None:
+            partitions = sorted(partitions.get_partition_keys())
         assets[key.to_user_string()] = {
             "group": node.group_name,
             "deps": deps,
-            "partitions": None if partitions is None else sorted(partitions.get_partition_keys()),
+            "partitions": partitions,
             "checks": {c.name: {"blocking": graph.get_check_spec(c).blocking}
                        for c in sorted(node.check_keys, key=lambda c: c.name)},
             "pools": sorted(node.pools or ()),
@@ -159,6 +175,7 @@ def _run(tags=None, assets=None, checks=None) -> dg.DagsterRun:
 def test_a_run_resolves_its_study_from_its_tag_or_its_assets():
     studies = [DEMO, SEED7]
     assert run_study_name(_run(tags={STUDY_TAG: SEED7}), studies) == SEED7
+    assert run_study_name(_run(tags={TILE_STUDY_TAG: SEED7}), studies) == SEED7  # a tile's run
     assert run_study_name(_run(assets=[dg.AssetKey([SEED7, "survey"])]), studies) == SEED7
     check = dg.AssetCheckKey(dg.AssetKey([DEMO, "image_chips"]), "chip_usability")
     assert run_study_name(_run(checks=[check]), studies) == DEMO

@@ -26,7 +26,8 @@ from assets.instance import (
     open_instance,
     record_holder,
 )
-from assets.naming import STUDY_TAG, unprefixed
+from assets.naming import STUDY_TAG, TILE_STUDY_TAG, unprefixed
+from assets.partitions import PREPARE_KEYS, keyed, refresh_job_name, tiles_job_name
 from assets.studies import study_job_name
 from eocausal.faults import CRASH_AT_ENV, CRASH_DIR_ENV
 from eocausal.study import load_study
@@ -44,13 +45,18 @@ def test_the_cli_run_is_in_the_instance_in_its_working_folder(e2e_run):
     assert outcome.dagster_home == home
     assert yaml.safe_load((home / "dagster.yaml").read_text()) == INSTANCE_CONFIG
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # (other tests run the same study again later in the session: its first run is the oldest)
+        # (other tests run the same study again later in the session: its first runs are the oldest;
+        # one tile, one period: the survey and embedder, the tile, the merge and the rest)
         runs = instance.get_runs()
         assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
-        run = runs[-1]
-        assert run.tags[WORKDIR_TAG] == str(outcome.workdir) and run.tags[PID_TAG].isdigit()
-        assert run.tags[STUDY_TAG] == name and run.job_name == study_job_name(name)
-        events = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        prepare, tile, run = runs[-1], runs[-2], runs[-3]
+        for r in (prepare, run):
+            assert r.tags[WORKDIR_TAG] == str(outcome.workdir) and r.tags[PID_TAG].isdigit()
+            assert r.tags[STUDY_TAG] == name
+        assert prepare.job_name == refresh_job_name(name) and run.job_name == study_job_name(name)
+        assert tile.tags[TILE_STUDY_TAG] == name and tile.job_name == tiles_job_name(name) and STUDY_TAG not in tile.tags
+        events = [e for r in (prepare, tile, run)
+                  for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)]
         assert all(e.dagster_event.asset_key.path[0] == name for e in events)
         mats = {unprefixed(name, e.dagster_event.asset_key).to_user_string(): e.asset_materialization for e in events}
         assert {"survey", "image_chips", "image_embeddings", "effect_estimates", "marts/analysis_units",
@@ -63,9 +69,9 @@ def test_the_cli_run_is_in_the_instance_in_its_working_folder(e2e_run):
             mats["survey"].tags["dagster/data_version"]
         checks = instance.event_log_storage.get_asset_check_execution_history(
             dg.AssetCheckKey(dg.AssetKey([name, "image_chips"]), "chip_usability"), limit=100)
-        assert run.run_id in {c.run_id for c in checks}
+        assert tile.run_id in {c.run_id for c in checks}
         # the library's loggers are in the run's logs (python_logs in the instance config)
-        messages = [e.user_message for e in instance.all_logs(run.run_id)]
+        messages = [e.user_message for r in (tile, run) for e in instance.all_logs(r.run_id)]
         assert any(m.startswith("chips: ") for m in messages) and any(m.startswith("estimation: ") for m in messages)
 
 
@@ -127,7 +133,6 @@ def folder_holder(tmp_path):
 
 
 def test_a_run_launched_outside_the_cli_holds_the_folder_too(tiny_study, folder_holder, tmp_path):
-    from assets.partitions import period_run_keys
     from assets.studies import build_definitions
 
     workdir, holder_pid = folder_holder
@@ -137,7 +142,7 @@ def test_a_run_launched_outside_the_cli_holds_the_folder_too(tiny_study, folder_
     # as the UI, a schedule or a sensor would run it: not through the CLI's runner
     with open_instance(tmp_path / "home") as instance:
         busy = job.execute_in_process(instance=instance, partition_key="geotiff", raise_on_error=False,
-                                      asset_selection=list(period_run_keys(name)))
+                                      asset_selection=list(keyed(name, PREPARE_KEYS)))
         assert not busy.success
         failure = next(e for e in busy.all_events if e.is_failure)
         assert f"another eocausal run (pid {holder_pid}" in str(failure.event_specific_data.error)
@@ -166,8 +171,9 @@ def test_a_killed_run_is_settled_by_the_next_which_does_not_wait_for_its_pool_sl
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)
     with dg.DagsterInstance.from_config(str(study_path.parent / "eocausal_work" / DAGSTER_HOME_FOLDER)) as instance:
-        statuses = [r.status for r in reversed(instance.get_runs())]
-        assert statuses == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS]
-        failed = instance.get_runs()[1]
+        runs = list(reversed(instance.get_runs()))  # oldest first: survey + embedder, the tile, the analysis
+        ok, failure = dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE
+        assert [r.status for r in runs] == [ok, ok, failure, ok, ok, ok]
+        failed = runs[2]
         assert "ended before the run did" in next(
             e.message for e in instance.all_logs(failed.run_id) if e.dagster_event and e.dagster_event.is_run_failure)

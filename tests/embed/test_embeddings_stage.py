@@ -13,11 +13,13 @@ import eocausal.embed.embeddings as stage
 from eocausal.embed import EmbeddingError
 from eocausal.embed.backbone import build_backbone
 from eocausal.embed.embeddings import compute_embeddings
+from eocausal.embed.merge import MissingTiles, merge_period, write_tile
 from eocausal.embed.rcf import RCFEmbedder
 from eocausal.imagery import chips as chips_module
 from eocausal.imagery import chipstore
 from eocausal.imagery.chips import _store, chip_path
 from eocausal.imagery.geotiff import Chip
+from eocausal.lake import tile_path, write_frame
 from eocausal.study import EmbeddingSpec
 from tests.embed.test_rcf import textured_chips
 
@@ -102,13 +104,51 @@ def test_method_changes_make_a_new_version(chip_cache, tmp_path, change):
     assert other.version != base.version and not other.from_cache
 
 
+def test_tiles_embedded_and_merged_equal_the_whole_period(chip_cache, tmp_path):
+    """The tile path (embedder fitted once, tiles transformed, merged with the PCA from their
+    moments) gives what one whole-period embedding gives: features, version, PCA, chip index."""
+    index, cache, *_ = chip_cache
+    tiles = ["0231", "0232", "0233"]
+    index = index.assign(tile=[tiles[i % 3] for i in range(len(index))])
+    whole = compute_embeddings(index, cache, tmp_path / "whole", spec())
+    lake, emb_cache = tmp_path / "lake", tmp_path / "emb"
+    fitted = stage.fit_embedder(stage.fit_sample(index, 0), cache, emb_cache, spec())
+    for t in tiles[::-1]:  # any order: the merge is in tile order
+        part = index[index["tile"] == t]
+        write_frame(part, tile_path(lake, "image_chips", "p", t))
+        write_tile(lake, "p", t, stage.embed_chips(part, cache, emb_cache, fitted, spec()), fitted.version)
+    merged = merge_period(lake, "p", index[["unit_id", "tile"]], spec())
+    assert merged.unit_ids == whole.unit_ids and merged.version == whole.version and merged.tiles == tiles
+    np.testing.assert_allclose(merged.features, whole.features, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(merged.pca.components_, whole.pca.components_, atol=1e-8)
+    np.testing.assert_allclose(merged.pca.explained_variance_, whole.pca.explained_variance_, rtol=1e-9)
+    pd.testing.assert_frame_equal(merged.chip_index, index)
+    # a tile without embeddings, or a unit without a chip record: the partitions to materialise are named
+    tile_path(lake, "image_embeddings", "p", "0232").unlink()
+    with pytest.raises(MissingTiles, match=r"1 tile\(s\) of the survey have no chips or embeddings yet.*p\|0232"):
+        merge_period(lake, "p", index[["unit_id", "tile"]], spec())
+    grown = pd.concat([index[["unit_id", "tile"]], pd.DataFrame({"unit_id": ["new"], "tile": ["0231"]})])
+    write_tile(lake, "p", "0232", stage.embed_chips(index[index["tile"] == "0232"], cache, emb_cache, fitted,
+                                                     spec()), fitted.version)
+    with pytest.raises(MissingTiles, match=r"hold chips of an older survey.*'new'.*p\|0231"):
+        merge_period(lake, "p", grown, spec())
+
+
+def test_the_fit_sample_does_not_depend_on_the_tiling(chip_cache, tmp_path, monkeypatch):
+    index, cache, *_ = chip_cache
+    monkeypatch.setattr(stage, "FIT_CHIPS", 4)
+    a = stage.fit_sample(index, seed=0)
+    b = stage.fit_sample(index.assign(tile="0"), seed=0)
+    assert a["unit_id"].tolist() == b["unit_id"].tolist()
+
+
 def test_fit_sample_is_seeded_and_bounded(chip_cache, tmp_path, monkeypatch):
     index, cache, *_ = chip_cache
     monkeypatch.setattr(stage, "FIT_CHIPS", 4)
     a = compute_embeddings(index, cache, tmp_path / "a", spec())
     b = compute_embeddings(index, cache, tmp_path / "b", spec())
     np.testing.assert_array_equal(a.features, b.features)
-    sample = stage.fit_sample(index[index["status"] == "ok"], seed=0)
+    sample = stage.fit_sample(index, seed=0)
     assert len(sample) == 4 and sample.index.is_monotonic_increasing
 
 

@@ -730,7 +730,7 @@ CASES: list[Case] = [
        lambda s: None, "rejects", WORKDIR, ("survey: working folder", "is out of space", "lake/survey.parquet"),
        env={"EOCAUSAL_FS_FAULT": "ENOSPC", "EOCAUSAL_FS_FAULT_PATH": "/lake/"}),
     _c("disk_full_caching_chips", WORK, "disk fills while new chips are cached (ENOSPC at the first part of chips, injected)",
-       "wave2", "rejects", WORKDIR, ("image_chips: working folder", "is out of space", "cache/chips/parts/"),
+       "wave2", "rejects", WORKDIR, ("image_embedder: working folder", "is out of space", "cache/chips/parts/"),
        env={"EOCAUSAL_FS_FAULT": "ENOSPC", "EOCAUSAL_FS_FAULT_PATH": "cache/chips"}),
     _c("workdir_busy", WORK, "another run holds the working folder", lambda s: None, "rejects", BUSY,
        ("is using the working folder",), workdir="locked"),
@@ -747,7 +747,7 @@ CASES: list[Case] = [
        "exhausted)", lambda s: None, "rejects", INPUT, ("scene.tif", "503"),
        served=Served(remote_scene, {"only": "scene.tif", "status_every": 1, "status": 503}),
        note="the header read gives up when the chip stage opens the file: a clear stage failure (exit 2), not "
-            "per-unit fetch_failed; the first line is the headline, the error line below names image_chips, the "
+            "per-unit fetch_failed; the first line is the headline, the error line below names image_embedder (the first stage to open the imagery), the "
             "URL and the 503"),
     _c("remote_cog_403", REMOTE, "a remote COG URL answering 403 Forbidden", lambda s: None, "rejects", INPUT,
        ("imagery rejected", "scene.tif", "403"), via="validate",
@@ -825,7 +825,7 @@ CASES: list[Case] = [
     # imagery
     _c("corrupt_tiff", IMG, "a scene cut off at a third",
        lambda s: scene(s).write_bytes(scene(s).read_bytes()[: scene(s).stat().st_size // 3]), "rejects", INPUT,
-       ["image_chips", "scene.tif", "corrupt"], via="graph"),
+       ["image_embedder", "scene.tif", "corrupt"], via="graph"),
     _c("not_a_tiff", IMG, "a text file named scene.tif", lambda s: scene(s).write_text("this is not an image\n"),
        "rejects", INPUT, ["scene.tif", "not a TIFF"], via="graph"),
     _c("crs_missing", IMG, "a scene without a CRS", rewrite_scene(crs=None), "rejects", INPUT, ["scene.tif", "no CRS"],

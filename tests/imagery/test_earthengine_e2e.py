@@ -43,25 +43,39 @@ def test_chip_asset_materialises_from_earthengine(ee_study, tmp_path):
     """The Dagster chip stage on an Earth Engine study (fast: no dbt); the full graph is the slow test."""
     import dagster as dg
 
-    from assets.chips import build_image_chips
-    from assets.resources import StudyResource, WarehouseResource
-    from assets.survey import survey
-
     study_path, fake = ee_study
-    resources = {"study": StudyResource(study_path=str(study_path)), "warehouse": WarehouseResource(root=str(tmp_path / "w"))}
-    image_chips = build_image_chips(dg.StaticPartitionsDefinition(["2020", "2021"]))
-    result = dg.materialize([survey, image_chips], resources=resources, raise_on_error=False, partition_key="2020")
+    result = _chips_of_one_tile(study_path, tmp_path / "w", "2020")
 
-    assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"survey_suite": True, "chip_usability": True}
+    assert checks == {"chip_usability": True}
     meta = result.asset_materializations_for_node("image_chips")[0].metadata
     assert meta["imagery_provenance"].value["fetch"]["retries"]["http_429"] > 0
     assert meta["n_chips_failed"].value == 0 and fake.calls > meta["n_chips_extracted"].value > 100
-    index = pd.read_parquet(tmp_path / "w" / "lake" / "image_chips" / "period=2020.parquet")
+    index = pd.read_parquet(tmp_path / "w" / "lake" / "image_chips" / "period=2020" / f"tile={meta['tile'].value}.parquet")
     assert index.loc[index["status"] == "ok", "cloud_share"].between(0, 1).all()
     assert set(index["period"]) == {"2020"} and meta["period"].value == "2020"
-    assert not (tmp_path / "w" / "lake" / "image_chips" / "period=2021.parquet").exists()
+    assert not (tmp_path / "w" / "lake" / "image_chips" / "period=2021").exists()
+
+
+def _chips_of_one_tile(study_path, workdir, period: str):
+    """The survey, then `image_chips` for its (one) tile of ``period``: the Dagster chip stage alone."""
+    import dagster as dg
+
+    from assets.chips import build_image_chips
+    from assets.partitions import tile_partition_key, tile_partitions
+    from assets.resources import StudyResource, WarehouseResource
+    from assets.survey import survey
+
+    resources = {"study": StudyResource(study_path=str(study_path)), "warehouse": WarehouseResource(root=str(workdir))}
+    image_chips = build_image_chips(tile_partitions(["2020", "2021"], None))
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert dg.materialize([survey], resources=resources, instance=instance).success  # registers the tiles
+        [tile] = instance.get_dynamic_partitions("tiles")
+        result = dg.materialize([image_chips], resources=resources, instance=instance, raise_on_error=False,
+                                partition_key=tile_partition_key(period, tile),
+                                selection=[image_chips.key])
+    assert result.success
+    return result
 
 
 @pytest.mark.slow
@@ -79,8 +93,10 @@ def test_earthengine_study_runs_end_to_end_and_reruns_from_the_store(ee_study):
     provenance = chips["imagery_provenance"]
     assert provenance["source"] == "earthengine" and provenance["period"] == "2020"  # the first period
     assert provenance["recipe"]["start"] == "2020-01-01" and provenance["fetch"]["retries"]["http_429"] > 0
-    assert fake.initialize_calls == 2 and fake.max_in_flight <= 8  # once per period's source, not per chip
-    assert outcome.metadata["image_chips[2021]"]["imagery_provenance"]["period"] == "2021"  # every period
+    # once per run that opens a period's source (the period's embedder and its one tile), not per chip
+    assert fake.initialize_calls == 4 and fake.max_in_flight <= 8
+    other = next(v for k, v in outcome.metadata.items() if k.startswith("image_chips[2021|"))
+    assert other["imagery_provenance"]["period"] == "2021"  # every period
     index = pd.read_parquet(outcome.workdir / "lake" / "image_chips" / "period=2020.parquet")
     usable = index[index["status"] == "ok"]
     assert usable["cloud_share"].between(0, 1).all() and usable["cloud_share"].max() > 0
@@ -96,22 +112,15 @@ def test_chip_asset_materialises_from_earthengine_batch_exports(ee_study, tmp_pa
     """imagery.export through the Dagster chip stage: per-block COG tasks, chip keys of the per-chip path."""
     import dagster as dg
 
-    from assets.chips import build_image_chips
-    from assets.resources import StudyResource, WarehouseResource
-    from assets.survey import survey
-
     study_path, faulty = ee_study
     fake = FakeEarthEngine(faulty.scene, export_root=tmp_path / "bucket", export_polls=(1, 2))
     monkeypatch.setitem(fake_earthengine.SHARED, "client", fake)
-    image_chips = build_image_chips(dg.StaticPartitionsDefinition(["2020", "2021"]))
 
     def materialise(warehouse: str):
-        resources = {"study": StudyResource(study_path=str(study_path)),
-                     "warehouse": WarehouseResource(root=str(tmp_path / warehouse))}
-        result = dg.materialize([survey, image_chips], resources=resources, raise_on_error=False, partition_key="2020")
-        assert result.success
-        index = pd.read_parquet(tmp_path / warehouse / "lake" / "image_chips" / "period=2020.parquet")
-        return result.asset_materializations_for_node("image_chips")[0].metadata, index
+        result = _chips_of_one_tile(study_path, tmp_path / warehouse, "2020")
+        meta = result.asset_materializations_for_node("image_chips")[0].metadata
+        folder = tmp_path / warehouse / "lake" / "image_chips" / "period=2020"
+        return meta, pd.read_parquet(folder / f"tile={meta['tile'].value}.parquet")
 
     per_chip_meta, per_chip = materialise("per_chip")
     doc = yaml.safe_load(study_path.read_text())

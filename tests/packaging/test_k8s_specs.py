@@ -20,7 +20,7 @@ from dagster._core.instance.config import dagster_instance_config  # noqa: E402
 
 from assets.instance import INSTANCE_CONFIG  # noqa: E402
 from assets.k8s import INSTANCE_YAML, launcher_config, main, render_study_run  # noqa: E402
-from assets.partitions import period_run_keys  # noqa: E402
+from assets.naming import STUDY_TAG, TILE_STUDY_TAG  # noqa: E402
 from assets.run_tags import EARTHENGINE_TAG, GPU_TAG, TAG_CONCURRENCY_LIMITS  # noqa: E402
 from eocausal.study import load_study  # noqa: E402
 from tests.assets.conftest import small_study  # noqa: E402
@@ -97,12 +97,21 @@ def test_an_embedding_run_on_a_gpu_asks_for_one_gpu(gpu_study, tmp_path, monkeyp
     assert job["spec"]["backoffLimit"] == 0
 
 
-def test_a_chips_run_from_earth_engine_asks_for_no_gpu(ee_study, tmp_path, monkeypatch):
+def test_a_gpu_study_s_tile_runs_ask_for_the_gpu(gpu_study, tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", PG_PASSWORD)
+    run, job = render_study_run(gpu_study, tmp_path / "work", tile="0231")
+    assert run.tags[GPU_TAG] == "true" and run.job_name.endswith("__tiles_job")
+    assert _container(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_a_tile_run_from_earth_engine_asks_for_no_gpu(ee_study, tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", PG_PASSWORD)
     name = load_study(ee_study).name
-    run, job = render_study_run(ee_study, tmp_path / "work", period="2019", asset_selection=period_run_keys(name))
+    run, job = render_study_run(ee_study, tmp_path / "work", period="2019", tile="0231")
     assert run.tags[EARTHENGINE_TAG] == "true" and GPU_TAG not in run.tags
-    assert run.tags["dagster/partition"] == "2019"
+    # the tiles job: its own study tag, outside the one-run-per-study cap
+    assert run.job_name == f"{name}__tiles_job" and run.tags[TILE_STUDY_TAG] == name and STUDY_TAG not in run.tags
+    assert run.tags["dagster/partition"] == "2019|0231"
     container = _container(job)
     pod = job["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in json.dumps(job)

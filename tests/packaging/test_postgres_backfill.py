@@ -1,45 +1,41 @@
-"""A multi-process deployment on Postgres gives what `eocausal run` gives (issue 14, item 5).
+"""A multi-process deployment on Postgres gives what `eocausal run` gives (issue 14, items 1 and 5).
 
-On period partitions; tiles will add a dimension: `image_chips` and `image_embeddings` are
-partitioned by imagery period only (period x tile does not exist yet).
+One two-period STAC study, `pg_tiles`: 120 units in 6 tiles (`imagery.max_units_per_tile` 40), so
+its refresh is 2 + 12 + 2 runs (per period: the survey and embedder; per period and tile: the
+tile's chips and embeddings; per period: the merge, the analysis period's with the rest of the
+graph). It is materialised:
 
-Two two-period STAC studies (the same survey and the same local static catalog of COGs, two
-acquisitions; names `pg_a` and `pg_b`, each with its own working folder) are materialised:
-
-- in-process: `eocausal run` on study `pg_a` (the whole graph, both periods; SQLite instance in
-  its working folder), in its own process, started first and left running beside the rest;
+- in-process: `eocausal run` on a copy of the study folder (its own working folder and SQLite
+  instance), in its own process, started first and left running beside the rest;
 - by a deployment: a loopback PostgreSQL that the test starts (Debian's postgresql, installed by
   the test if missing), a DAGSTER_HOME whose dagster.yaml has Postgres storage (dagster-postgres,
   `scheme: postgresql+psycopg2`), the queued run coordinator with `max_concurrent_runs: 2`, the
-  default run launcher (a process per run) and the repository's pools and caps, plus one run per
-  study at a time (`eocausal/study`, per value): a working folder admits one run
-  (eocausal/workdir.py), so a second run of the same study at once would fail (WorkdirBusy)
-  rather than wait. `dagster-daemon run` runs it. Two backfills, submitted together: `pg_a`'s
-  whole job for its analysis period 2020 (`dagster job backfill`, the SLURM script's command), and
-  both periods (2019, 2020) of `pg_b`'s survey and imagery (selected assets, the way the UI
-  backfills an asset selection). 3 runs, 2 at once.
+  default run launcher (a process per run), the repository's pools and caps (one study-job run
+  per study at a time; tile runs outside that cap, sharing the working folder). `dagster-daemon
+  run` runs it, sensors included: a survey wave dropped into the study's landing folder is
+  validated and installed by the survey-wave sensor, which requests the refresh's first wave; the
+  study's refresh sensor requests the tiles' runs when a period's first wave succeeded, and the
+  merges when its tiles did (sensors/refresh.py). Nothing else starts a run.
 
 The catalog is served by a local HTTP server (its own process), so every process names the same
 URL (a STAC source's chip keys hash its catalog's location).
 
 A rendezvous at the start of the chips stage (eocausal/faults.py `rendezvous`, two processes)
-makes the first two runs wait for each other: both succeeding shows two runs alive at once
-(ordering, not timing). Those two runs are one per study, not two periods of one study (the
-working-folder lock above).
+makes the first two tile runs wait for each other: both succeeding shows two tile runs of one
+study alive at once (ordering, not timing).
 
-Checked: `pg_b`'s lake period files of both periods (chips index, embeddings, PCA) and `pg_a`'s
-of the analysis period are byte for byte the in-process run's; `pg_a`'s marts (every table, in
-full precision, timestamps aside) are the in-process run's; the Postgres instance holds the
-three runs, successful, with their partition, study and backfill tags and asset selections.
-Not checked: more than one machine, another run launcher (Kubernetes, SLURM), the schedule and
-sensors under the daemon, a crash of a run or of the daemon.
+Checked: every lake file of the imagery (each tile's chips and embeddings and moments, each
+period's merged chip index, embeddings and PCA) is byte for byte the in-process run's; the marts
+(every table, in full precision, timestamps aside) are the in-process run's; the Postgres
+instance holds the 16 runs, successful, with their jobs, partitions and refresh tags.
+Not checked: more than one machine, another run launcher (Kubernetes, SLURM), a crash of a run
+or of the daemon.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -48,12 +44,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from assets.instance import INSTANCE_CONFIG
 from eocausal.faults import RENDEZVOUS_COUNT_ENV, RENDEZVOUS_DIR_ENV, RENDEZVOUS_TIMEOUT_ENV
-from eocausal.lake import period_path
 from eocausal.layout import Layout
 from tests.faults.support import file_sha256, marts_digests
 from tests.packaging.postgres_deployment import STUDIES_ENV
@@ -65,21 +61,20 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PERIODS = ["2019", "2020"]
 ANALYSIS_PERIOD = "2020"
-STUDIES = ("pg_a", "pg_b")
-# What a run for one imagery period selects (assets/partitions.py PERIOD_RUN_KEYS, under the study's name).
-IMAGERY_STAGES = ["survey", "image_chips", "image_embeddings"]
+STUDY = "pg_tiles"
+N_UNITS, MAX_UNITS_PER_TILE = 120, 40
 # Safety nets against a hung deployment, not timing assertions.
-_WAIT_S = 900
+_WAIT_S = 1200
 _RENDEZVOUS_S = 300
 
 
 def _build_study(root: Path, server_root: Path, catalog_url) -> Path:
-    """Study `pg_a`: 120 demo-process units, imagery from a static STAC catalog of COGs with two
+    """Study `pg_tiles`: demo-process units, imagery from a static STAC catalog of COGs with two
     periods (two acquisitions), written under ``server_root`` and named by its URL (``catalog_url``)."""
     from tests.assets.conftest import small_study
     from tests.imagery.stac_catalog import COLLECTION, Acquisition, cut_catalog
 
-    study_path = small_study(root, n_units=120, seed=5, heterogeneity={"enabled": False})
+    study_path = small_study(root, n_units=N_UNITS, seed=5, heterogeneity={"enabled": False})
     doc = yaml.safe_load(study_path.read_text())
     scene = study_path.parent / doc["imagery"]["path"]
     scene = next(scene.glob("*.tif")) if scene.is_dir() else scene
@@ -87,20 +82,20 @@ def _build_study(root: Path, server_root: Path, catalog_url) -> Path:
         Acquisition(datetime(2019, 6, 1, 10, tzinfo=timezone.utc), values=lambda d: (d * 0.9).astype(d.dtype)),
         Acquisition(datetime(2020, 6, 1, 10, tzinfo=timezone.utc)),
     ])
-    doc["name"] = STUDIES[0]
+    doc["name"] = STUDY
     doc["imagery"] = {"source": "stac", "catalog": catalog_url(catalog), "collection": COLLECTION,
                       "periods": [int(p) for p in PERIODS], "analysis_period": ANALYSIS_PERIOD,
-                      "chip_size_px": doc["imagery"].get("chip_size_px", 32), "band_names": ["red", "green", "blue"]}
+                      "chip_size_px": doc["imagery"].get("chip_size_px", 32), "band_names": ["red", "green", "blue"],
+                      "max_units_per_tile": MAX_UNITS_PER_TILE}
     study_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return study_path
 
 
-def _lake_digests(workdir: Path, periods: list[str]) -> dict[str, str]:
+def _lake_digests(workdir: Path) -> dict[str, str]:
+    """Every imagery file of the lake (tiles' and periods'), by its path under the lake."""
     lake = Layout(workdir).lake
-    files = {f"{table}[{p}]{suffix}": period_path(lake, table, p, suffix=suffix)
-             for p in periods for table, suffix in (("image_chips", ".parquet"), ("image_embeddings", ".parquet"),
-                                                    ("image_embeddings", ".pca.json"))}
-    return {name: file_sha256(path) if path.is_file() else "missing" for name, path in files.items()}
+    files = sorted(p for table in ("image_chips", "image_embeddings") for p in (lake / table).rglob("*") if p.is_file())
+    return {str(p.relative_to(lake)): file_sha256(p) for p in files}
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -118,7 +113,8 @@ def _instance_config(pg) -> dict:
         "concurrency": {
             "pools": INSTANCE_CONFIG["concurrency"]["pools"],
             "runs": {"max_concurrent_runs": 2,
-                     # with one run per study (working folder) at a time: a second would fail, not wait
+                     # one study-job run per study (working folder) at a time: a second would fail, not
+                     # wait; tile runs are outside that cap (they share the folder)
                      "tag_concurrency_limits": limits},
         },
         "run_launcher": {"module": "dagster", "class": "DefaultRunLauncher"},
@@ -142,21 +138,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
-
-
-def _submit_selected(workspace: Path, env: dict, study: str, partitions: list[str], stages: list[str]):
-    """Start adding a backfill of the study's job over ``partitions``, for these stages' assets only."""
-    return subprocess.Popen([sys.executable, "-m", "tests.packaging.postgres_deployment", "backfill", str(workspace),
-                             f"{study}__study_job", ",".join(partitions), *(f"{study}/{s}" for s in stages)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _backfill_id(proc: subprocess.Popen) -> str:
-    """The id of the backfill a submission added (the helper's `backfill-id:`, the CLI's `Launched backfill job`)."""
-    out, err = proc.communicate(timeout=600)
-    found = re.search(r"backfill-id: (\w+)|Launched backfill job `(\w+)`", out)
-    assert proc.returncode == 0 and found, f"{proc.args}: {out[-2000:]}{err[-3000:]}"
-    return found.group(1) or found.group(2)
 
 
 def _wait_for_runs(instance, n: int, daemon: subprocess.Popen, log: Path) -> list:
@@ -205,23 +186,25 @@ def postgres():
         pytest.skip(f"PostgreSQL cannot be installed or started here: {exc}")
 
 
-def test_daemon_backfill_on_postgres_matches_the_in_process_run(tmp_path, postgres, stac_server):
+def test_a_refresh_fans_tiles_out_on_postgres_and_matches_the_in_process_run(tmp_path, postgres, stac_server):
     import dagster as dg
+
+    from assets.partitions import PERIOD_TAG, REFRESH_TAG, WAVE_TAG
 
     logs = tmp_path / "logs"
     logs.mkdir()
     server_root, server = stac_server
-    study_a = _build_study(tmp_path / "a", server_root, server.url_of)
-    # Study pg_b: the same folder (survey; the same catalog URL) under another name.
-    shutil.copytree(study_a.parent, tmp_path / "b" / "study")
-    study_b = tmp_path / "b" / "study" / "study.yaml"
-    doc = yaml.safe_load(study_b.read_text())
-    study_b.write_text(yaml.safe_dump({**doc, "name": STUDIES[1]}, sort_keys=False))
+    study = _build_study(tmp_path / "deployed", server_root, server.url_of)
+    survey_file = study.parent / yaml.safe_load(study.read_text())["survey"]["path"]
+    tiles = sorted(set(pd.read_parquet(_survey_tiles(study))["tile"]))
+    assert len(tiles) == 6, tiles  # quadkey cells split 1 -> 4 until each holds <= 40 units
 
-    # The reference: `eocausal run` (in-process executor, SQLite instance in its working folder),
-    # started now and left to run beside the deployment.
+    # The reference: `eocausal run` on a copy of the study folder (in-process executor, SQLite
+    # instance in its working folder), started now and left to run beside the deployment.
+    shutil.copytree(study.parent, tmp_path / "reference" / "study")
     reference_work = tmp_path / "reference_work"
-    reference = subprocess.Popen([str(BIN / "eocausal"), "run", str(study_a), "--workdir", str(reference_work)],
+    reference = subprocess.Popen([str(BIN / "eocausal"), "run", str(tmp_path / "reference" / "study" / study.name),
+                                  "--workdir", str(reference_work)],
                                  env=_clean_env(), cwd=tmp_path, stdout=open(logs / "reference.log", "w"),
                                  stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -229,54 +212,62 @@ def test_daemon_backfill_on_postgres_matches_the_in_process_run(tmp_path, postgr
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(_instance_config(postgres), sort_keys=False))
-    workdirs = {STUDIES[0]: tmp_path / "a" / "work", STUDIES[1]: tmp_path / "b" / "work"}
+    workdir = tmp_path / "deployed" / "work"
     workspace = tmp_path / "workspace.yaml"
     workspace.write_text(yaml.safe_dump({"load_from": [{"python_module": {
         "module_name": "tests.packaging.postgres_deployment", "working_directory": str(REPO),
         "location_name": "eocausal_postgres"}}]}))
     rendezvous = tmp_path / "rendezvous"
     env = _clean_env(DAGSTER_HOME=str(home),
-                     **{STUDIES_ENV: json.dumps([[str(study_a), str(workdirs[STUDIES[0]])],
-                                                 [str(study_b), str(workdirs[STUDIES[1]])]]),
+                     **{STUDIES_ENV: json.dumps([[str(study), str(workdir)]]),
                         RENDEZVOUS_DIR_ENV: str(rendezvous), RENDEZVOUS_COUNT_ENV: "2",
                         RENDEZVOUS_TIMEOUT_ENV: str(_RENDEZVOUS_S)})
     daemon_log = logs / "daemon.log"
     daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env=env, cwd=tmp_path,
                               stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    n_runs = len(PERIODS) * (2 + len(tiles))
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-            a, b = STUDIES
-            # Submitted together (each loads the code location, which takes a while): pg_a's whole
-            # job for the analysis period (`dagster job backfill`, as deploy/slurm/ runs it), and a
-            # backfill of both periods of pg_b's survey and imagery (selected assets).
-            whole_job = subprocess.Popen(
-                [str(BIN / "dagster"), "job", "backfill", "-w", str(workspace), "-j", f"{a}__study_job",
-                 "--partitions", ANALYSIS_PERIOD, "--noprompt"],
-                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            selected = _submit_selected(workspace, env, b, PERIODS, IMAGERY_STAGES)
-            backfills = {a: _backfill_id(whole_job), b: _backfill_id(selected)}
-            runs = _wait_for_runs(instance, 1 + len(PERIODS), daemon, daemon_log)
-            assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), _failures(instance, runs)
-            # Every run reached the chips stage in its own process; the first two waited for each other.
-            assert len({p.name for p in rendezvous.glob("chips.start.*")}) == len(runs)
+            # A survey wave lands (the same units): the sensors do the rest.
+            landing = study.parent / "landing"
+            landing.mkdir(exist_ok=True)
+            shutil.copyfile(survey_file, landing / f"wave1{survey_file.suffix}")
+            runs = _wait_for_runs(instance, n_runs, daemon, daemon_log)
+            assert len(runs) == n_runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), \
+                _failures(instance, runs)
+            # Every tile run reached the chips stage in its own process; the first two waited for each other.
+            assert len({p.name for p in rendezvous.glob("chips.start.*")}) == len(PERIODS) * len(tiles)
 
-            # The Postgres instance holds the runs with their partition, study and backfill tags.
-            tags = [(r.tags["eocausal/study"], r.tags["dagster/partition"], r.tags["dagster/backfill"]) for r in runs]
-            want = [(a, ANALYSIS_PERIOD, backfills[a])] + [(b, p, backfills[b]) for p in PERIODS]
-            assert sorted(tags) == sorted(want)
-            for run in runs:  # pg_a's is the whole job; pg_b's select the survey and imagery only
-                study = run.tags["eocausal/study"]
-                assert run.asset_selection == (None if study == a else {dg.AssetKey([b, k]) for k in IMAGERY_STAGES})
+            # The runs: one refresh, its waves in their jobs and partitions.
+            [refresh] = {r.tags[REFRESH_TAG] for r in runs}
+            assert refresh.startswith("survey-wave:wave1")
+            got = sorted((r.tags[WAVE_TAG], r.job_name, r.tags["dagster/partition"]) for r in runs)
+            want = sorted([("prepare", f"{STUDY}__refresh_job", p) for p in PERIODS]
+                          + [("tile", f"{STUDY}__tiles_job", f"{p}|{t}") for p in PERIODS for t in tiles]
+                          + [("merge", f"{STUDY}__study_job", p) for p in PERIODS])
+            assert got == want
+            assert {r.tags[PERIOD_TAG] for r in runs} == set(PERIODS)
+            assert all(("eocausal/study" in r.tags) == (r.job_name != f"{STUDY}__tiles_job") for r in runs)
         assert reference.wait(timeout=_WAIT_S) == 0, (logs / "reference.log").read_text()[-3000:]
     finally:
         _stop_group(daemon)
         if reference.poll() is None:  # the test failed before the reference finished
             _stop_group(reference)
 
-    expected = _lake_digests(reference_work, PERIODS)
-    assert "missing" not in expected.values(), expected
-    assert _lake_digests(workdirs[STUDIES[1]], PERIODS) == expected
-    assert _lake_digests(workdirs[STUDIES[0]], [ANALYSIS_PERIOD]) == _lake_digests(reference_work, [ANALYSIS_PERIOD])
-    assert marts_digests(Layout(workdirs[STUDIES[0]]).warehouse) == marts_digests(Layout(reference_work).warehouse)
+    expected = _lake_digests(reference_work)
+    assert len(expected) == len(PERIODS) * (3 * len(tiles) + 3), sorted(expected)
+    assert _lake_digests(workdir) == expected
+    assert marts_digests(Layout(workdir).warehouse) == marts_digests(Layout(reference_work).warehouse)
+
+
+def _survey_tiles(study: Path) -> Path:
+    """The survey's tiles, as the survey asset assigns them (written beside the test's study)."""
+    from eocausal.study import load_study
+    from eocausal.survey import load_study_survey
+
+    df, _ = load_study_survey(load_study(study))
+    path = study.parent.parent / "tiles.parquet"
+    df[["unit_id", "tile"]].to_parquet(path)
+    return path

@@ -31,9 +31,9 @@ def tick(defs, cursor=None):
     return result
 
 
-def test_sensor_is_wired_to_the_study_job(defs_for, names):
+def test_sensor_is_wired_to_the_refresh_job(defs_for, names):
     sensor = defs_for.resolve_sensor_def(names(SURVEY_WAVE_SENSOR))
-    assert sensor.job_name == names.job
+    assert sensor.job_name == names("refresh_job")  # a refresh's first wave (sensors/refresh.py: the rest)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
