@@ -22,6 +22,8 @@ from eocausal.faults import write_point
 
 # The tables written once per imagery period (merged from the period's tiles by image_components).
 PERIOD_TABLES = ("image_chips", "image_embeddings")
+# The fitted embedder of each period (image_embedder): which one, in the embedding cache (a JSON record).
+EMBEDDER_TABLE = "image_embedder"
 
 
 def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -> Path:
@@ -30,8 +32,8 @@ def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -
     Each period has its own file, so materialising one period never rewrites another's.
     (Period names are checked by the study contract: letters, digits, '_', '.', '-'.)
     """
-    if table not in PERIOD_TABLES:
-        raise ValueError(f"{table!r} is not a per-period lake table; those are {list(PERIOD_TABLES)}")
+    if table not in (*PERIOD_TABLES, EMBEDDER_TABLE):
+        raise ValueError(f"{table!r} is not a per-period lake table; those are {[*PERIOD_TABLES, EMBEDDER_TABLE]}")
     if not period or "/" in period or "\\" in period or period in (".", ".."):
         raise ValueError(f"imagery period {period!r} cannot name a lake file")
     return Path(lake) / table / f"period={period}{suffix}"
@@ -40,8 +42,6 @@ def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -
 # The tables written once per imagery period and tile (Dagster's period x tile partitions), merged
 # per period into the period tables above by image_components.
 TILE_TABLES = ("image_chips", "image_embeddings")
-# The fitted embedder of each period (image_embedder): which one, in the embedding cache.
-EMBEDDER_TABLE = "image_embedder"
 
 
 def tile_path(lake: Path, table: str, period: str, tile: str, suffix: str = ".parquet") -> Path:
@@ -57,7 +57,7 @@ def tile_path(lake: Path, table: str, period: str, tile: str, suffix: str = ".pa
 
 def embedder_path(lake: Path, period: str) -> Path:
     """A period's fitted-embedder record: ``<lake>/image_embedder/period=<period>.json``."""
-    return Path(lake) / EMBEDDER_TABLE / period_path(lake, "image_chips", period, suffix=".json").name
+    return period_path(lake, EMBEDDER_TABLE, period, suffix=".json")
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> Path:

@@ -355,17 +355,15 @@ def chip_usability(index: pd.DataFrame, max_nodata_share: float, min_usable_shar
     n_ok = int((index["status"] == "ok").sum())
     excluded = {str(k): int(v) for k, v in index.loc[index["status"] != "ok", "reason"].value_counts().items()}
     usable_share = n_ok / max(len(index), 1)
-    enough = not require_enough or (usable_share >= min_usable_share and n_ok >= 10)
     message = f"{n_ok} of {len(index)} {what} usable ({usable_share:.1%}); excluded by reason: {excluded or 'none'}"
-    if not enough:
+    # The rule names the excluded units (and, if none is inside the imagery, the likely cause).
+    shortfall = too_few_usable_units(index, min_usable_share, rows_of=rows_of) if require_enough else None
+    if shortfall is not None:
         message += f"; below the minimum usable share {min_usable_share:.0%} (or under 10 units)"
-        # Name the excluded units (and, if none is inside the imagery, the likely cause).
-        shortfall = too_few_usable_units(index, min_usable_share, rows_of=rows_of)
-        if shortfall is not None:
-            report.failures.append(shortfall)
+        report.failures.append(shortfall)
     if not report.success:
         message += "\n" + report.message()
-    return ChipUsability(bool(report.success and enough), message, report, n_ok, excluded)
+    return ChipUsability(bool(report.success and shortfall is None), message, report, n_ok, excluded)
 
 
 def validate_embeddings(features: np.ndarray, unit_ids: list[str]) -> QualityReport:
