@@ -38,7 +38,9 @@ from eocausal.versioning import estimate_version
 # Bump when estimator code changes what it computes: it enters every estimate version.
 # (effects-2: outcome imputation and the sensitivity columns; effects-3: on imputed outcomes
 # the sensitivity's r_y is read against the measured outcomes.)
-CODE_VERSION = "effects-5"  # 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks
+# 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks; 6: the
+# specification check also compares the products of the leading components
+CODE_VERSION = "effects-6"
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",

@@ -46,8 +46,27 @@ def test_specification_check_compares_image_only_and_another_component_count():
     X = np.hstack([tabular, chip[:, :4]])
     headline = estimate_effects(y, d, X, estimators=("aipw",), folds=5, seed=0)["aipw"]
     check = specification_check(y, d, tabular, chip, 4, folds=5, seed=0, headline=headline)
-    assert [c.name for c in check.comparisons] == ["image only", "8 components"]
+    assert [c.name for c in check.comparisons] == ["image only", "8 components",
+                                                   "products of the 4 leading components"]
     assert check.warning is None
+
+
+def test_specification_check_warns_when_the_confounder_is_a_product_of_image_quantities():
+    # Two land covers and their product (the zoo's mix): a linear adjustment on the components
+    # misses the product, the squares and products of the leading components do not.
+    rng = np.random.default_rng(4)
+    n = 2000
+    chip = rng.standard_normal((n, 8))
+    a, b = chip[:, 0], chip[:, 1]
+    confounder = (a + b + 1.5 * a * b) / 2
+    y, d = _draw(rng, confounder, n)
+    tabular = rng.standard_normal((n, 2))
+    headline = estimate_effects(y, d, np.hstack([tabular, chip]), estimators=("aipw",), folds=5, seed=0)["aipw"]
+    check = specification_check(y, d, tabular, chip, 8, folds=5, seed=0, headline=headline)
+    products = check.comparisons[-1]
+    assert products.name == "products of the 4 leading components"
+    assert abs(products.z) > THRESHOLD and "products of the 4 leading components" in check.warning
+    assert abs(products.estimate - 1.0) < abs(headline.estimate - 1.0)
 
 
 def test_component_choice_reaches_the_component_that_carries_the_confounder():

@@ -1,0 +1,107 @@
+"""How often the specification check warns on each zoo design, and whether it warns where the
+headline misses: the check as it was (image only, twice the components) against the check with
+the nonlinear specification (the products of the leading components, ``eocausal.estimate.
+fragility.NONLINEAR_LEADING``). Same draws, folds and learners as the zoo's headline
+(``eocausal.zoo.run_replication``); embeddings from the zoo's cache (prepared on first use).
+
+    .venv/bin/python benchmarks/zoo_fragility.py --replications 100 --jobs 2
+
+writes ``benchmarks/results/zoo/fragility.md`` (and ``fragility.csv``, one row per design x
+replication) and prints the table. Columns: the headline's bias/SE and coverage (tabular+image
+AIPW, 64 components), the warning rate of each check, the median |z| of the products comparison,
+and the rate among the replications whose 95 % interval misses the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eocausal import zoo  # noqa: E402
+from eocausal.estimate import fragility  # noqa: E402
+from eocausal.estimate.ate import estimate_effects  # noqa: E402
+
+FOLDS = 5
+PRODUCTS = fragility.PRODUCTS
+
+
+def one(prepared: zoo.PreparedDesign, rep: int) -> dict:
+    process = zoo.process_for(prepared.design)
+    draw = process.draw(prepared.z, np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep])))
+    y, d, tab = draw["y"], draw["d"], draw["tabular"]
+    truth = float(np.mean(draw["tau"]))
+    k = zoo.DEFAULT_COMPONENTS
+    comps = prepared.components["default"]
+    headline = estimate_effects(y, d, np.hstack([tab, comps[:, :k]]), estimators=("aipw",), folds=FOLDS,
+                                seed=rep)["aipw"]
+    started = time.perf_counter()
+    check = fragility.specification_check(y, d, tab, comps, k, folds=FOLDS, seed=rep, headline=headline)
+    seconds = time.perf_counter() - started
+    z = {c.name: c.z for c in check.comparisons}
+    linear = [abs(v) for name, v in z.items() if not name.startswith(PRODUCTS)]
+    products = next(v for name, v in z.items() if name.startswith(PRODUCTS))
+    return {"design": prepared.design.name, "replication": rep, "truth": truth, "estimate": headline.estimate,
+            "std_error": headline.std_error, "covered": bool(headline.ci_low <= truth <= headline.ci_high),
+            "z_linear": max(linear), "z_products": products,
+            "warn_before": max(linear) > fragility.THRESHOLD, "warn_now": check.warning is not None,
+            "seconds": seconds}
+
+
+def table(frame: pd.DataFrame, prepared: dict) -> str:
+    lines = ["| design | in chip | confounder R² | bias/SE | coverage | warns before | warns now | "
+             "median \\|z\\| products | warns now when missed (n) | check s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, g in frame.groupby("design", sort=False):
+        p = prepared[name]
+        err = g["estimate"] - g["truth"]
+        missed = g[~g["covered"]]
+        when_missed = f"{missed['warn_now'].mean():.2f} ({len(missed)})" if len(missed) else "– (0)"
+        lines.append(
+            f"| {name} | {'yes' if p.settings['within_chip'] else 'no'} | {p.r2['default']:.3f} | "
+            f"{err.mean() / g['std_error'].mean():+.2f} | {g['covered'].mean():.2f} | "
+            f"{g['warn_before'].mean():.2f} | {g['warn_now'].mean():.2f} | {g['z_products'].abs().median():.2f} | "
+            f"{when_missed} | {g['seconds'].mean():.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--designs", default=",".join(d.name for d in zoo.ZOO))
+    parser.add_argument("--replications", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
+    parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/zoo"))
+    args = parser.parse_args(argv)
+    from joblib import Parallel, delayed
+
+    out = Path(args.out)
+    rows, prepared = [], {}
+    for name in args.designs.split(","):
+        p = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
+        prepared[name] = p
+        started = time.perf_counter()
+        rows += Parallel(n_jobs=args.jobs)(delayed(one)(p, rep) for rep in range(args.replications))
+        print(f"{name}: {args.replications} replications in {time.perf_counter() - started:.0f} s", flush=True)
+        frame = pd.DataFrame(rows)
+        frame.to_csv(out / "fragility.csv", index=False)
+    text = table(frame, prepared)
+    command = (f"python benchmarks/zoo_fragility.py --replications {args.replications} --jobs {args.jobs}"
+               + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}"))
+    (out / "fragility.md").write_text(
+        "# The specification check on the zoo: before and with the products of the leading components\n\n"
+        f"`{command}`\n\n{text}\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
