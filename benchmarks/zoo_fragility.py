@@ -116,7 +116,13 @@ def main(argv=None) -> int:
                + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}"))
     (out / "fragility.md").write_text(
         "# The specification check on the zoo: before and with the products of the leading components\n\n"
-        f"`{command}`\n\n{text}\n", encoding="utf-8")
+        f"`{command}`\n\n"
+        "Headline: tabular+image AIPW, 64 components, the zoo's draws and folds (its bias/SE and coverage\n"
+        "equal zoo.md's). *Warns before*: image only or twice the components beyond "
+        f"{fragility.THRESHOLD:g} SE; *warns now*:\nalso the squares and products of the "
+        f"{fragility.NONLINEAR_LEADING} leading components beyond {fragility.PRODUCTS_THRESHOLD:g} SE "
+        "(the product's check).\n\n"
+        f"{text}\n", encoding="utf-8")
     print(text)
     return 0
 
