@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py --units 100000            # issue 14's study (~20-30 min)
     .venv/bin/python benchmarks/scale.py --units 5000 --scene-px 2000 --skip-e2
+    .venv/bin/python benchmarks/scale.py --units 20000 --scene-px 2000 --e2-only  # E(2) of the tile runs
 
 Builds a semi-synthetic study (``eocausal.simulate.write_demo_study``) of ``--units`` units on a
 procedural ``--bands``-band scene of ``--scene-px`` square (``write_procedural_scene``), then runs
@@ -12,9 +13,8 @@ processes; sampled every half second), and per Dagster step the seconds and unit
 run's step statistics in the working folder's Dagster instance, and the tree's peak RSS while the
 step ran. Then bytes and files per million
 units in the chip store, the lake and the warehouse, and (unless ``--skip-e2``) the scaling
-efficiency E(2) = T1 / (2 T2) of the embedding stage over two tiles: T1 = one process
-embedding both tiles' chips on one thread, T2 = two processes at once, one tile each on one
-thread (the chips come from the cold run's store; a fresh embedding cache each time).
+efficiency E(2) = T1 / (2 T2) of the tile runs (chips and embeddings, cold, one thread each) as
+`eocausal run` makes them: T1 in one worker process, T2 in two (``tile_runs_e2``).
 
 Prints a markdown table; ``--out`` also writes it (and a JSON of the figures). Numbers from one run
 on a shared machine: the GEMM rate of the same machine is printed beside them
@@ -89,19 +89,19 @@ def run_once(study: Path, workdir: Path) -> dict:
     return run
 
 
-def step_windows(workdir: Path) -> dict[str, list[tuple[float, float]]]:
-    """(start, end) unix times of each step's executions over the runs of the working folder's last
-    `eocausal run` (its waves: one process, one pid tag): a tile step once per tile and period, the
-    survey and the embedder in the first wave and again (cached) in the analysis run."""
+def step_windows(workdir: Path, since: float) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) unix times of each step's executions over the runs made in the working folder's
+    instance since ``since`` (unix time; the runs of one `eocausal run`: its waves, and its tile
+    workers' runs): a tile step once per tile and period, the survey and the embedder in the first
+    wave and again (cached) in the analysis run."""
+    import datetime
+
     import dagster as dg
 
-    from assets.instance import PID_TAG
-
     windows: dict[str, list[tuple[float, float]]] = {}
+    after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
     with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
-        runs = instance.get_runs(limit=10_000)
-        last = [r for r in runs if runs and r.tags.get(PID_TAG) == runs[0].tags.get(PID_TAG)]
-        for run in last:
+        for run in instance.get_runs(dg.RunsFilter(created_after=after), limit=10_000):
             for s in instance.get_run_step_stats(run.run_id):
                 windows.setdefault(s.step_key.split("__", 1)[-1], []).append((s.start_time or 0, s.end_time or 0))
     return windows
@@ -126,49 +126,40 @@ def folder_bytes_files(path: Path) -> tuple[int, int]:
     return total, files
 
 
-def embed_tiles_e2(workdir: Path, study: Path) -> dict:
-    """E(2) of the embedding stage over the two halves of the units (two tiles)."""
-    import pandas as pd
+def tile_runs_e2(base: Path, study: Path, units: int) -> dict:
+    """E(2) of a study's tile wave as `eocausal run` runs it: the tile runs (chips and embeddings,
+    cold) in one worker process, then in two, one thread each (``embedding.cpu_threads: 1``), on a
+    copy of the study whose tiles hold at most a quarter of its units. T = the first tile run's
+    start to the last one's end; the survey, the embedder and the merge (inputs only) around them."""
+    import dagster as dg
+    import yaml
 
-    from eocausal.lake import period_path
-    from eocausal.layout import Layout
+    from assets.partitions import tiles_job_name
+    from eocausal.study import load_study
 
-    layout = Layout(workdir)
-    index = pd.read_parquet(period_path(layout.lake, "image_chips", "geotiff"))
-    usable = index[index["status"] == "ok"].sort_values("unit_id").reset_index(drop=True)
-    halves = [usable.iloc[: len(usable) // 2], usable.iloc[len(usable) // 2 :]]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        parts = []
-        for i, part in enumerate(halves):
-            parts.append(tmp / f"tile{i}.parquet")
-            part.to_parquet(parts[-1])
-        code = (
-            "import sys, time, pandas as pd\n"
-            "from pathlib import Path\n"
-            "from eocausal.embed.embeddings import compute_embeddings\n"
-            "from eocausal.study import load_study\n"
-            "spec = load_study(sys.argv[1]).embedding.model_copy(update={'cpu_threads': 1})\n"
-            "t = time.perf_counter()\n"
-            "for i, p in enumerate(sys.argv[4:]):\n"
-            "    compute_embeddings(pd.read_parquet(p), Path(sys.argv[2]), Path(sys.argv[3]) / str(i), spec)\n"
-            "print(time.perf_counter() - t)\n"
-        )
-
-        def start(cache: str, *tiles: Path) -> subprocess.Popen:
-            return subprocess.Popen([PY, "-c", code, str(study), str(layout.chip_cache), str(tmp / cache),
-                                     *map(str, tiles)], stdout=subprocess.PIPE, text=True)
-
-        t = time.perf_counter()
-        one = start("one", *parts)
-        one.communicate()
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
-        two = [start(f"two{i}", p) for i, p in enumerate(parts)]
-        for p in two:
-            p.communicate()
-        t2 = time.perf_counter() - t
-    return {"units": len(usable), "t1_s": t1, "t2_s": t2, "e2": t1 / (2 * t2)}
+    doc = yaml.safe_load(study.read_text())
+    doc["embedding"]["cpu_threads"] = 1
+    doc["imagery"]["max_units_per_tile"] = max(100, units // 4)
+    copy = study.with_name("study_e2.yaml")  # beside the original: its relative paths still hold
+    copy.write_text(yaml.safe_dump(doc, sort_keys=False))
+    job = tiles_job_name(load_study(copy).name)
+    code = "import sys; from assets.runner import run_study; sys.exit(0 if run_study(sys.argv[1], sys.argv[2], " \
+           "inputs_only=True).success else 1)"
+    figures: dict = {}
+    for workers in (1, 2):
+        workdir = base / f"work_e2_{workers}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        env = {**os.environ, "EOCAUSAL_TILE_WORKERS": str(workers)}
+        env.pop("DAGSTER_HOME", None)
+        subprocess.run([PY, "-c", code, str(copy), str(workdir)], check=True, env=env, cwd=REPO)
+        with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
+            records = instance.get_run_records(dg.RunsFilter(job_name=job))
+            figures[f"t{workers}_s"] = max(r.end_time for r in records) - min(r.start_time for r in records)
+            figures["tiles"] = len(records)
+        shutil.rmtree(workdir, ignore_errors=True)
+    figures["units"] = units
+    figures["e2"] = figures["t1_s"] / (2 * figures["t2_s"])
+    return figures
 
 
 def gemm_rate_gflops() -> float:
@@ -190,6 +181,7 @@ def main() -> None:
     parser.add_argument("--bands", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-e2", action="store_true")
+    parser.add_argument("--e2-only", action="store_true", help="only E(2) of the tile runs (no cold/warm runs)")
     parser.add_argument("--keep", type=Path, help="build the study and working folder here (kept; an existing "
                                                   "study there is reused)")
     parser.add_argument("--runs", default="cold,warm", help="which runs: cold (empty working folder), warm")
@@ -203,6 +195,18 @@ def main() -> None:
     existing = base / "study" / "study.yaml"
     study = existing if existing.is_file() else build_study(base, args.units, args.scene_px, args.bands, args.seed)
     build_s = time.perf_counter() - t
+    if args.e2_only:
+        e = tile_runs_e2(base, study, args.units)
+        line = (f"E(2), the tile runs of {e['units']:,} units in {e['tiles']} tiles, cold, one thread each, in one "
+                f"process vs two workers: T1 = {e['t1_s']:.0f} s, T2 = {e['t2_s']:.0f} s, E(2) = {e['e2']:.2f}")
+        print(line)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"e2_{args.units}.md").write_text(line + "\n")
+            (args.out / f"e2_{args.units}.json").write_text(json.dumps(e, indent=2) + "\n")
+        if holder:
+            holder.cleanup()
+        return
     workdir = base / "work"
     runs = args.runs.split(",")
     if "cold" in runs and workdir.exists():
@@ -210,8 +214,9 @@ def main() -> None:
     figures: dict = {"units": args.units, "scene_px": args.scene_px, "bands": args.bands,
                      "study_build_s": build_s, "cpu_count": os.cpu_count(), "gemm_fp32_gflops": gemm_rate_gflops()}
     for label in runs:
+        started = time.time()
         run = run_once(study, workdir)
-        windows = step_windows(workdir)
+        windows = step_windows(workdir, started)
         run["steps_s"] = {step: sum(end - start for start, end in spans) for step, spans in windows.items()}
         run["steps_peak_rss_mb"] = step_peak_rss(run, windows)
         del run["rss_samples"]
@@ -233,7 +238,7 @@ def main() -> None:
         figures["storage"][name] = {"gb_per_million_units": size * per_million / 1e9,
                                     "files_per_million_units": files * per_million}
     if not args.skip_e2:
-        figures["e2"] = embed_tiles_e2(workdir, study)
+        figures["e2"] = tile_runs_e2(base, study, args.units)
 
     lines = [f"# Scale: {args.units:,} units, {args.scene_px} px {args.bands}-band procedural scene, 64 px chips",
              "", f"fp32 GEMM (torch, 2048^2, all threads): {figures['gemm_fp32_gflops']:.0f} GFLOP/s; "
@@ -257,8 +262,9 @@ def main() -> None:
         lines.append(f"| {name} | {s['gb_per_million_units']:.2f} | {s['files_per_million_units']:,.0f} |")
     if "e2" in figures:
         e = figures["e2"]
-        lines += ["", f"E(2), embedding stage over two tiles of {e['units']:,} units (one thread per process): "
-                  f"T1 = {e['t1_s']:.0f} s, T2 = {e['t2_s']:.0f} s, E(2) = T1 / (2 T2) = {e['e2']:.2f}"]
+        lines += ["", f"E(2), the tile runs of {e['units']:,} units in {e['tiles']} tiles, cold, one thread each, "
+                  f"in one worker vs two (`EOCAUSAL_TILE_WORKERS`): T1 = {e['t1_s']:.0f} s, T2 = {e['t2_s']:.0f} s, "
+                  f"E(2) = T1 / (2 T2) = {e['e2']:.2f}"]
     table = "\n".join(lines)
     print(table)
     if args.out:

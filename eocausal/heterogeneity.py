@@ -32,10 +32,11 @@ import pandas as pd
 import pyarrow as pa
 
 from eocausal import atomic, interpret
+from eocausal.embed import EmbeddingError
 from eocausal.estimate import cate as cate_mod
 from eocausal.estimate import clusters as clusters_mod
 from eocausal.estimate import transport as transport_mod
-from eocausal.lake import period_path, read_vectors, stored_pca, write_table_atomic
+from eocausal.lake import embedder_path, period_path, read_vectors, stored_pca, write_table_atomic
 from eocausal.layout import Layout
 from eocausal.study import Study
 from eocausal.versioning import estimate_version, frame_version, json_version
@@ -318,19 +319,28 @@ def _read_model(path: Path) -> dict:
 
 
 def study_embedder(study: Study, ws: Workspace):
-    """The study's embedder, refitted on the chips the embedding stage fitted it on (cached by
-    the embeddings' version; checked against the stored embeddings)."""
+    """The study's embedder: the one the analysis period's ``image_embedder`` fitted and stored
+    (every tile's embeddings came from it), under the embeddings' version. A working folder from
+    before that stage (no record or no stored embedder) refits it on the chips the embedding stage
+    fitted it on, checked against the stored embeddings."""
     from eocausal.embed import embeddings as embed_stage
 
+    version = embeddings_version(ws.lake, study)
     index = pd.read_parquet(analysis_imagery(ws.lake, study, "image_chips"))
     usable = index[index["status"] == "ok"]
+    # the first units' stored embeddings, to check the embedder against
+    reference = read_vectors(analysis_imagery(ws.lake, study, "image_embeddings"), rows=8)
+    try:
+        stored = json.loads(embedder_path(ws.lake, study.imagery.analysis_period_name()).read_text(encoding="utf-8"))
+        embedder = embed_stage.load_embedder(ws.embedding_cache, stored["embedder_version"])
+        transport_mod.check_embedder(embedder, usable, ws.chip_cache, reference)
+        return embedder, version
+    except (OSError, ValueError, KeyError, EmbeddingError, transport_mod.TransportError):
+        pass  # no record, no readable stored embedder, or not the one of these embeddings: refit below
     # The embedding stage fits on the usable chips of a seeded sample of the units when there are many.
     fit_rows = embed_stage.fit_sample(index, study.embedding.seed)
     fit_rows = fit_rows[fit_rows["status"] == "ok"]
     weights = study.resolve(study.embedding.weights) if getattr(study.embedding, "weights", None) else None
-    version = embeddings_version(ws.lake, study)
-    # the first units' stored embeddings, to check the refit
-    reference = read_vectors(analysis_imagery(ws.lake, study, "image_embeddings"), rows=8)
     embedder = transport_mod.fitted_embedder(
         fit_rows, ws.chip_cache, lambda: embed_stage.make_embedder(study.embedding, weights), version,
         ws.models / "embedder", reference=reference, check_index=usable,

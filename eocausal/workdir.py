@@ -146,9 +146,16 @@ def prepare_workdir(workdir: Path) -> Path:
     return workdir
 
 
+# Set by `eocausal run` in the worker processes it runs a wave's tiles in: the folder its own
+# process holds for them (role "all"), which the workers then do not ask for again.
+HELD_BY_PARENT_ENV = "EOCAUSAL_WORKDIR_HELD_BY_PARENT"
+
+
 def held_by_this_process(workdir: str | os.PathLike) -> bool:
-    """Whether this process holds ``workdir`` (inside :func:`exclusive_workdir`)."""
-    return Path(workdir).resolve() in _HELD_HERE
+    """Whether this process holds ``workdir`` (inside :func:`exclusive_workdir`), or the
+    `eocausal run` that started it as a tile worker does (:data:`HELD_BY_PARENT_ENV`)."""
+    path = Path(workdir).resolve()
+    return path in _HELD_HERE or os.environ.get(HELD_BY_PARENT_ENV) == str(path)
 
 
 # What each kind of run holds: a study-job run (it writes the lake's period tables and the

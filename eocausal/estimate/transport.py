@@ -133,6 +133,28 @@ def _write_pickle_atomic(obj, path: Path) -> None:
     atomic.write_with(path, lambda fh: pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def check_embedder(embedder, chip_index: pd.DataFrame, chip_cache: Path, reference: tuple[list[str], np.ndarray],
+                   n_check: int = 8) -> None:
+    """Re-embed the first ``n_check`` units of ``reference`` (unit ids, stored features; their chips
+    found in ``chip_index``): a different embedder than the one that made the stored embeddings
+    must never silently feed another feature space."""
+    ids, stored = reference
+    ok = chip_index[chip_index["status"] == STATUS_OK]
+    pick = ok[ok["unit_id"].astype(str).isin(list(ids)[:n_check])]
+    if not len(pick):
+        return
+    chips, valid = load_chips(pick, chip_cache)
+    again = embedder.transform(chips, valid)
+    position = {u: i for i, u in enumerate(ids)}
+    expected = np.asarray(stored)[[position[str(u)] for u in pick["unit_id"]]]
+    scale = np.abs(expected).max() or 1.0
+    if not np.allclose(again, expected, rtol=1e-2, atol=1e-3 * scale, equal_nan=True):
+        raise TransportError(
+            "the embedder does not reproduce the stored embeddings (max abs difference "
+            f"{np.nanmax(np.abs(again - expected)):.3g}); re-materialise image_embeddings"
+        )
+
+
 def fitted_embedder(chip_index: pd.DataFrame, chip_cache: Path, make_embedder, embeddings_version: str,
                     cache_dir: Path, reference: tuple[list[str], np.ndarray] | None = None, n_check: int = 8,
                     check_index: pd.DataFrame | None = None):
@@ -160,22 +182,11 @@ def fitted_embedder(chip_index: pd.DataFrame, chip_cache: Path, make_embedder, e
             del chips, valid
         _write_pickle_atomic(embedder, path)
     if reference is not None and n_check:
-        ids, stored = reference
-        lookup = chip_index if check_index is None else check_index
-        ok = lookup[lookup["status"] == STATUS_OK]
-        pick = ok[ok["unit_id"].astype(str).isin(list(ids)[:n_check])]
-        if len(pick):
-            chips, valid = load_chips(pick, chip_cache)
-            again = embedder.transform(chips, valid)
-            position = {u: i for i, u in enumerate(ids)}
-            expected = np.asarray(stored)[[position[str(u)] for u in pick["unit_id"]]]
-            scale = np.abs(expected).max() or 1.0
-            if not np.allclose(again, expected, rtol=1e-2, atol=1e-3 * scale, equal_nan=True):
-                path.unlink(missing_ok=True)
-                raise TransportError(
-                    "the refitted embedder does not reproduce the stored embeddings (max abs difference "
-                    f"{np.nanmax(np.abs(again - expected)):.3g}); re-materialise image_embeddings"
-                )
+        try:
+            check_embedder(embedder, chip_index if check_index is None else check_index, chip_cache, reference, n_check)
+        except TransportError:
+            path.unlink(missing_ok=True)
+            raise
     return embedder
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from assets.runner import run_study
 from eocausal.cli import main as cli_main
+from eocausal.layout import Layout
 from eocausal.warehouse import query
 from tests.assets.conftest import small_study
 from tests.test_report import needs_chromium, render_in_chromium, screenshot_path
@@ -48,6 +49,8 @@ def test_heterogeneity_assets_materialise_and_land_in_the_warehouse(e2e_run):
     assert tif.exists() and tif.with_name("transport_map.png").exists()
     for key in ("panel_most_likely_treated", "panel_least_likely_treated"):
         assert Path(meta["propensity_saliency"][key]).exists()
+    # transport and saliency used the embedder image_embedder stored, not a refit of it
+    assert not (Layout(outcome.workdir).models / "embedder").exists()
 
 
 def test_report_path_metadata_and_cli(e2e_run, capsys):
