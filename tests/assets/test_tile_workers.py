@@ -39,13 +39,13 @@ def test_a_malformed_worker_count_is_refused_before_any_work(tmp_path, monkeypat
     assert not (tmp_path / "work").exists()
 
 
-@pytest.mark.slow
 def test_tiles_in_two_workers_meet_and_write_what_one_process_writes(tmp_path, monkeypatch):
+    # (in `make test`, not slow: CI's 2-core machines never pick workers on their own.) The inputs
+    # only: survey, embedder, tiles and merge, every lake file of which must be the same bytes.
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    study_path = small_study(tmp_path, n_units=60, heterogeneity={"enabled": False},
-                             imagery={"max_units_per_tile": 25})
+    study_path = small_study(tmp_path, n_units=60, imagery={"max_units_per_tile": 25})
     monkeypatch.setenv(LOCAL_TILE_WORKERS_ENV, "1")
-    alone = run_study(study_path, tmp_path / "alone")
+    alone = run_study(study_path, tmp_path / "alone", inputs_only=True)
     assert alone.success, alone.errors
     # Two workers: the first two tile runs wait for each other at the start of the chip stage, so
     # the run succeeds only if two were alive at once (ordering, not timing).
@@ -53,7 +53,7 @@ def test_tiles_in_two_workers_meet_and_write_what_one_process_writes(tmp_path, m
     monkeypatch.setenv(RENDEZVOUS_DIR_ENV, str(tmp_path / "meet"))
     monkeypatch.setenv(RENDEZVOUS_COUNT_ENV, "2")
     (tmp_path / "meet").mkdir()
-    together = run_study(study_path, tmp_path / "together")
+    together = run_study(study_path, tmp_path / "together", inputs_only=True)
     assert together.success, together.errors
     assert len(list((tmp_path / "meet").glob("chips.start.*"))) >= 2
 
@@ -62,11 +62,9 @@ def test_tiles_in_two_workers_meet_and_write_what_one_process_writes(tmp_path, m
     lake_a, lake_b = Layout(tmp_path / "alone").lake, Layout(tmp_path / "together").lake
     files = sorted(p.relative_to(lake_a) for p in lake_a.rglob("*")
                    if p.is_file() and p.parts[len(lake_a.parts)] in ("image_chips", "image_embeddings"))
-    assert any("tile=" in str(f) for f in files)
+    assert any("tile=" in str(f) for f in files) and any(f.name.startswith("period=") for f in files)
     for f in files:
         assert (lake_b / f).read_bytes() == (lake_a / f).read_bytes(), f
-    cols = ["estimand", "feature_set", "estimator", "estimate", "std_error"]
-    assert together.estimates[cols].equals(alone.estimates[cols])
     # every tile run is on the study's instance, successful, as an in-process run's would be
     with runner.open_instance(together.dagster_home) as instance:
         tile_runs = instance.get_runs(filters=dg.RunsFilter(job_name=tiles_job_name(load_study(study_path).name)))
