@@ -1,0 +1,100 @@
+"""Where the products of the leading image components act: in both nuisances, in the propensity
+only, or in the outcome models only. Tabular+image AIPW on the zoo's draws and folds, against the
+headline (64 components + tabular), with the paired comparison of the specification check.
+
+    .venv/bin/python benchmarks/zoo_products.py --replications 30 \
+        --designs landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,landsat_bright_750,demo_edges_450_chip32
+
+Variants: ``prodM`` (squares and products of the M leading components in both nuisances, as the
+specification check's comparison), ``pprodM`` (propensity only), ``oprodM`` (outcome models only).
+Prints per design and variant: the headline's bias/SE, the variant's bias, sd, mean SE, bias/SE,
+coverage, and the median |z| and rate beyond 3 SE of its paired comparison with the headline.
+Results: benchmarks/results/zoo/variants.md (section 2026-12-07).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eocausal import zoo  # noqa: E402
+from eocausal.estimate.ate import estimate_effects  # noqa: E402
+from eocausal.estimate.folds import make_folds  # noqa: E402
+from eocausal.estimate.fragility import compare, leading_products  # noqa: E402
+from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity  # noqa: E402
+
+FOLDS = 5
+
+
+def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dict]:
+    design = prepared.design
+    rng = np.random.default_rng(np.random.SeedSequence([design.seed, 0x2E9, rep]))  # the zoo's draw
+    draw = zoo.process_for(design).draw(prepared.z, rng)
+    y, d, tab = draw["y"], draw["d"], draw["tabular"]
+    truth = float(np.mean(draw["tau"]))
+    image = prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]
+    base = np.hstack([tab, image])
+    headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+    rows = []
+    for variant in variants:
+        where = {"pprod": "p", "oprod": "o"}.get(variant[:5], "b")
+        m = int(variant[variant.index("prod") + len("prod"):])
+        expanded = np.hstack([base, leading_products(image, m)])
+        if where == "b":
+            r = estimate_effects(y, d, expanded, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+        else:  # same folds as estimate_effects(seed=rep): the products in one nuisance only
+            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
+            spec = NuisanceSpec()
+            e, _ = cross_fit_propensity(expanded if where == "p" else base, d, fold_ids, spec)
+            outcome_x = base if where == "p" else expanded
+            mu0, _ = cross_fit_outcome(outcome_x, y, fold_ids, spec, fit_on=d == 0, arms=(0,))
+            mu1, _ = cross_fit_outcome(outcome_x, y, fold_ids, spec, fit_on=d == 1, arms=(1,))
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+                "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
+        z = compare(variant, headline, r).z
+        rows.append({"design": design.name, "replication": rep, "variant": variant,
+                     "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
+                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high, "z": z})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--designs", default="landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,"
+                                              "landsat_bright_750,demo_edges_450_chip32")
+    parser.add_argument("--replications", type=int, default=30)
+    parser.add_argument("--variants", default="pprod4,oprod4,prod4")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
+    parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
+    args = parser.parse_args(argv)
+    from joblib import Parallel, delayed
+
+    variants = args.variants.split(",")
+    rows = []
+    for name in args.designs.split(","):
+        prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
+        for batch in Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, variants)
+                                                for rep in range(args.replications)):
+            rows += batch
+    frame = pd.DataFrame(rows)
+    table = frame.groupby(["design", "variant"], sort=False).agg(
+        headline_bias=("headline_error", "mean"), headline_se=("headline_se", "mean"), bias=("error", "mean"),
+        sd=("error", "std"), se=("se", "mean"), coverage=("covered", "mean"),
+        median_abs_z=("z", lambda s: s.abs().median()), beyond_3=("z", lambda s: (s.abs() > 3).mean()))
+    table.insert(2, "headline_bias_over_se", table.pop("headline_bias") / table["headline_se"])
+    table["bias_over_se"] = table["bias"] / table["se"]
+    pd.set_option("display.width", 200)
+    print(table.drop(columns="headline_se").round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
