@@ -6,7 +6,8 @@ headline (64 components + tabular), with the paired comparison of the specificat
         --designs landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,landsat_bright_750,demo_edges_450_chip32
 
 Variants: ``prodM`` (squares and products of the M leading components in both nuisances, as the
-specification check's comparison), ``pprodM`` (propensity only), ``oprodM`` (outcome models only).
+specification check's comparison), ``pprodM`` (propensity only), ``oprodM`` (outcome models only),
+``cprodM`` (the control arm's outcome model only).
 Prints per design and variant: the headline's bias/SE, the variant's bias, sd, mean SE, bias/SE,
 coverage, and the median |z| and rate beyond 3 SE of its paired comparison with the headline.
 Results: benchmarks/results/zoo/variants.md (section 2026-12-07).
@@ -44,7 +45,7 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
     headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
     rows = []
     for variant in variants:
-        where = {"pprod": "p", "oprod": "o"}.get(variant[:5], "b")
+        where = {"pprod": "p", "oprod": "o", "cprod": "c"}.get(variant[:5], "b")
         m = int(variant[variant.index("prod") + len("prod"):])
         expanded = np.hstack([base, leading_products(image, m)])
         if where == "b":
@@ -53,9 +54,10 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
             fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
             spec = NuisanceSpec()
             e, _ = cross_fit_propensity(expanded if where == "p" else base, d, fold_ids, spec)
-            outcome_x = base if where == "p" else expanded
-            mu0, _ = cross_fit_outcome(outcome_x, y, fold_ids, spec, fit_on=d == 0, arms=(0,))
-            mu1, _ = cross_fit_outcome(outcome_x, y, fold_ids, spec, fit_on=d == 1, arms=(1,))
+            control_x = base if where == "p" else expanded
+            treated_x = expanded if where == "o" else base
+            mu0, _ = cross_fit_outcome(control_x, y, fold_ids, spec, fit_on=d == 0, arms=(0,))
+            mu1, _ = cross_fit_outcome(treated_x, y, fold_ids, spec, fit_on=d == 1, arms=(1,))
             r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
                 "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
         z = compare(variant, headline, r).z
