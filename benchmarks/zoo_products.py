@@ -7,7 +7,8 @@ headline (64 components + tabular), with the paired comparison of the specificat
 
 Variants: ``prodM`` (squares and products of the M leading components in both nuisances, as the
 specification check's comparison), ``pprodM`` (propensity only), ``oprodM`` (outcome models only),
-``cprodM`` (the control arm's outcome model only).
+``cprodM`` (the control arm's outcome model only), ``iprodM`` (one outcome model for both arms:
+the products shared, treatment and its interactions with the linear features per arm).
 Prints per design and variant: the headline's bias/SE, the variant's bias, sd, mean SE, bias/SE,
 coverage, and the median |z| and rate beyond 3 SE of its paired comparison with the headline.
 Results: benchmarks/results/zoo/variants.md (section 2026-12-07).
@@ -29,7 +30,12 @@ from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
 from eocausal.estimate.folds import make_folds  # noqa: E402
 from eocausal.estimate.fragility import compare, leading_products  # noqa: E402
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity  # noqa: E402
+from eocausal.estimate.nuisance import (  # noqa: E402
+    NuisanceSpec,
+    cross_fit_outcome,
+    cross_fit_propensity,
+    outcome_model,
+)
 
 FOLDS = 5
 
@@ -45,11 +51,27 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
     headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
     rows = []
     for variant in variants:
-        where = {"pprod": "p", "oprod": "o", "cprod": "c"}.get(variant[:5], "b")
+        where = {"pprod": "p", "oprod": "o", "cprod": "c", "iprod": "i"}.get(variant[:5], "b")
         m = int(variant[variant.index("prod") + len("prod"):])
         expanded = np.hstack([base, leading_products(image, m)])
         if where == "b":
             r = estimate_effects(y, d, expanded, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+        elif where == "i":  # one outcome model for both arms: products shared, the linear terms per arm
+            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
+            spec = NuisanceSpec()
+            e, _ = cross_fit_propensity(base, d, fold_ids, spec)
+
+            def pooled(arm):
+                return np.hstack([expanded, arm[:, None], arm[:, None] * base])
+
+            mu0, mu1 = np.empty(len(y)), np.empty(len(y))
+            for k in np.unique(fold_ids):
+                test = fold_ids == k
+                model = outcome_model(spec, int((~test).sum())).fit(pooled(d.astype(float))[~test], y[~test])
+                mu0[test] = model.predict(pooled(np.zeros(len(y)))[test])
+                mu1[test] = model.predict(pooled(np.ones(len(y)))[test])
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+                "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
         else:  # same folds as estimate_effects(seed=rep): the products in one nuisance only
             fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
             spec = NuisanceSpec()
