@@ -122,21 +122,20 @@ def specification_check(y, d, tabular, components, k: int, *, folds: int, seed: 
     leading components."""
     check = FragilityCheck("specification", headline.estimate)
     image = np.asarray(components)[:, :k]
-    variants = {}
+    variants = {}  # name -> (features, threshold: None = the check's)
     if tabular is not None and np.asarray(tabular).shape[1]:
-        variants["image only"] = image
+        variants["image only"] = (image, None)
     available = np.asarray(components).shape[1]
     other_k = 2 * k if 2 * k <= available else max(k // 2, 1)
     if other_k != k:
-        variants[f"{other_k} components"] = _with_tabular(tabular, np.asarray(components)[:, :other_k])
+        variants[f"{other_k} components"] = (_with_tabular(tabular, np.asarray(components)[:, :other_k]), None)
     m = min(NONLINEAR_LEADING, k)
-    variants[f"{PRODUCTS} {m} leading components"] = np.hstack([_with_tabular(tabular, image),
-                                                                     leading_products(image, m)])
-    for name, X in variants.items():
+    variants[f"{PRODUCTS} {m} leading components"] = (
+        np.hstack([_with_tabular(tabular, image), leading_products(image, m)]), PRODUCTS_THRESHOLD)
+    for name, (X, threshold) in variants.items():
         res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
         comparison = compare(name, headline, res)
-        if name.startswith(PRODUCTS):
-            comparison.threshold = PRODUCTS_THRESHOLD
+        comparison.threshold = threshold
         check.comparisons.append(comparison)
     return check
 
