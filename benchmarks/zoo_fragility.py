@@ -1,16 +1,21 @@
 """How often the specification check warns on each zoo design, and whether it warns where the
-headline misses: the check as it was (image only, twice the components) against the check with
-the nonlinear specification (the products of the leading components, ``eocausal.estimate.
-fragility.NONLINEAR_LEADING``). Same draws, folds and learners as the zoo's headline
-(``eocausal.zoo.run_replication``); embeddings from the zoo's cache (prepared on first use).
+headline misses: the check without a nonlinear specification (image only, twice the components),
+with the products of the leading components in every nuisance (session 9's check, effects-6), and
+with the products in one pooled outcome model beside the headline's propensity (the product's
+check now, ``eocausal.estimate.fragility.products_comparison``). Same draws, folds and learners as
+the zoo's headline (``eocausal.zoo.run_replication``); embeddings from the zoo's cache (prepared on
+first use).
 
     .venv/bin/python benchmarks/zoo_fragility.py --replications 100 --jobs 2
 
 writes ``benchmarks/results/zoo/fragility.md`` (and ``fragility.csv``, one row per design x
-replication: the comparisons' z values) and prints the table; ``--table-only`` rewrites the table
-from the CSV under the current thresholds. Columns: the headline's bias/SE and coverage (tabular+image
-AIPW, 64 components), the warning rate of each check, the median |z| of the products comparison,
-and the rate among the replications whose 95 % interval misses the truth.
+replication: the comparisons' z values) and prints the table. ``--products-only`` fits only the
+headline and the products comparison and takes the other comparisons' z values (and the earlier
+products comparison's, ``z_products_both``) from the CSV, whose draws and folds are the same;
+``--table-only`` rewrites the table from the CSV under the current thresholds. Columns: the
+headline's bias/SE and coverage (tabular+image AIPW, 64 components), the warning rate of each
+version of the check, the median |z| of the products comparison, and the rate among the
+replications whose 95 % interval misses the truth.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ FOLDS = 5
 PRODUCTS = fragility.PRODUCTS
 
 
-def one(prepared: zoo.PreparedDesign, rep: int) -> dict:
+def one(prepared: zoo.PreparedDesign, rep: int, products_only: bool = False) -> dict:
     process = zoo.process_for(prepared.design)
     draw = process.draw(prepared.z, np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep])))
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
@@ -44,29 +49,40 @@ def one(prepared: zoo.PreparedDesign, rep: int) -> dict:
     headline = estimate_effects(y, d, np.hstack([tab, comps[:, :k]]), estimators=("aipw",), folds=FOLDS,
                                 seed=rep)["aipw"]
     started = time.perf_counter()
+    row = {"design": prepared.design.name, "replication": rep, "truth": truth, "estimate": headline.estimate,
+           "std_error": headline.std_error, "covered": bool(headline.ci_low <= truth <= headline.ci_high)}
+    if products_only:
+        comparison = fragility.products_comparison(y, d, tab, comps[:, :k], folds=FOLDS, seed=rep, headline=headline)
+        return row | {"z_products": comparison.z, "products_seconds": time.perf_counter() - started}
     check = fragility.specification_check(y, d, tab, comps, k, folds=FOLDS, seed=rep, headline=headline)
     seconds = time.perf_counter() - started
     z = {c.name: c.z for c in check.comparisons}
     linear = [abs(v) for name, v in z.items() if not name.startswith(PRODUCTS)]
     products = next(v for name, v in z.items() if name.startswith(PRODUCTS))
-    return {"design": prepared.design.name, "replication": rep, "truth": truth, "estimate": headline.estimate,
-            "std_error": headline.std_error, "covered": bool(headline.ci_low <= truth <= headline.ci_high),
-            "z_linear": max(linear), "z_products": products, "seconds": seconds}
+    return row | {"z_linear": max(linear), "z_products": products, "seconds": seconds}
+
+
+# The products in every nuisance (session 9's check) warned beyond this.
+BOTH_NUISANCES_THRESHOLD = 2.5
 
 
 def warnings(frame: pd.DataFrame) -> pd.DataFrame:
-    """The check's warning before (the two generic comparisons) and now (with the products, at
-    their own threshold), from the stored z values: the rule of FragilityCheck.warning."""
+    """The check's warning without products (the two generic comparisons), with the products in
+    every nuisance (where the CSV has them) and now (the pooled outcome model, at its own
+    threshold), from the stored z values: the rule of FragilityCheck.warning."""
     before = frame["z_linear"] > fragility.THRESHOLD
     products = frame["z_products"].abs() > fragility.PRODUCTS_THRESHOLD
-    return frame.assign(warn_before=before, warn_now=before | products)
+    both = (before | (frame["z_products_both"].abs() > BOTH_NUISANCES_THRESHOLD)
+            if "z_products_both" in frame else pd.Series(np.nan, index=frame.index))
+    return frame.assign(warn_before=before, warn_both=both, warn_now=before | products)
 
 
 def table(frame: pd.DataFrame, prepared: dict[str, zoo.PreparedDesign]) -> str:
     frame = warnings(frame)
-    lines = ["| design | in chip | confounder R² | bias/SE | coverage | warns before | warns now | "
-             "median \\|z\\| products | warns now when missed (n) | check s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| design | in chip | confounder R² | bias/SE | coverage | warns without products | "
+             "products in every nuisance | warns now | median \\|z\\| products | warns now when missed (n) | "
+             "check s | products s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for name, g in frame.groupby("design", sort=False):
         err = g["estimate"] - g["truth"]
         missed = g[~g["covered"]]
@@ -75,9 +91,25 @@ def table(frame: pd.DataFrame, prepared: dict[str, zoo.PreparedDesign]) -> str:
             f"| {name} | {'yes' if prepared[name].settings['within_chip'] else 'no'} | "
             f"{prepared[name].r2['default']:.3f} | "
             f"{err.mean() / g['std_error'].mean():+.2f} | {g['covered'].mean():.2f} | "
-            f"{g['warn_before'].mean():.2f} | {g['warn_now'].mean():.2f} | {g['z_products'].abs().median():.2f} | "
-            f"{when_missed} | {g['seconds'].mean():.1f} |")
+            f"{g['warn_before'].mean():.2f} | {g['warn_both'].mean():.2f} | {g['warn_now'].mean():.2f} | "
+            f"{g['z_products'].abs().median():.2f} | "
+            f"{when_missed} | {g['seconds'].mean():.1f} | "
+            f"{g['products_seconds'].mean() if 'products_seconds' in g else float('nan'):.2f} |")
     return "\n".join(lines)
+
+
+def _with_earlier_comparisons(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """The new products z values beside the earlier run's other comparisons (same draws and folds:
+    the headline estimates must agree), the earlier products z kept as ``z_products_both``."""
+    if "z_products_both" not in earlier:
+        earlier = earlier.rename(columns={"z_products": "z_products_both"})
+    kept = earlier.drop(columns=["z_products", "products_seconds", "warn_before", "warn_now"], errors="ignore")
+    merged = frame[["design", "replication", "z_products", "products_seconds", "estimate"]].merge(
+        kept, on=["design", "replication"], suffixes=("_new", ""), validate="one_to_one")
+    drift = (merged["estimate_new"] - merged["estimate"]).abs().max()
+    if not drift < 1e-6:
+        raise SystemExit(f"the headline differs from fragility.csv's by up to {drift:.2g}: not the same draws")
+    return merged.drop(columns="estimate_new")
 
 
 def main(argv=None) -> int:
@@ -88,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
     parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/zoo"))
+    parser.add_argument("--products-only", action="store_true",
+                        help="fit only the products comparison; the other z values from fragility.csv")
     parser.add_argument("--table-only", action="store_true",
                         help="rewrite fragility.md from fragility.csv (e.g. after a threshold changed)")
     args = parser.parse_args(argv)
@@ -106,22 +140,33 @@ def main(argv=None) -> int:
         for name in names:
             p = zoo.prepare(designs[name], Path(args.cache), Path(args.landsat))
             started = time.perf_counter()
-            rows += Parallel(n_jobs=args.jobs)(delayed(one)(p, rep) for rep in range(args.replications))
+            rows += Parallel(n_jobs=args.jobs)(delayed(one)(p, rep, args.products_only)
+                                               for rep in range(args.replications))
             print(f"{name}: {args.replications} replications in {time.perf_counter() - started:.0f} s", flush=True)
             frame = pd.DataFrame(rows)
-            frame.to_csv(out / "fragility.csv", index=False)
+            if args.products_only:
+                frame = _with_earlier_comparisons(frame, pd.read_csv(out / "fragility.csv"))
+            frame.to_csv(out / ("fragility.partial.csv" if args.products_only else "fragility.csv"), index=False)
+        if args.products_only:
+            (out / "fragility.partial.csv").replace(out / "fragility.csv")
     prepared = {name: zoo.prepare(designs[name], Path(args.cache), Path(args.landsat)) for name in names}
     text = table(frame, prepared)
     command = (f"python benchmarks/zoo_fragility.py --replications {args.replications} --jobs {args.jobs}"
-               + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}"))
+               + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}")
+               + (" --products-only" if "z_products_both" in frame else ""))
+    note = (" (the products comparison; the others, and the products in every nuisance, from the full run's CSV)"
+            if "z_products_both" in frame else "")
     (out / "fragility.md").write_text(
-        "# The specification check on the zoo: before and with the products of the leading components\n\n"
-        f"`{command}`\n\n"
+        "# The specification check on the zoo: without and with the products of the leading components\n\n"
+        f"`{command}`{note}\n\n"
         "Headline: tabular+image AIPW, 64 components, the zoo's draws and folds (its bias/SE and coverage\n"
-        "equal zoo.md's). *Warns before*: image only or twice the components beyond "
-        f"{fragility.THRESHOLD:g} SE; *warns now*:\nalso the squares and products of the "
-        f"{fragility.NONLINEAR_LEADING} leading components beyond {fragility.PRODUCTS_THRESHOLD:g} SE "
-        "(the product's check).\n\n"
+        "equal zoo.md's). *Warns without products*: image only or twice the components beyond "
+        f"{fragility.THRESHOLD:g} SE;\n*products in every nuisance*: also the squares and products of the "
+        f"{fragility.NONLINEAR_LEADING} leading components in the propensity\nand both outcome models beyond "
+        f"{BOTH_NUISANCES_THRESHOLD:g} SE (session 9's check, effects-6); *warns now*: instead the products in one "
+        "outcome model\nfor both arms beside the headline's propensity "
+        f"(`fragility.products_comparison`) beyond {fragility.PRODUCTS_THRESHOLD:g} SE (the product's check).\n"
+        "*check s*: the three comparisons of session 9's check; *products s*: the pooled products comparison.\n\n"
         f"{text}\n", encoding="utf-8")
     print(text)
     return 0

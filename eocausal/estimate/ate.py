@@ -74,9 +74,13 @@ class EffectResult:
     # (eocausal.estimate.fragility). Not serialised.
     influence: np.ndarray | None = field(default=None, repr=False, compare=False)
     kept: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # The cross-fitted propensity (unclipped) of every input unit, where the estimator fitted or
+    # was given one (split 0's with repetitions): for comparisons that keep the headline's
+    # propensity and change only its outcome models. Not serialised.
+    propensity: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("influence", "kept")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("influence", "kept", "propensity")}
         return diag.jsonable(out)
 
 
@@ -182,17 +186,7 @@ def _estimate_effects(
     n = len(y)
     X, names = _validate_features(X, n, feature_names)
     groups = _validate_groups(groups, n)
-    pca_columns = opts.get("pca_columns")
-    own = _own_learners(opts.get("learners"))
-    spec = NuisanceSpec(
-        **own,
-        learner=opts.get("learner", "linear"),
-        seed=seed,
-        pca_components=opts.get("pca_components"),
-        pca_columns=None if pca_columns is None else tuple(_column_indexes(pca_columns, names, "pca_columns")),
-        solver=opts.get("solver", "fast"),
-        undersmooth=opts.get("undersmooth", UNDERSMOOTH),
-    )
+    spec = nuisance_spec(seed, names, **opts)
     report_columns = (
         None if balance_columns is None else _column_indexes(balance_columns, names, "balance_columns")
     )
@@ -240,6 +234,22 @@ def _estimate_effects(
     return results
 
 
+def nuisance_spec(seed: int, names: list[str], **opts) -> NuisanceSpec:
+    """The nuisance learners ``estimate_effects`` fits for these options (``names``: the feature
+    columns' names, for ``pca_columns``): for callers that cross-fit a nuisance of their own on
+    the same learners (eocausal.estimate.fragility)."""
+    pca_columns = opts.get("pca_columns")
+    return NuisanceSpec(
+        **_own_learners(opts.get("learners")),
+        learner=opts.get("learner", "linear"),
+        seed=seed,
+        pca_components=opts.get("pca_components"),
+        pca_columns=None if pca_columns is None else tuple(_column_indexes(pca_columns, names, "pca_columns")),
+        solver=opts.get("solver", "fast"),
+        undersmooth=opts.get("undersmooth", UNDERSMOOTH),
+    )
+
+
 def _needs(estimator: str, estimand: str) -> set[str]:
     """The nuisance functions an estimator's score uses."""
     if estimator == "ipw":
@@ -281,6 +291,7 @@ def _estimate_on_split(
         if "penalties" in pieces["outcome_all"]:
             info["outcome_model"] = {"penalty_by_fold": {"all": pieces["outcome_all"]["penalties"]}}
 
+    propensity = nuisance.get("e_raw") if uses_propensity else None
     keep = None
     if uses_propensity and "e_raw" in nuisance:
         keep, info["trimming"] = _trimming(nuisance.get("e_overlap_raw", nuisance["e_raw"]), d, trim)
@@ -315,7 +326,7 @@ def _estimate_on_split(
     return {
         "estimate": float(estimate), "std_error": float(std_error), "critical": float(critical),
         "n": int(len(y)), "info": info, "influence": influence,
-        "kept": None if keep is None or keep.all() else keep,
+        "kept": None if keep is None or keep.all() else keep, "propensity": propensity,
     }
 
 
@@ -351,6 +362,7 @@ def _combine_splits(estimator: str, estimand: str, per_split: list[dict], seed: 
         diagnostics=diag.jsonable(info),
         influence=first["influence"],
         kept=first["kept"],
+        propensity=first["propensity"],
     )
 
 

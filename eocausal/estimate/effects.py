@@ -39,8 +39,9 @@ from eocausal.versioning import estimate_version
 # (effects-2: outcome imputation and the sensitivity columns; effects-3: on imputed outcomes
 # the sensitivity's r_y is read against the measured outcomes.)
 # 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks; 6: the
-# specification check also compares the products of the leading components
-CODE_VERSION = "effects-6"
+# specification check also compares the products of the leading components; 7: that comparison keeps
+# the headline's propensity and puts the products in one outcome model for both arms
+CODE_VERSION = "effects-7"
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",

@@ -1,10 +1,18 @@
 """Fragility checks (eocausal.estimate.fragility) on designs built to trigger them and not to."""
 
+from dataclasses import replace
+
 import numpy as np
 
 from eocausal.estimate.ate import estimate_effects
 from eocausal.estimate.components import choose_components
-from eocausal.estimate.fragility import THRESHOLD, chip_scale_check, specification_check
+from eocausal.estimate.fragility import (
+    PRODUCTS_THRESHOLD,
+    THRESHOLD,
+    chip_scale_check,
+    products_comparison,
+    specification_check,
+)
 
 
 def _design(n=2000, seed=0):
@@ -67,6 +75,22 @@ def test_specification_check_warns_when_the_confounder_is_a_product_of_image_qua
     assert products.name == "products of the 4 leading components"
     assert abs(products.z) > THRESHOLD and "products of the 4 leading components" in check.warning
     assert abs(products.estimate - 1.0) < abs(headline.estimate - 1.0)
+
+
+def test_products_comparison_keeps_the_headlines_propensity():
+    # The comparison changes only the outcome models: it takes the headline's cross-fitted
+    # propensity, and refitting it on the same folds (a headline that carries none) gives the same.
+    rng = np.random.default_rng(5)
+    n = 1000
+    chip = rng.standard_normal((n, 8))
+    y, d = _draw(rng, chip[:, 0] + 0.5 * chip[:, 0] * chip[:, 1], n)
+    tabular = rng.standard_normal((n, 2))
+    headline = estimate_effects(y, d, np.hstack([tabular, chip]), estimators=("aipw",), folds=5, seed=3)["aipw"]
+    assert headline.propensity is not None and headline.propensity.shape == (n,)
+    kept = products_comparison(y, d, tabular, chip, folds=5, seed=3, headline=headline)
+    refit = products_comparison(y, d, tabular, chip, folds=5, seed=3, headline=replace(headline, propensity=None))
+    assert np.isclose(kept.estimate, refit.estimate, rtol=0, atol=1e-9) and np.isclose(kept.z, refit.z, atol=1e-6)
+    assert kept.name == "products of the 4 leading components" and kept.threshold == PRODUCTS_THRESHOLD
 
 
 def test_component_choice_reaches_the_component_that_carries_the_confounder():
