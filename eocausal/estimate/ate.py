@@ -38,6 +38,7 @@ from eocausal.estimate.nuisance import (
     UNDERSMOOTH,
     NuisanceSpec,
     cross_fit_outcome,
+    cross_fit_outcome_arms,
     cross_fit_propensity,
     gram_blocks,
     learner_names,
@@ -46,7 +47,8 @@ from eocausal.estimate.nuisance import (
 
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
-OPTIONS = ("learner", "learners", "pca_components", "pca_columns", "solver", "predictions", "undersmooth")
+OPTIONS = ("learner", "learners", "pca_components", "pca_columns", "solver", "predictions", "undersmooth",
+           "outcome_arms")
 # Keys of the ``learners`` option: the caller's own estimator for each nuisance.
 LEARNER_ROLES = ("propensity", "outcome")
 # Keys of the ``predictions`` option, and the nuisance function each one stands for.
@@ -247,6 +249,7 @@ def nuisance_spec(seed: int, names: list[str], **opts) -> NuisanceSpec:
         pca_columns=None if pca_columns is None else tuple(_column_indexes(pca_columns, names, "pca_columns")),
         solver=opts.get("solver", "fast"),
         undersmooth=opts.get("undersmooth", UNDERSMOOTH),
+        outcome_arms=opts.get("outcome_arms", "borrow"),
     )
 
 
@@ -282,6 +285,8 @@ def _estimate_on_split(
     if estimator == "aipw":
         arms = ["control"] + (["treated"] if estimand == "ATE" else [])
         fits = [pieces.get(f"outcome_{arm}") for arm in arms]
+        if estimand == "ATE" and "outcome_arms" in pieces:
+            info["outcome_arms"] = pieces["outcome_arms"]
         if all(fit is not None for fit in fits):
             info["outcome_r2"] = {arm: fit["r2"] for arm, fit in zip(arms, fits)}
             if all("penalties" in fit for fit in fits):
@@ -622,10 +627,21 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
     outcome_fits = (
         ("mu0", "control", d == 0, (0,)), ("mu1", "treated", d == 1, (1,)), ("l", "all", None, (0, 1)),
     )
+    both_arms = {}
+    if {"mu0", "mu1"} <= needs:
+        by_arm, logs, larger = cross_fit_outcome_arms(X, y, d, fold_ids, spec, grams)
+        both_arms = {"mu0": (by_arm[0], logs[0]), "mu1": (by_arm[1], logs[1])}
+        names = ("control", "treated")
+        pieces["outcome_arms"] = ("separate: each arm's model on its own units" if larger is None else
+                                f"borrow: the {names[larger]} arm's model on its own units; the {names[1 - larger]} "
+                                "arm's = that model + a model of its residuals from it")
     for name, arm, fit_on, arms in outcome_fits:
         if name not in needs:
             continue
-        predicted, log = cross_fit_outcome(X, y, fold_ids, spec, fit_on=fit_on, grams=grams, arms=arms)
+        if name in both_arms:
+            predicted, log = both_arms[name]
+        else:
+            predicted, log = cross_fit_outcome(X, y, fold_ids, spec, fit_on=fit_on, grams=grams, arms=arms)
         nuisance[name] = predicted
         observed = slice(None) if fit_on is None else fit_on
         pieces[f"outcome_{arm}"] = {

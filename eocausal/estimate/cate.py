@@ -41,7 +41,11 @@ from threadpoolctl import threadpool_limits
 from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity
+from eocausal.estimate.nuisance import (
+    NuisanceSpec,
+    cross_fit_outcome_arms,
+    cross_fit_propensity,
+)
 from eocausal.estimate.rate import pehe, rank_average_treatment_effect
 from eocausal.lake import embedding_matrix
 
@@ -168,8 +172,8 @@ def dr_pseudo_outcomes(
     fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
     with threadpool_limits(limits=1):
         e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
-        mu0, _ = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 0)
-        mu1, _ = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 1)
+        arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
+        mu0, mu1 = arms[0], arms[1]
     e = np.clip(e_raw, clip, 1.0 - clip)
     score = mu1 - mu0 + d * (y - mu1) / e - (1 - d) * (y - mu0) / (1 - e)
     info = {

@@ -41,7 +41,12 @@ from scipy import stats as scipy_stats
 from threadpoolctl import threadpool_limits
 
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome, cross_fit_propensity
+from eocausal.estimate.nuisance import (
+    NuisanceSpec,
+    cross_fit_outcome,
+    cross_fit_outcome_arms,
+    cross_fit_propensity,
+)
 
 # Estimators whose score has a Riesz representer these bounds are written for (ATE only).
 SENSITIVITY_ESTIMATORS = ("aipw", "dml")
@@ -321,8 +326,8 @@ def cross_fitted_nuisance(
     e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
     out = {"e_raw": e_raw, "e": np.clip(e_raw, clip, 1.0 - clip)}
     if "aipw" in estimators:
-        out["mu0"], _ = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 0)
-        out["mu1"], _ = cross_fit_outcome(X, y, fold_ids, spec, fit_on=d == 1)
+        arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
+        out["mu0"], out["mu1"] = arms[0], arms[1]
     if "dml" in estimators:
         out["l"], _ = cross_fit_outcome(X, y, fold_ids, spec)
     return out
