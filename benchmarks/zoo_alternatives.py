@@ -45,8 +45,7 @@ def products(components: np.ndarray, winsor: bool = False) -> np.ndarray:
 
 
 def one(prepared, rep: int) -> list[dict]:
-    process = zoo.process_for(prepared.design)
-    draw = process.draw(prepared.z, np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep])))
+    draw = zoo.replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
     comps = prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]

@@ -20,7 +20,6 @@ replications whose 95 % interval misses the truth.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from zoo_support import zoo_parser  # noqa: E402
+
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate import fragility  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
@@ -40,8 +41,7 @@ PRODUCTS = fragility.PRODUCTS
 
 
 def one(prepared: zoo.PreparedDesign, rep: int, products_only: bool = False) -> dict:
-    process = zoo.process_for(prepared.design)
-    draw = process.draw(prepared.z, np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep])))
+    draw = zoo.replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
     k = zoo.DEFAULT_COMPONENTS
@@ -113,13 +113,7 @@ def _with_earlier_comparisons(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", default=",".join(d.name for d in zoo.ZOO))
-    parser.add_argument("--replications", type=int, default=100)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
-    parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/zoo"))
+    parser = zoo_parser(__doc__)
     parser.add_argument("--products-only", action="store_true",
                         help="fit only the products comparison; the other z values from fragility.csv")
     parser.add_argument("--table-only", action="store_true",

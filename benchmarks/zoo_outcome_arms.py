@@ -14,7 +14,6 @@ representation's RMSE from ``summary.csv`` (the issue's target: a smaller RMSE t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from zoo_support import zoo_parser  # noqa: E402
+
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
 
@@ -34,7 +35,7 @@ SCHEMES = ("separate", "borrow")
 
 def one(prepared: zoo.PreparedDesign, rep: int) -> list[dict]:
     design = prepared.design
-    draw = zoo.process_for(design).draw(prepared.z, np.random.default_rng(np.random.SeedSequence([design.seed, 0x2E9, rep])))
+    draw = zoo.replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
     X = np.hstack([tab, prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]])
@@ -67,13 +68,7 @@ def table(frame: pd.DataFrame, reference_rmse: dict[str, float], within: dict[st
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", default=",".join(d.name for d in zoo.ZOO))
-    parser.add_argument("--replications", type=int, default=100)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
-    parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/zoo"))
+    parser = zoo_parser(__doc__)
     args = parser.parse_args(argv)
     from joblib import Parallel, delayed
 

@@ -42,8 +42,7 @@ FOLDS = 5
 
 def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dict]:
     design = prepared.design
-    rng = np.random.default_rng(np.random.SeedSequence([design.seed, 0x2E9, rep]))  # the zoo's draw
-    draw = zoo.process_for(design).draw(prepared.z, rng)
+    draw = zoo.replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
     image = prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]

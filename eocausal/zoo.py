@@ -406,6 +406,13 @@ def _finite(features: np.ndarray) -> np.ndarray:
 # --- replications ----------------------------------------------------------------------------
 
 
+def replication_draw(prepared: PreparedDesign, rep: int) -> dict:
+    """Replication ``rep``'s treatment and outcomes (the scene and units fixed, the draws redrawn):
+    :meth:`ZooProcess.draw` from a seed of the design and the replication."""
+    rng = np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep]))
+    return process_for(prepared.design).draw(prepared.z, rng)
+
+
 def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[dict]:
     """One replication: draw, then fit the default's every estimator x feature set, tabular+image
     AIPW under the previous default and the reference, the oracle nuisances, and the warnings."""
@@ -413,8 +420,7 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
 
     design = prepared.design
     process = process_for(design)
-    rng = np.random.default_rng(np.random.SeedSequence([design.seed, 0x2E9, rep]))
-    draw = process.draw(prepared.z, rng)
+    draw = replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
     truth_dml = plm_effect(draw["e"], draw["tau"])
