@@ -11,7 +11,8 @@ first use).
 writes ``benchmarks/results/zoo/fragility.md`` (and ``fragility.csv``, one row per design x
 replication: the comparisons' z values) and prints the table. ``--products-only`` fits only the
 headline and the products comparison and takes the other comparisons' z values (and the earlier
-products comparison's, ``z_products_both``) from the CSV, whose draws and folds are the same;
+products comparison's, ``z_products_earlier``, described by ``--earlier``) from the CSV, whose
+draws and folds are the same;
 ``--table-only`` rewrites the table from the CSV under the current thresholds. Columns: the
 headline's bias/SE and coverage (tabular+image AIPW, 64 components), the warning rate of each
 version of the check, the median |z| of the products comparison, and the rate among the
@@ -62,8 +63,6 @@ def one(prepared: zoo.PreparedDesign, rep: int, products_only: bool = False) -> 
     return row | {"z_linear": max(linear), "z_products": products, "seconds": seconds}
 
 
-# The products in every nuisance (session 9's check) warned beyond this.
-BOTH_NUISANCES_THRESHOLD = 2.5
 
 
 def warnings(frame: pd.DataFrame) -> pd.DataFrame:
@@ -72,37 +71,44 @@ def warnings(frame: pd.DataFrame) -> pd.DataFrame:
     threshold), from the stored z values: the rule of FragilityCheck.warning."""
     before = frame["z_linear"] > fragility.THRESHOLD
     products = frame["z_products"].abs() > fragility.PRODUCTS_THRESHOLD
-    both = (before | (frame["z_products_both"].abs() > BOTH_NUISANCES_THRESHOLD)
-            if "z_products_both" in frame else pd.Series(np.nan, index=frame.index))
-    return frame.assign(warn_before=before, warn_both=both, warn_now=before | products)
+    earlier = (before | (frame["z_products_earlier"].abs() > fragility.PRODUCTS_THRESHOLD)
+               if "z_products_earlier" in frame else pd.Series(np.nan, index=frame.index))
+    return frame.assign(warn_before=before, warn_earlier=earlier, warn_now=before | products)
 
 
 def table(frame: pd.DataFrame, prepared: dict[str, zoo.PreparedDesign]) -> str:
+    """One row per design; the "products in every nuisance" and "products s" columns only where the
+    CSV has them (a ``--products-only`` run on an earlier full run's CSV)."""
     frame = warnings(frame)
-    lines = ["| design | in chip | confounder R² | bias/SE | coverage | warns without products | "
-             "products in every nuisance | warns now | median \\|z\\| products | warns now when missed (n) | "
-             "check s | products s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    both = "z_products_earlier" in frame
+    header = (["design", "in chip", "confounder R²", "bias/SE", "coverage", "warns without products"]
+              + (["warns with the earlier products comparison"] if both else [])
+              + ["warns now", "median \\|z\\| products", "warns now when missed (n)", "check s"]
+              + (["products s"] if both else []))
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if h in ("design", "in chip", "warns now when missed (n)") else "---:"
+                            for h in header) + "|"]
     for name, g in frame.groupby("design", sort=False):
         err = g["estimate"] - g["truth"]
         missed = g[~g["covered"]]
         when_missed = f"{missed['warn_now'].mean():.2f} ({len(missed)})" if len(missed) else "– (0)"
-        lines.append(
-            f"| {name} | {'yes' if prepared[name].settings['within_chip'] else 'no'} | "
-            f"{prepared[name].r2['default']:.3f} | "
-            f"{err.mean() / g['std_error'].mean():+.2f} | {g['covered'].mean():.2f} | "
-            f"{g['warn_before'].mean():.2f} | {g['warn_both'].mean():.2f} | {g['warn_now'].mean():.2f} | "
-            f"{g['z_products'].abs().median():.2f} | "
-            f"{when_missed} | {g['seconds'].mean():.1f} | "
-            f"{g['products_seconds'].mean() if 'products_seconds' in g else float('nan'):.2f} |")
+        within = "yes" if prepared[name].settings["within_chip"] else "no"
+        cells = ([name, within, f"{prepared[name].r2['default']:.3f}", f"{err.mean() / g['std_error'].mean():+.2f}",
+                  f"{g['covered'].mean():.2f}",
+                  f"{g['warn_before'].mean():.2f}"]
+                 + ([f"{g['warn_earlier'].mean():.2f}"] if both else [])
+                 + [f"{g['warn_now'].mean():.2f}", f"{g['z_products'].abs().median():.2f}", when_missed,
+                    f"{g['seconds'].mean():.1f}"]
+                 + ([f"{g['products_seconds'].mean():.2f}"] if both else []))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _with_earlier_comparisons(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
     """The new products z values beside the earlier run's other comparisons (same draws and folds:
-    the headline estimates must agree), the earlier products z kept as ``z_products_both``."""
-    if "z_products_both" not in earlier:
-        earlier = earlier.rename(columns={"z_products": "z_products_both"})
+    the headline estimates must agree), the earlier products z kept as ``z_products_earlier``."""
+    earlier = earlier.drop(columns="z_products_earlier", errors="ignore").rename(
+        columns={"z_products": "z_products_earlier"})
     kept = earlier.drop(columns=["z_products", "products_seconds", "warn_before", "warn_now"], errors="ignore")
     merged = frame[["design", "replication", "z_products", "products_seconds", "estimate"]].merge(
         kept, on=["design", "replication"], suffixes=("_new", ""), validate="one_to_one")
@@ -114,6 +120,8 @@ def _with_earlier_comparisons(frame: pd.DataFrame, earlier: pd.DataFrame) -> pd.
 
 def main(argv=None) -> int:
     parser = zoo_parser(__doc__)
+    parser.add_argument("--earlier", default="the products comparison of the run whose CSV this extends",
+                        help="with --products-only: what the CSV's products comparison was (for the table)")
     parser.add_argument("--products-only", action="store_true",
                         help="fit only the products comparison; the other z values from fragility.csv")
     parser.add_argument("--table-only", action="store_true",
@@ -147,20 +155,21 @@ def main(argv=None) -> int:
     text = table(frame, prepared)
     command = (f"python benchmarks/zoo_fragility.py --replications {args.replications} --jobs {args.jobs}"
                + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}")
-               + (" --products-only" if "z_products_both" in frame else ""))
-    note = (" (the products comparison; the others, and the products in every nuisance, from the full run's CSV)"
-            if "z_products_both" in frame else "")
+               + (f' --products-only --earlier "{args.earlier}"' if "z_products_earlier" in frame else ""))
+    note = (" (the products comparison; the others from the full run's CSV)" if "z_products_earlier" in frame else "")
+    both = (f"*Warns with the earlier products comparison*: {args.earlier}, beyond "
+            f"{fragility.PRODUCTS_THRESHOLD:g} SE, instead of the\nproduct's. *products s*: the products comparison "
+            "alone.\n" if "z_products_earlier" in frame else "")
     (out / "fragility.md").write_text(
-        "# The specification check on the zoo: without and with the products of the leading components\n\n"
+        "# The specification check on the zoo\n\n"
         f"`{command}`{note}\n\n"
-        "Headline: tabular+image AIPW, 64 components, the zoo's draws and folds (its bias/SE and coverage\n"
-        "equal zoo.md's). *Warns without products*: image only or twice the components beyond "
-        f"{fragility.THRESHOLD:g} SE;\n*products in every nuisance*: also the squares and products of the "
-        f"{fragility.NONLINEAR_LEADING} leading components in the propensity\nand both outcome models beyond "
-        f"{BOTH_NUISANCES_THRESHOLD:g} SE (session 9's check, effects-6); *warns now*: instead the products in one "
-        "outcome model\nfor both arms beside the headline's propensity "
-        f"(`fragility.products_comparison`) beyond {fragility.PRODUCTS_THRESHOLD:g} SE (the product's check).\n"
-        "*check s*: the three comparisons of session 9's check; *products s*: the pooled products comparison.\n\n"
+        "Headline: tabular+image AIPW, 64 components, the zoo's draws and folds and the product's default\n"
+        "learners. *Warns without products*: image only or twice the components beyond "
+        f"{fragility.THRESHOLD:g} SE; *warns now*:\nalso the squares and products of the "
+        f"{fragility.NONLINEAR_LEADING} leading components in the headline's outcome models (fitted as its own),\n"
+        f"beside its propensity (`fragility.products_comparison`) beyond {fragility.PRODUCTS_THRESHOLD:g} SE "
+        "(the product's check). *check s*: the\nwhole check (three comparisons) per replication.\n"
+        f"{both}\n"
         f"{text}\n", encoding="utf-8")
     print(text)
     return 0

@@ -40,7 +40,7 @@ from eocausal.versioning import estimate_version
 # the sensitivity's r_y is read against the measured outcomes.)
 # 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks; 6: the
 # specification check also compares the products of the leading components; 7: that comparison keeps
-# the headline's propensity and puts the products in one outcome model for both arms; 8: the smaller
+# the headline's propensity and puts the products in its outcome models only; 8: the smaller
 # arm's AIPW outcome model borrows the larger arm's (nuisance.OUTCOME_ARMS)
 CODE_VERSION = "effects-8"
 

@@ -496,27 +496,3 @@ def cross_fit_outcome_arms(
         predicted[smaller][test] = predicted[larger][test] + shift.predict(X[test])
     return predicted, logs, larger
 
-
-def cross_fit_pooled_outcome(
-    shared: np.ndarray, per_arm: np.ndarray, y: np.ndarray, d: np.ndarray, fold_ids: np.ndarray,
-    spec: NuisanceSpec,
-) -> tuple[np.ndarray, np.ndarray, CrossFitLog]:
-    """Out-of-fold E[Y | X, D=0] and E[Y | X, D=1] from one outcome model for both arms, fitted on
-    ``[shared, D, D * per_arm]``: the ``shared`` columns' coefficients are common to the arms, the
-    ``per_arm`` columns also get a treated-arm shift (``per_arm`` is usually the leading columns of
-    ``shared``). Each fold's model is fitted on the other folds' units of both arms."""
-    d = np.asarray(d, dtype=float)
-    mu0, mu1 = np.empty(len(y), dtype=float), np.empty(len(y), dtype=float)
-    log = CrossFitLog()
-
-    def design(rows, arm):
-        return np.hstack([shared[rows], arm[:, None], arm[:, None] * per_arm[rows]])
-
-    for k in np.unique(fold_ids):
-        test = fold_ids == k
-        train = ~test
-        model = _fit_logged(outcome_model(spec, int(train.sum())), design(train, d[train]), y[train], log)
-        n_test = int(test.sum())
-        mu0[test] = model.predict(design(test, np.zeros(n_test)))
-        mu1[test] = model.predict(design(test, np.ones(n_test)))
-    return mu0, mu1, log
