@@ -51,7 +51,7 @@ PRODUCTS = "products of the"
 # this. On the zoo (benchmarks/results/zoo/fragility.md, 100 replications per design) it fires on
 # the mix (+3.2 SE) in 58 % (40 % at 3.0) and on the 10 in-chip designs whose headline holds in at
 # most 6 %. One outcome model for both arms with the products shared fired on the mix in 79 % but on
-# landsat_bright_1500_chip128, whose headline covers 99 %, in 22 %: not kept (README there).
+# landsat_bright_1500_chip128, whose headline covers 99 %, in 22 %: not kept (benchmarks/results/zoo/README.md).
 PRODUCTS_THRESHOLD = 2.5
 
 
@@ -156,10 +156,10 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
     m = min(NONLINEAR_LEADING, np.asarray(image).shape[1])
     name = f"{PRODUCTS} {m} leading components"
     features = _with_tabular(tabular, np.asarray(image))
-    shared = np.hstack([features, leading_products(image, m)])
+    expanded = np.hstack([features, leading_products(image, m)])
     options = dict(options, groups=groups)
     if estimator != "aipw":
-        res = estimate_effects(y, d, shared, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
+        res = estimate_effects(y, d, expanded, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
     else:
         y, d = np.asarray(y, dtype=float), np.asarray(d)
         fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
@@ -167,7 +167,7 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
         e = headline.propensity
         if e is None:
             e, _ = cross_fit_propensity(features, d, fold_ids, spec)
-        arms, _, _ = cross_fit_outcome_arms(shared, y, d, fold_ids, spec)
+        arms, _, _ = cross_fit_outcome_arms(expanded, y, d, fold_ids, spec)
         mu0, mu1 = arms[0], arms[1]
         supplied = {"propensity": e, "outcome_control": mu0, "outcome_treated": mu1}
         options = {k: v for k, v in options.items() if k not in OPTIONS}
