@@ -33,9 +33,9 @@ for name in ["demo_bright_750", "landsat_texture_600"]:
     ca, cb = a.transform(X), b.transform(X)
     s = np.linalg.svd(a.components_ @ b.components_.T, compute_uv=False)
     print("subspace cosines min", s.min(), "ev rel diff max", np.max(np.abs(a.explained_variance_ - b.explained_variance_) / b.explained_variance_))
-    proc = zoo.process_for(d); diffs = []
+    diffs = []
     for rep in range(10):
-        draw = proc.draw(p.z, np.random.default_rng(np.random.SeedSequence([d.seed, 0x2E9, rep])))
+        draw = zoo.replication_draw(p, rep)
         ea = estimate_effects(draw["y"], draw["d"], np.hstack([draw["tabular"], ca]), estimators=("aipw",), seed=rep)["aipw"]
         eb = estimate_effects(draw["y"], draw["d"], np.hstack([draw["tabular"], cb]), estimators=("aipw",), seed=rep)["aipw"]
         diffs.append((eb.estimate - ea.estimate) / ea.std_error)

@@ -319,13 +319,11 @@ def aipw_table(name: str, work: Path, variants: list[str], replications: int) ->
     from eocausal.estimate.ate import estimate_effects
 
     prepared = zoo.prepare(zoo.design_by_name(name), CACHE, LANDSAT)
-    process = zoo.process_for(prepared.design)
     comps = {v: variant_components(name, work, v) for v in variants}
     r2 = {v: zoo.oof_r2(c, prepared.z) for v, c in comps.items()}
     rows = []
     for rep in range(replications):
-        rng = np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep]))
-        draw = process.draw(prepared.z, rng)
+        draw = zoo.replication_draw(prepared, rep)
         truth = float(np.mean(draw["tau"]))
         for variant in variants:
             started = time.perf_counter()

@@ -45,11 +45,9 @@ def main() -> None:
     variants = args.variants.split(",")
     for name in args.designs.split(","):
         prepared = zoo.prepare(zoo.design_by_name(name), CACHE, LANDSAT)
-        process = zoo.process_for(prepared.design)
         rows = []
         for rep in range(args.replications):
-            rng = np.random.default_rng(np.random.SeedSequence([prepared.design.seed, 0x2E9, rep]))
-            draw = process.draw(prepared.z, rng)
+            draw = zoo.replication_draw(prepared, rep)
             truth = float(np.mean(draw["tau"]))
             for variant in variants:
                 k, options = VARIANTS[variant]

@@ -126,18 +126,16 @@ def specification_check(y, d, tabular, components, k: int, *, folds: int, seed: 
     leading components."""
     check = FragilityCheck("specification", headline.estimate)
     image = np.asarray(components)[:, :k]
-    variants = {}  # name -> (features, threshold: None = the check's)
+    variants = {}
     if tabular is not None and np.asarray(tabular).shape[1]:
-        variants["image only"] = (image, None)
+        variants["image only"] = image
     available = np.asarray(components).shape[1]
     other_k = 2 * k if 2 * k <= available else max(k // 2, 1)
     if other_k != k:
-        variants[f"{other_k} components"] = (_with_tabular(tabular, np.asarray(components)[:, :other_k]), None)
-    for name, (X, threshold) in variants.items():
+        variants[f"{other_k} components"] = _with_tabular(tabular, np.asarray(components)[:, :other_k])
+    for name, X in variants.items():
         res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
-        comparison = compare(name, headline, res)
-        comparison.threshold = threshold
-        check.comparisons.append(comparison)
+        check.comparisons.append(compare(name, headline, res))
     check.comparisons.append(products_comparison(y, d, tabular, image, folds=folds, seed=seed, headline=headline,
                                                  estimator=estimator, **options))
     return check

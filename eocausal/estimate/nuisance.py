@@ -486,13 +486,13 @@ def cross_fit_outcome_arms(
     for k in np.unique(fold_ids):
         test = fold_ids == k
         on_larger, on_smaller = ~test & (d == larger), ~test & (d == smaller)
-        gram = (lambda arm: None if grams is None else grams.centred(int(k), (arm,)))  # noqa: E731
+        gram_larger, gram_smaller = (None, None) if grams is None else (
+            grams.centred(int(k), (larger,)), grams.centred(int(k), (smaller,)))
         base = _fit_logged(outcome_model(spec, int(on_larger.sum())), X[on_larger], y[on_larger], logs[larger],
-                           gram(larger))
+                           gram_larger)
         residual = y[on_smaller] - base.predict(X[on_smaller])
         shift = _fit_logged(outcome_model(spec, int(on_smaller.sum())), X[on_smaller], residual, logs[smaller],
-                            gram(smaller))
+                            gram_smaller)
         predicted[larger][test] = base.predict(X[test])
         predicted[smaller][test] = predicted[larger][test] + shift.predict(X[test])
     return predicted, logs, larger
-
