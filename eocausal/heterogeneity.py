@@ -263,7 +263,7 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
         folds=study.analysis.folds, seed=study.analysis.seed, clip=study.analysis.propensity_clip,
         image_components=study.analysis.fixed_image_components,
         stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), inputs["embeddings"]),
-        learner=het.learner, groups=groups,
+        learner=het.learner, outcome_arms=study.analysis.outcome_arms, groups=groups,
         n_bootstrap=het.rate_bootstrap, truth_tau=truth_tau, study_name=study.name, version=version,
         computed_at=_now(),
     )

@@ -432,6 +432,10 @@ class AnalysisSpec(_Strict):
     # The nuisance learners, by role: {propensity: {name: random_forest, params: {...}}, outcome: ...};
     # a role left out keeps the built-in penalised linear learner.
     learners: dict[Literal["propensity", "outcome"], LearnerSpec] = Field(default_factory=dict)
+    # AIPW's outcome models per arm (eocausal.estimate.nuisance.OUTCOME_ARMS): "borrow" = the
+    # smaller arm's model is the larger arm's plus a model of its residuals (the confounder zoo's
+    # choice: benchmarks/results/zoo/outcome_arms.md); "separate" = each arm's model on its own units.
+    outcome_arms: Literal["borrow", "separate"] = "borrow"
 
     def nuisance_learners(self) -> dict | None:
         """The learners option of eocausal.estimate (None when every role keeps the built-in one)."""
@@ -442,12 +446,14 @@ class AnalysisSpec(_Strict):
         return built or None
 
     @model_serializer(mode="wrap")
-    def _without_default_learners(self, handler):
-        # An analysis on the built-in learners serialises as before the option existed, so its
-        # versions (and the analysis_spec column) are unchanged.
+    def _without_later_defaults(self, handler):
+        # An analysis on the built-in learners and the default outcome_arms serialises as before
+        # those options existed, so its versions (and the analysis_spec column) are unchanged.
         data = handler(self)
         if isinstance(data, dict) and not self.learners:
             data.pop("learners", None)
+        if isinstance(data, dict) and self.outcome_arms == "borrow":
+            data.pop("outcome_arms", None)
         return data
 
     @field_validator("learners")

@@ -154,9 +154,11 @@ class PseudoOutcomes:
 
 
 def dr_pseudo_outcomes(
-    y, d, X, *, folds: int = 5, seed: int = 0, groups=None, clip: float = 0.01, learner: str = "linear"
+    y, d, X, *, folds: int = 5, seed: int = 0, groups=None, clip: float = 0.01, learner: str = "linear",
+    outcome_arms: str = "borrow",
 ) -> PseudoOutcomes:
-    """Cross-fitted AIPW pseudo-outcomes; folds and nuisance learners as in the ATE stage."""
+    """Cross-fitted AIPW pseudo-outcomes; folds and nuisance learners as in the ATE stage
+    (``outcome_arms``: :data:`eocausal.estimate.nuisance.OUTCOME_ARMS`)."""
     y = np.asarray(y, dtype=float)
     d = np.asarray(d).astype(int)
     X = np.asarray(X, dtype=float)
@@ -168,7 +170,7 @@ def dr_pseudo_outcomes(
         raise ValueError("outcome and features must be finite")
     if set(np.unique(d)) != {0, 1}:
         raise ValueError("treatment must be binary with both arms present")
-    spec = NuisanceSpec(learner=learner, seed=seed)
+    spec = NuisanceSpec(learner=learner, seed=seed, outcome_arms=outcome_arms)
     fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
     with threadpool_limits(limits=1):
         e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
@@ -360,6 +362,7 @@ def estimate_cate(
     stored_pca: PCAReduction | None = None,
     learner: str = "linear",
     nuisance_learner: str = "linear",
+    outcome_arms: str = "borrow",
     groups=None,
     n_bootstrap: int = 200,
     truth_tau=None,
@@ -384,7 +387,8 @@ def estimate_cate(
     y = units["outcome"].to_numpy(dtype=float)
     d = units["treatment"].to_numpy(dtype=int)
     pseudo = dr_pseudo_outcomes(
-        y, d, X_adjust, folds=folds, seed=seed, groups=groups, clip=clip, learner=nuisance_learner
+        y, d, X_adjust, folds=folds, seed=seed, groups=groups, clip=clip, learner=nuisance_learner,
+        outcome_arms=outcome_arms,
     )
     truth = None if truth_tau is None else np.asarray(truth_tau, dtype=float)
     if truth is not None and truth.shape != y.shape:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from eocausal import progress
 from eocausal.embed.reduce import PCAReduction, image_reduction
-from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effects
+from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effects, nuisance_spec
 from eocausal.estimate.components import CANDIDATES, choose_components
 from eocausal.estimate.diagnostics import overlap_ok
 from eocausal.estimate.folds import spatial_blocks
@@ -224,6 +224,7 @@ def estimate_study(
                         seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
                         feature_names=names or None, trim=analysis.propensity_trim,
                         repetitions=analysis.cross_fit_repetitions, learners=learners,
+                        outcome_arms=analysis.outcome_arms,
                     )
                     if imputed is not None:
                         annotate(res, source, imputed)
@@ -287,7 +288,7 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
     X, _ = all_feature_sets[headline_set]
     X = X[keep]
     options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
-                   learners=analysis.nuisance_learners())
+                   learners=analysis.nuisance_learners(), outcome_arms=analysis.outcome_arms)
     headline = (fitted or {}).get(headline_set)
     if headline is None or headline.influence is None:
         headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
@@ -331,6 +332,8 @@ def _sensitivity(y, d, X, groups, analysis: AnalysisSpec, estimand: str, source:
     stats = sensitivity_for_effects(
         y, d, X, wanted, folds=analysis.folds, seed=analysis.seed, groups=groups,
         clip=analysis.propensity_clip, trim=analysis.propensity_trim,
+        spec=nuisance_spec(analysis.seed, None, learners=analysis.nuisance_learners(),
+                           outcome_arms=analysis.outcome_arms),
         # Under repeated cross-fitting the estimate is a median over splits; the bounds are the
         # first split's, which is said instead of flagged as a mismatch.
         reported_estimates=None if repeated else {e: fitted[e].estimate for e in wanted},

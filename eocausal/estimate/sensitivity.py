@@ -302,12 +302,13 @@ def _mean_covariance(influence: np.ndarray, groups) -> tuple[np.ndarray, int | N
 
 def cross_fitted_nuisance(
     y, d, X, estimators=SENSITIVITY_ESTIMATORS, folds: int = 5, seed: int = 0, groups=None,
-    clip: float = 0.01, learner: str = "linear",
+    clip: float = 0.01, learner: str = "linear", spec: NuisanceSpec | None = None,
 ) -> dict:
     """The nuisances :func:`eocausal.estimate.ate.estimate_effect` fits for ``aipw``/``dml`` (ATE),
     refitted through the public nuisance API with the same folds, learners and seed, so the
     bounds describe the very estimate that was reported (``sensitivity_for_effects`` checks it).
-    The propensity is fitted once for all ``estimators``."""
+    ``spec``: the estimate's nuisance learners (:func:`eocausal.estimate.ate.nuisance_spec`);
+    None = the built-in ``learner`` with ``seed``. The propensity is fitted once for all ``estimators``."""
     unknown = sorted(set(estimators) - set(SENSITIVITY_ESTIMATORS))
     if unknown:
         raise ValueError(f"sensitivity bounds are written for {SENSITIVITY_ESTIMATORS}, not {unknown}")
@@ -322,7 +323,7 @@ def cross_fitted_nuisance(
     if groups is not None:
         groups = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
     fold_ids = make_folds(n, folds, seed, stratify=d, groups=groups)
-    spec = NuisanceSpec(learner=learner, seed=seed)
+    spec = NuisanceSpec(learner=learner, seed=seed) if spec is None else spec
     e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
     out = {"e_raw": e_raw, "e": np.clip(e_raw, clip, 1.0 - clip)}
     if "aipw" in estimators:
@@ -337,7 +338,7 @@ def sensitivity_for_effects(
     y, d, X, estimators=SENSITIVITY_ESTIMATORS, folds: int = 5, seed: int = 0, groups=None,
     clip: float = 0.01, alpha: float = 0.05, learner: str = "linear",
     reported_estimates: dict[str, float] | None = None, trim: float | None = None,
-    measured_outcome=None, measured_weight=None,
+    measured_outcome=None, measured_weight=None, spec: NuisanceSpec | None = None,
 ) -> dict[str, SensitivityStats]:
     """Bound statistics for AIPW and/or DML ATE estimates with features X (None: no features).
 
@@ -346,9 +347,10 @@ def sensitivity_for_effects(
     ``reported_estimates`` (estimator -> the estimate :func:`estimate_effect` returned), a note
     records any disagreement with the refitted nuisances' estimate, e.g. under repeated
     cross-fitting (the bounds are those of the first split; the reported estimate is a median).
+    ``spec``: as :func:`cross_fitted_nuisance`'s.
     """
     with threadpool_limits(limits=1):  # as estimate_effect: reproducible, no thread contention
-        nuisance = cross_fitted_nuisance(y, d, X, tuple(estimators), folds, seed, groups, clip, learner)
+        nuisance = cross_fitted_nuisance(y, d, X, tuple(estimators), folds, seed, groups, clip, learner, spec)
     y, d = np.asarray(y, dtype=float), np.asarray(d).astype(int)
     if trim is not None and "e_raw" in nuisance:
         keep = (nuisance["e_raw"] >= trim) & (nuisance["e_raw"] <= 1.0 - trim)

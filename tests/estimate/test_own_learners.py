@@ -117,3 +117,53 @@ def test_study_rejects_unknown_learners_and_params(learners, message):
     with pytest.raises(ValidationError) as info:
         AnalysisSpec(learners=learners)
     assert message in str(info.value)
+
+
+def _study_table(**settings):
+    import pandas as pd
+
+    from eocausal.estimate.effects import estimate_study
+    from eocausal.study import AnalysisSpec
+
+    y, d, X = _design(300)
+    units = pd.DataFrame({"unit_id": [f"u{i}" for i in range(len(y))], "treatment": d, "outcome": y})
+    units["embedding"] = list(X)
+    analysis = AnalysisSpec(folds=3, image_components=3, estimators=["aipw"], feature_sets=["image"],
+                            chip_scale_check=False, **settings)
+    return analysis, estimate_study(units, [], analysis, study_name="s", survey_version="a",
+                                    embeddings_version="b").table
+
+
+def test_study_sets_the_outcome_arms_and_only_a_non_default_changes_the_analysis_spec():
+    import json
+
+    default, table = _study_table()
+    separate, table_separate = _study_table(outcome_arms="separate")
+    assert json.loads(table["diagnostics"].iloc[0])["outcome_arms"].startswith("borrow")
+    assert json.loads(table_separate["diagnostics"].iloc[0])["outcome_arms"].startswith("separate")
+    assert table["estimate"].iloc[0] != table_separate["estimate"].iloc[0]
+    assert "outcome_arms" not in default.model_dump()  # versions of default analyses unchanged
+    assert separate.model_dump()["outcome_arms"] == "separate"
+
+
+def test_sensitivity_bounds_describe_the_estimate_of_the_studys_own_learners_and_outcome_arms():
+    import json
+
+    from eocausal.estimate.sensitivity import MISMATCH_NOTE
+
+    for settings in ({"learners": {"outcome": {"name": "random_forest", "params": {"n_estimators": 20}}}},
+                     {"outcome_arms": "separate"}):
+        _, table = _study_table(**settings)
+        sensitivity = json.loads(table["sensitivity"].iloc[0])
+        assert not any(MISMATCH_NOTE in note for note in sensitivity["stats"]["notes"]), settings
+        assert sensitivity["stats"]["theta"] == pytest.approx(table["estimate"].iloc[0], abs=1e-9)
+
+
+def test_study_rejects_an_unknown_outcome_arms():
+    from pydantic import ValidationError
+
+    from eocausal.study import AnalysisSpec
+
+    with pytest.raises(ValidationError) as info:
+        AnalysisSpec(outcome_arms="pooled")
+    assert "'borrow' or 'separate'" in str(info.value)
