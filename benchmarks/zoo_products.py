@@ -8,7 +8,10 @@ headline (64 components + tabular), with the paired comparison of the specificat
 Variants: ``prodM`` (squares and products of the M leading components in both nuisances, as the
 specification check's comparison), ``pprodM`` (propensity only), ``oprodM`` (outcome models only),
 ``cprodM`` (the control arm's outcome model only), ``iprodM`` (one outcome model for both arms:
-the products shared, treatment and its interactions with the linear features per arm).
+the products shared, treatment and its interactions with the linear features per arm); with the
+outcome models per arm as the headline's (the smaller arm borrows, effects-8): ``boprodM`` (the
+products in the outcome models only), ``soprodM`` (the outcome features, with or without the
+products, chosen per fit by the out-of-fold squared error of the observed arm's prediction).
 Prints per design and variant: the headline's bias/SE, the variant's bias, sd, mean SE, bias/SE,
 coverage, and the median |z| and rate beyond 3 SE of its paired comparison with the headline.
 Results: benchmarks/results/zoo/variants.md (section 2026-12-07).
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.model_selection import KFold, cross_val_predict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,11 +38,37 @@ from eocausal.estimate.fragility import compare, leading_products  # noqa: E402
 from eocausal.estimate.nuisance import (  # noqa: E402
     NuisanceSpec,
     cross_fit_outcome,
+    cross_fit_outcome_arms,
     cross_fit_propensity,
     outcome_model,
 )
 
 FOLDS = 5
+
+
+class IndexPowers(RegressorMixin, BaseEstimator):
+    """The built-in outcome model on X, then again on X plus powers of its (standardised)
+    prediction: a nonlinear surface of a confounder that X holds linearly. The index of the
+    training rows is cross-fitted (3 folds), so the second stage does not see an overfitted one."""
+
+    def __init__(self, powers=(2, 3)):
+        self.powers = powers
+
+    def _with_powers(self, X, index):
+        t = (index - self.centre_) / self.scale_
+        return np.hstack([X] + [t[:, None] ** p for p in self.powers])
+
+    def fit(self, X, y):
+        spec = NuisanceSpec()
+        first = outcome_model(spec, len(y))
+        index = cross_val_predict(first, X, y, cv=KFold(3, shuffle=True, random_state=0))
+        self.first_ = clone(first).fit(X, y)
+        self.centre_, self.scale_ = float(index.mean()), float(index.std()) or 1.0
+        self.second_ = outcome_model(spec, len(y)).fit(self._with_powers(X, index), y)
+        return self
+
+    def predict(self, X):
+        return self.second_.predict(self._with_powers(X, self.first_.predict(X)))
 
 
 def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dict]:
@@ -50,11 +81,40 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
     headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
     rows = []
     for variant in variants:
-        where = {"pprod": "p", "oprod": "o", "cprod": "c", "iprod": "i"}.get(variant[:5], "b")
+        if variant.startswith("idx"):  # the headline's propensity; outcome arms on X + index powers
+            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
+            e, _ = cross_fit_propensity(base, d, fold_ids, NuisanceSpec())
+            powers = tuple(int(c) for c in variant[3:])
+            arms, _, _ = cross_fit_outcome_arms(base, y, d, fold_ids, NuisanceSpec(outcome_learner=IndexPowers(powers)))
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+                "propensity": e, "outcome_control": arms[0], "outcome_treated": arms[1]})["aipw"]
+            rows.append({"design": design.name, "replication": rep, "variant": variant,
+                         "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
+                         "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
+                         "z": compare(variant, headline, r).z})
+            continue
+        where = {"pprod": "p", "oprod": "o", "cprod": "c", "iprod": "i", "boprod": "bo",
+                 "soprod": "so", "cvboprod": "cvbo"}.get(variant[:variant.index("prod") + len("prod")], "b")
         m = int(variant[variant.index("prod") + len("prod"):])
         expanded = np.hstack([base, leading_products(image, m)])
         if where == "b":
             r = estimate_effects(y, d, expanded, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+        elif where in ("bo", "so", "cvbo"):  # the headline's propensity and outcome arms, products in the outcomes
+            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
+            spec = NuisanceSpec()
+            # cvbo: the propensity at its CV penalty (not undersmoothed)
+            e, _ = cross_fit_propensity(base, d, fold_ids, NuisanceSpec(undersmooth=1.0) if where == "cvbo" else spec)
+            arms, _, _ = cross_fit_outcome_arms(expanded, y, d, fold_ids, spec)
+            if where == "so":
+                plain, _, _ = cross_fit_outcome_arms(base, y, d, fold_ids, spec)
+                observed = np.arange(len(y)), d
+
+                def loss(a):
+                    return float(np.mean((y - np.stack([a[0], a[1]])[observed[1], observed[0]]) ** 2))
+
+                arms = arms if loss(arms) < loss(plain) else plain
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+                "propensity": e, "outcome_control": arms[0], "outcome_treated": arms[1]})["aipw"]
         elif where == "i":  # one outcome model for both arms: products shared, the linear terms per arm
             fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
             spec = NuisanceSpec()
@@ -111,6 +171,8 @@ def main(argv=None) -> int:
     table = frame.groupby(["design", "variant"], sort=False).agg(
         headline_bias=("headline_error", "mean"), headline_se=("headline_se", "mean"), bias=("error", "mean"),
         sd=("error", "std"), se=("se", "mean"), coverage=("covered", "mean"),
+        headline_rmse=("headline_error", lambda s: float(np.sqrt((s ** 2).mean()))),
+        rmse=("error", lambda s: float(np.sqrt((s ** 2).mean()))),
         median_abs_z=("z", lambda s: s.abs().median()), beyond_3=("z", lambda s: (s.abs() > 3).mean()))
     table.insert(2, "headline_bias_over_se", table.pop("headline_bias") / table["headline_se"])
     table["bias_over_se"] = table["bias"] / table["se"]
