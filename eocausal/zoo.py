@@ -452,11 +452,8 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
             extra |= _nuisance_quality(res["aipw"].diagnostics, draw, process, prepared.z)
         record("default", fs, res, seconds, extra)
     for rep_name in ("previous", "reference"):
-        started = time.perf_counter()
-        X = np.hstack([tab, prepared.components[rep_name]])
-        # The previous default and the reference: the learners' penalties as their CV chose them.
-        res = estimate_effects(y, d, X, estimators=("aipw",), folds=folds, seed=rep, undersmooth=1.0)
-        record(rep_name, "tabular+image", res, time.perf_counter() - started, {"n_components": 64})
+        res, seconds = comparison_fit(prepared, draw, rep_name, rep, folds)
+        record(rep_name, "tabular+image", res, seconds, {"n_components": 64})
     # The alternatives measured and not kept as defaults: components chosen by CV nuisance loss
     # (eocausal.estimate.components), and the default's features with the CV penalties.
     started = time.perf_counter()
@@ -480,6 +477,19 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
             row["chip_scale_z"] = scale.max_abs_z
             row["chip_scale_warning"] = scale.warning
     return rows
+
+
+def comparison_fit(prepared: PreparedDesign, draw: dict, representation: str, rep: int,
+                   folds: int = 5) -> tuple[dict, float]:
+    """Tabular+image AIPW on the previous default's or the reference's components, as those were
+    defined: the learners' penalties as their CV chose them, and each arm's outcome model fitted on
+    its own units (the reference's per-arm RidgeCV; the previous default's per-arm ridge). Returns
+    the results and the seconds."""
+    started = time.perf_counter()
+    X = np.hstack([draw["tabular"], prepared.components[representation]])
+    res = estimate_effects(draw["y"], draw["d"], X, estimators=("aipw",), folds=folds, seed=rep, undersmooth=1.0,
+                           outcome_arms="separate")
+    return res, time.perf_counter() - started
 
 
 def _nuisance_quality(diagnostics: dict, draw: dict, process: ZooProcess, z: np.ndarray) -> dict:
@@ -657,17 +667,24 @@ def _merge_results(out_dir: Path, frame: pd.DataFrame, p: PreparedDesign, replic
     entry |= {"replications": replications, "jobs": jobs, "seconds": seconds,
               "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     settings.setdefault("designs", {})[name] = entry
-    prepared = {}
+    result = write_results(out_dir, replicates, landsat, log, {name: p})
+    settings_path.write_text(json.dumps(settings, indent=1, default=str) + "\n", encoding="utf-8")
+    return result
+
+
+def write_results(out_dir: Path, replicates: pd.DataFrame, landsat: Path | None = None, log=None,
+                  prepared: dict[str, PreparedDesign] | None = None, cache_dir: Path | None = None) -> dict:
+    """Write replications.csv, summary.csv, zoo.md and zoo.png in ``out_dir`` from every design's
+    replication rows (designs not in ``prepared`` come from the cache, ``out_dir/cache`` unless given)."""
+    prepared = dict(prepared or {})
+    cache_dir = Path(out_dir) / "cache" if cache_dir is None else Path(cache_dir)
     for design_name in replicates["design"].unique():
-        if design_name == name:
-            prepared[name] = p
-        else:  # from the cache (computed again only when it is missing)
-            prepared[design_name] = prepare(design_by_name(design_name), out_dir / "cache", landsat, log)
+        if design_name not in prepared:  # from the cache (computed again only when it is missing)
+            prepared[design_name] = prepare(design_by_name(design_name), cache_dir, landsat, log)
     summary = summarise(replicates, prepared)
-    rep_path.write_text(replicates.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
+    (out_dir / "replications.csv").write_text(replicates.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
     (out_dir / "summary.csv").write_text(summary.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
     table = headline_markdown(summary, prepared)
     (out_dir / "zoo.md").write_text(table + "\n", encoding="utf-8")
     plot_zoo(summary, out_dir / "zoo.png")
-    settings_path.write_text(json.dumps(settings, indent=1, default=str) + "\n", encoding="utf-8")
     return {"summary": summary, "table": table, "prepared": prepared, "replicates": replicates}

@@ -52,6 +52,13 @@ def test_image_adjustment_removes_most_of_the_bias(small_design):
     assert headline["specification_z"].notna().all() and headline["chip_scale_z"].notna().all()
 
 
+def test_the_comparisons_keep_their_own_outcome_models_per_arm(small_design):
+    # The reference is the per-arm RidgeCV and the previous default fitted each arm alone:
+    # the product's borrowing default must not leak into them.
+    res, _ = zoo.comparison_fit(small_design, zoo.replication_draw(small_design, 0), "reference", 0)
+    assert res["aipw"].diagnostics["outcome_arms"].startswith("separate")
+
+
 
 def test_results_merge_design_by_design(small_design, tmp_path):
     import json
