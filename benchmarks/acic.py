@@ -90,9 +90,10 @@ def run_instance(instance: int, folds: int, seed: int) -> tuple[list[dict], dict
         "doubleml-irm": run_doubleml(data, "irm", splits, seed),
     }
     # A check, and the nuisance diagnostics: eocausal fitting DoubleML's scikit-learn pipelines
-    # (solver "sklearn") on the same folds should give DoubleML's estimate to rounding.
+    # (solver "sklearn") on the same folds, each arm's outcome model on its own units as DoubleML's
+    # IRM fits them, should give DoubleML's estimate to rounding.
     check = estimate_effect(data["y"], data["d"], data["X"], estimator="aipw", folds=folds, seed=seed,
-                            clip=CLIP, solver="sklearn")
+                            clip=CLIP, solver="sklearn", outcome_arms="separate")
     diag = check.diagnostics
     instance_level = {
         "eocausal_sklearn_solver_estimate": check.estimate,

@@ -71,7 +71,8 @@ def test_aipw_equals_doubleml_irm_with_the_same_learners_and_folds():
     y, d, X = _design(800, seed=3)
     folds = 5
     fold_ids = make_folds(len(y), folds, 11, stratify=d)
-    ours = estimate_effect(y, d, X, estimator="aipw", folds=folds, seed=11, clip=0.01,
+    # DoubleML fits each arm's outcome model on its own units: outcome_arms="separate".
+    ours = estimate_effect(y, d, X, estimator="aipw", folds=folds, seed=11, clip=0.01, outcome_arms="separate",
                            learners={"propensity": LogisticRegression(C=1.0), "outcome": LinearRegression()})
     data = dml.DoubleMLData.from_arrays(X, y, d)
     model = dml.DoubleMLIRM(data, ml_g=LinearRegression(), ml_m=LogisticRegression(C=1.0), n_folds=folds,
