@@ -6,7 +6,8 @@ models' mean error on the other arm's units.
     .venv/bin/python benchmarks/zoo_oracle_split.py --designs landsat_dark_500_nonlin --replications 30
 
 ``--clip Z``: the products of the 4 leading components after standardising each and clipping it to
-[-Z, Z] (do the products act through their tails?).
+[-Z, Z] (do the products act through their tails?). ``--support Q``: after clipping each to the
+larger arm's [Q, 1 - Q] quantiles (does the larger arm's model extrapolate?).
 
 Prints per design the bias, sd, mean SE, bias/SE and coverage of each pair. Results:
 benchmarks/results/zoo/variants.md (section "session 11").
@@ -33,14 +34,17 @@ from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome_arms, cro
 FOLDS = 5
 
 
-def products(image: np.ndarray, clip: float | None) -> np.ndarray:
+def products(image: np.ndarray, clip: float | None, d: np.ndarray, support: float | None = None) -> np.ndarray:
     lead = image[:, :4]
+    if support is not None:
+        larger = lead[d == int(d.mean() >= 0.5)]
+        lead = np.clip(lead, np.quantile(larger, support, axis=0), np.quantile(larger, 1 - support, axis=0))
     if clip is not None:
         lead = np.clip((lead - lead.mean(axis=0)) / lead.std(axis=0), -clip, clip)
     return leading_products(lead, 4)
 
 
-def one(prepared: zoo.PreparedDesign, rep: int, clip: float | None = None) -> dict:
+def one(prepared: zoo.PreparedDesign, rep: int, clip: float | None = None, support: float | None = None) -> dict:
     draw = zoo.replication_draw(prepared, rep)
     y, d, tab = draw["y"], draw["d"], draw["tabular"]
     truth = float(np.mean(draw["tau"]))
@@ -51,7 +55,7 @@ def one(prepared: zoo.PreparedDesign, rep: int, clip: float | None = None) -> di
     e_hat, _ = cross_fit_propensity(base, d, fold_ids, spec)
     outcomes = {
         "linear": cross_fit_outcome_arms(base, y, d, fold_ids, spec)[0],
-        "+ products": cross_fit_outcome_arms(np.hstack([base, products(image, clip)]), y, d, fold_ids, spec)[0],
+        "+ products": cross_fit_outcome_arms(np.hstack([base, products(image, clip, d, support)]), y, d, fold_ids, spec)[0],
         "true": {0: draw["mu0"], 1: draw["mu0"] + draw["tau"]},
     }
     out = {}
@@ -69,12 +73,13 @@ def one(prepared: zoo.PreparedDesign, rep: int, clip: float | None = None) -> di
 def main(argv=None) -> int:
     parser = zoo_parser(__doc__, replications=30)
     parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--support", type=float, default=None)
     args = parser.parse_args(argv)
     from joblib import Parallel, delayed
 
     for name in args.designs.split(","):
         prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
-        results = Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, args.clip) for rep in range(args.replications))
+        results = Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, args.clip, args.support) for rep in range(args.replications))
         print(f"{name} ({args.replications} replications)")
         for key in results[0]:
             values = np.array([r[key] for r in results])
