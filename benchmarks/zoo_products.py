@@ -79,73 +79,67 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
     image = prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]
     base = np.hstack([tab, image])
     headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+    fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)  # estimate_effects(seed=rep)'s folds
+    spec = NuisanceSpec()
+
+    def aipw(e, mu0, mu1):
+        return estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+            "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
+
+    def observed_arm_loss(arms):
+        return float(np.mean((y - np.where(d == 1, arms[1], arms[0])) ** 2))
+
     rows = []
     for variant in variants:
         if variant.startswith("idx"):  # the headline's propensity; outcome arms on X + index powers
-            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
-            e, _ = cross_fit_propensity(base, d, fold_ids, NuisanceSpec())
+            e, _ = cross_fit_propensity(base, d, fold_ids, spec)
             powers = tuple(int(c) for c in variant[3:])
             arms, _, _ = cross_fit_outcome_arms(base, y, d, fold_ids, NuisanceSpec(outcome_learner=IndexPowers(powers)))
-            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
-                "propensity": e, "outcome_control": arms[0], "outcome_treated": arms[1]})["aipw"]
-            rows.append({"design": design.name, "replication": rep, "variant": variant,
-                         "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
-                         "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
-                         "z": compare(variant, headline, r).z})
-            continue
-        where = {"pprod": "p", "oprod": "o", "cprod": "c", "iprod": "i", "boprod": "bo",
-                 "soprod": "so", "cvboprod": "cvbo"}.get(variant[:variant.index("prod") + len("prod")], "b")
-        m = int(variant[variant.index("prod") + len("prod"):])
-        expanded = np.hstack([base, leading_products(image, m)])
-        if where == "b":
-            r = estimate_effects(y, d, expanded, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
-        elif where in ("bo", "so", "cvbo"):  # the headline's propensity and outcome arms, products in the outcomes
-            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
-            spec = NuisanceSpec()
-            # cvbo: the propensity at its CV penalty (not undersmoothed)
-            e, _ = cross_fit_propensity(base, d, fold_ids, NuisanceSpec(undersmooth=1.0) if where == "cvbo" else spec)
-            arms, _, _ = cross_fit_outcome_arms(expanded, y, d, fold_ids, spec)
-            if where == "so":
-                plain, _, _ = cross_fit_outcome_arms(base, y, d, fold_ids, spec)
-                observed = np.arange(len(y)), d
-
-                def loss(a):
-                    return float(np.mean((y - np.stack([a[0], a[1]])[observed[1], observed[0]]) ** 2))
-
-                arms = arms if loss(arms) < loss(plain) else plain
-            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
-                "propensity": e, "outcome_control": arms[0], "outcome_treated": arms[1]})["aipw"]
-        elif where == "i":  # one outcome model for both arms: products shared, the linear terms per arm
-            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
-            spec = NuisanceSpec()
-            e, _ = cross_fit_propensity(base, d, fold_ids, spec)
-
-            def pooled(arm):
-                return np.hstack([expanded, arm[:, None], arm[:, None] * base])
-
-            mu0, mu1 = np.empty(len(y)), np.empty(len(y))
-            for k in np.unique(fold_ids):
-                test = fold_ids == k
-                model = outcome_model(spec, int((~test).sum())).fit(pooled(d.astype(float))[~test], y[~test])
-                mu0[test] = model.predict(pooled(np.zeros(len(y)))[test])
-                mu1[test] = model.predict(pooled(np.ones(len(y)))[test])
-            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
-                "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
-        else:  # same folds as estimate_effects(seed=rep): the products in one nuisance only
-            fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
-            spec = NuisanceSpec()
-            e, _ = cross_fit_propensity(expanded if where == "p" else base, d, fold_ids, spec)
-            control_x = base if where == "p" else expanded
-            treated_x = expanded if where == "o" else base
-            mu0, _ = cross_fit_outcome(control_x, y, fold_ids, spec, fit_on=d == 0, arms=(0,))
-            mu1, _ = cross_fit_outcome(treated_x, y, fold_ids, spec, fit_on=d == 1, arms=(1,))
-            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
-                "propensity": e, "outcome_control": mu0, "outcome_treated": mu1})["aipw"]
-        z = compare(variant, headline, r).z
+            r = aipw(e, arms[0], arms[1])
+        else:
+            r = _products_variant(variant, y, d, base, image, fold_ids, spec, rep, aipw, observed_arm_loss)
         rows.append({"design": design.name, "replication": rep, "variant": variant,
                      "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
-                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high, "z": z})
+                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
+                     "z": compare(variant, headline, r).z})
     return rows
+
+
+def _products_variant(variant, y, d, base, image, fold_ids, spec, rep, aipw, observed_arm_loss):
+    where = {"pprod": "p", "oprod": "o", "cprod": "c", "iprod": "i", "boprod": "bo",
+             "soprod": "so", "cvboprod": "cvbo"}.get(variant[:variant.index("prod") + len("prod")], "b")
+    m = int(variant[variant.index("prod") + len("prod"):])
+    expanded = np.hstack([base, leading_products(image, m)])
+    if where == "b":
+        return estimate_effects(y, d, expanded, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+    if where in ("bo", "so", "cvbo"):  # the headline's propensity and outcome arms, products in the outcomes
+        # cvbo: the propensity at its CV penalty (not undersmoothed)
+        e, _ = cross_fit_propensity(base, d, fold_ids, NuisanceSpec(undersmooth=1.0) if where == "cvbo" else spec)
+        arms, _, _ = cross_fit_outcome_arms(expanded, y, d, fold_ids, spec)
+        if where == "so":
+            plain, _, _ = cross_fit_outcome_arms(base, y, d, fold_ids, spec)
+            arms = arms if observed_arm_loss(arms) < observed_arm_loss(plain) else plain
+        return aipw(e, arms[0], arms[1])
+    if where == "i":  # one outcome model for both arms: products shared, the linear terms per arm
+        e, _ = cross_fit_propensity(base, d, fold_ids, spec)
+
+        def pooled(arm):
+            return np.hstack([expanded, arm[:, None], arm[:, None] * base])
+
+        mu0, mu1 = np.empty(len(y)), np.empty(len(y))
+        for k in np.unique(fold_ids):
+            test = fold_ids == k
+            model = outcome_model(spec, int((~test).sum())).fit(pooled(d.astype(float))[~test], y[~test])
+            mu0[test] = model.predict(pooled(np.zeros(len(y)))[test])
+            mu1[test] = model.predict(pooled(np.ones(len(y)))[test])
+        return aipw(e, mu0, mu1)
+    # the products in one nuisance only
+    e, _ = cross_fit_propensity(expanded if where == "p" else base, d, fold_ids, spec)
+    control_x = base if where == "p" else expanded
+    treated_x = expanded if where == "o" else base
+    mu0, _ = cross_fit_outcome(control_x, y, fold_ids, spec, fit_on=d == 0, arms=(0,))
+    mu1, _ = cross_fit_outcome(treated_x, y, fold_ids, spec, fit_on=d == 1, arms=(1,))
+    return aipw(e, mu0, mu1)
 
 
 def main(argv=None) -> int:
