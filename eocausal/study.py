@@ -445,6 +445,12 @@ class AnalysisSpec(_Strict):
         built = {role: est for role, est in built.items() if est is not None}
         return built or None
 
+    def nuisance_options(self) -> dict:
+        """The options of eocausal.estimate that choose the nuisance models (learners, outcome arms):
+        the estimates, their fragility checks and their sensitivity bounds all take these, so that
+        they describe one and the same fit."""
+        return {"learners": self.nuisance_learners(), "outcome_arms": self.outcome_arms}
+
     @model_serializer(mode="wrap")
     def _without_later_defaults(self, handler):
         # An analysis on the built-in learners and the default outcome_arms serialises as before

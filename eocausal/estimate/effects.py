@@ -204,7 +204,7 @@ def estimate_study(
             PLUGIN: (everyone, imputed.filled),
         }
     rows, results = [], []
-    learners = analysis.nuisance_learners()  # None: the built-in learners
+    nuisance = analysis.nuisance_options()  # learners (None: the built-in ones) and outcome arms
     headline_fits: dict = {}  # feature set -> its AIPW ATE on the measured outcomes, for the fragility checks
     all_feature_sets = feature_sets(units, covariates, analysis, pca)
     # one step per estimator x feature set x estimand x outcome source, and the fragility checks
@@ -223,8 +223,7 @@ def estimate_study(
                         y_s, d, X, estimator=estimator, estimand=estimand, folds=analysis.folds,
                         seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
                         feature_names=names or None, trim=analysis.propensity_trim,
-                        repetitions=analysis.cross_fit_repetitions, learners=learners,
-                        outcome_arms=analysis.outcome_arms,
+                        repetitions=analysis.cross_fit_repetitions, **nuisance,
                     )
                     if imputed is not None:
                         annotate(res, source, imputed)
@@ -288,7 +287,7 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
     X, _ = all_feature_sets[headline_set]
     X = X[keep]
     options = dict(folds=analysis.folds, seed=analysis.seed, groups=groups, clip=analysis.propensity_clip,
-                   learners=analysis.nuisance_learners(), outcome_arms=analysis.outcome_arms)
+                   **analysis.nuisance_options())
     headline = (fitted or {}).get(headline_set)
     if headline is None or headline.influence is None:
         headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
@@ -332,8 +331,7 @@ def _sensitivity(y, d, X, groups, analysis: AnalysisSpec, estimand: str, source:
     stats = sensitivity_for_effects(
         y, d, X, wanted, folds=analysis.folds, seed=analysis.seed, groups=groups,
         clip=analysis.propensity_clip, trim=analysis.propensity_trim,
-        spec=nuisance_spec(analysis.seed, None, learners=analysis.nuisance_learners(),
-                           outcome_arms=analysis.outcome_arms),
+        spec=nuisance_spec(analysis.seed, None, **analysis.nuisance_options()),
         # Under repeated cross-fitting the estimate is a median over splits; the bounds are the
         # first split's, which is said instead of flagged as a mismatch.
         reported_estimates=None if repeated else {e: fitted[e].estimate for e in wanted},
