@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     settings = json.loads((out / "settings.json").read_text())
     before = rmse(replicates)
     started = time.perf_counter()
-    prepared = {}
+    prepared, refitted = {}, []
     for name in replicates["design"].unique():
         if name not in args.designs.split(","):
             continue
@@ -67,13 +67,15 @@ def main(argv=None) -> int:
         reps = sorted(replicates.loc[replicates["design"] == name, "replication"].unique())
         for batch in Parallel(n_jobs=args.jobs)(delayed(refit)(prepared[name], int(rep), settings["folds"])
                                                 for rep in reps):
-            for row in batch:
-                at = ((replicates["design"] == row["design"]) & (replicates["replication"] == row["replication"])
-                      & (replicates["representation"] == row["representation"]))
-                assert at.sum() == 1, row
-                for column in ("estimate", "std_error", "ci_low", "ci_high", "covered", "seconds"):
-                    replicates.loc[at, column] = row[column]
+            refitted += batch
         print(f"{name}: {len(reps)} replications refitted", flush=True)
+    key = ["design", "replication", "representation"]
+    new = pd.DataFrame(refitted).set_index(key)
+    rows = replicates.set_index(key)
+    if not new.index.isin(rows.index).all() or rows.index.duplicated().any():
+        raise SystemExit("replications.csv does not hold exactly one row per design, replication and comparison")
+    rows.update(new)  # the refitted columns of those rows only
+    replicates = rows.reset_index()[replicates.columns]
     zoo.write_results(out, replicates, Path(args.landsat), None, prepared, Path(args.cache))
     settings["comparison_rows_refit"] = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.perf_counter() - started, 1),

@@ -63,12 +63,10 @@ def one(prepared: zoo.PreparedDesign, rep: int, products_only: bool = False) -> 
     return row | {"z_linear": max(linear), "z_products": products, "seconds": seconds}
 
 
-
-
 def warnings(frame: pd.DataFrame) -> pd.DataFrame:
-    """The check's warning without products (the two generic comparisons), with the products in
-    every nuisance (where the CSV has them) and now (the pooled outcome model, at its own
-    threshold), from the stored z values: the rule of FragilityCheck.warning."""
+    """The check's warning without products (the two generic comparisons), with the earlier
+    products comparison (where the CSV has it) and now (the product's products comparison, at its
+    own threshold), from the stored z values: the rule of FragilityCheck.warning."""
     before = frame["z_linear"] > fragility.THRESHOLD
     products = frame["z_products"].abs() > fragility.PRODUCTS_THRESHOLD
     earlier = (before | (frame["z_products_earlier"].abs() > fragility.PRODUCTS_THRESHOLD)
@@ -77,14 +75,14 @@ def warnings(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(frame: pd.DataFrame, prepared: dict[str, zoo.PreparedDesign]) -> str:
-    """One row per design; the "products in every nuisance" and "products s" columns only where the
+    """One row per design; the "earlier products comparison" and "products s" columns only where the
     CSV has them (a ``--products-only`` run on an earlier full run's CSV)."""
     frame = warnings(frame)
-    both = "z_products_earlier" in frame
+    earlier = "z_products_earlier" in frame
     header = (["design", "in chip", "confounder R²", "bias/SE", "coverage", "warns without products"]
-              + (["warns with the earlier products comparison"] if both else [])
+              + (["warns with the earlier products comparison"] if earlier else [])
               + ["warns now", "median \\|z\\| products", "warns now when missed (n)", "check s"]
-              + (["products s"] if both else []))
+              + (["products s"] if earlier else []))
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if h in ("design", "in chip", "warns now when missed (n)") else "---:"
                             for h in header) + "|"]
@@ -96,10 +94,10 @@ def table(frame: pd.DataFrame, prepared: dict[str, zoo.PreparedDesign]) -> str:
         cells = ([name, within, f"{prepared[name].r2['default']:.3f}", f"{err.mean() / g['std_error'].mean():+.2f}",
                   f"{g['covered'].mean():.2f}",
                   f"{g['warn_before'].mean():.2f}"]
-                 + ([f"{g['warn_earlier'].mean():.2f}"] if both else [])
+                 + ([f"{g['warn_earlier'].mean():.2f}"] if earlier else [])
                  + [f"{g['warn_now'].mean():.2f}", f"{g['z_products'].abs().median():.2f}", when_missed,
                     f"{g['seconds'].mean():.1f}"]
-                 + ([f"{g['products_seconds'].mean():.2f}"] if both else []))
+                 + ([f"{g['products_seconds'].mean():.2f}"] if earlier else []))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,7 +155,7 @@ def main(argv=None) -> int:
                + ("" if args.designs == parser.get_default("designs") else f" --designs {args.designs}")
                + (f' --products-only --earlier "{args.earlier}"' if "z_products_earlier" in frame else ""))
     note = (" (the products comparison; the others from the full run's CSV)" if "z_products_earlier" in frame else "")
-    both = (f"*Warns with the earlier products comparison*: {args.earlier}, beyond "
+    earlier_note = (f"*Warns with the earlier products comparison*: {args.earlier}, beyond "
             f"{fragility.PRODUCTS_THRESHOLD:g} SE, instead of the\nproduct's. *products s*: the products comparison "
             "alone.\n" if "z_products_earlier" in frame else "")
     (out / "fragility.md").write_text(
@@ -169,7 +167,7 @@ def main(argv=None) -> int:
         f"{fragility.NONLINEAR_LEADING} leading components in the headline's outcome models (fitted as its own),\n"
         f"beside its propensity (`fragility.products_comparison`) beyond {fragility.PRODUCTS_THRESHOLD:g} SE "
         "(the product's check). *check s*: the\nwhole check (three comparisons) per replication.\n"
-        f"{both}\n"
+        f"{earlier_note}\n"
         f"{text}\n", encoding="utf-8")
     print(text)
     return 0
