@@ -39,7 +39,8 @@ def refit(prepared: zoo.PreparedDesign, rep: int, folds: int) -> list[dict]:
         res, seconds = zoo.comparison_fit(prepared, draw, name, rep, folds)
         r = res["aipw"]
         rows.append({"design": prepared.design.name, "replication": rep, "representation": name,
-                     "estimate": r.estimate, "std_error": r.std_error, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                     "feature_set": "tabular+image", "estimator": "aipw", "estimate": r.estimate,
+                     "std_error": r.std_error, "ci_low": r.ci_low, "ci_high": r.ci_high,
                      "covered": bool(r.ci_low <= truth <= r.ci_high), "seconds": seconds})
     return rows
 
@@ -69,11 +70,12 @@ def main(argv=None) -> int:
                                                 for rep in reps):
             refitted += batch
         print(f"{name}: {len(reps)} replications refitted", flush=True)
-    key = ["design", "replication", "representation"]
+    key = ["design", "replication", "representation", "feature_set", "estimator"]
     new = pd.DataFrame(refitted).set_index(key)
     rows = replicates.set_index(key)
     if not new.index.isin(rows.index).all() or rows.index.duplicated().any():
-        raise SystemExit("replications.csv does not hold exactly one row per design, replication and comparison")
+        raise SystemExit("replications.csv does not hold exactly one row per design, replication, representation, "
+                         "feature set and estimator")
     rows.update(new)  # the refitted columns of those rows only
     replicates = rows.reset_index()[replicates.columns]
     zoo.write_results(out, replicates, Path(args.landsat), None, prepared, Path(args.cache))
