@@ -436,6 +436,12 @@ class AnalysisSpec(_Strict):
     # smaller arm's model is the larger arm's plus a model of its residuals (the confounder zoo's
     # choice: benchmarks/results/zoo/outcome_arms.md); "separate" = each arm's model on its own units.
     outcome_arms: Literal["borrow", "separate"] = "borrow"
+    # The propensity in the IPW/AIPW weights (eocausal.estimate.nuisance.PROPENSITY_FITS):
+    # "likelihood" = penalised logistic regression; "calibrated" = per-arm logistic models by the
+    # calibration loss, whose weights balance each arm's features (eocausal.estimate.calibration;
+    # measured on the confounder zoo: benchmarks/results/zoo/variants.md, session 12). Needs the
+    # built-in propensity learner.
+    propensity_fit: Literal["likelihood", "calibrated"] = "likelihood"
 
     def nuisance_learners(self) -> dict | None:
         """The learners option of eocausal.estimate (None when every role keeps the built-in one)."""
@@ -446,20 +452,24 @@ class AnalysisSpec(_Strict):
         return built or None
 
     def nuisance_options(self) -> dict:
-        """The options of eocausal.estimate that choose the nuisance models (learners, outcome arms):
-        the estimates, their fragility checks and their sensitivity bounds all take these, so that
-        they describe one and the same fit."""
-        return {"learners": self.nuisance_learners(), "outcome_arms": self.outcome_arms}
+        """The options of eocausal.estimate that choose the nuisance models (learners, outcome arms,
+        propensity fit): the estimates, their fragility checks and their sensitivity bounds all take
+        these, so that they describe one and the same fit."""
+        return {"learners": self.nuisance_learners(), "outcome_arms": self.outcome_arms,
+                "propensity_fit": self.propensity_fit}
 
     @model_serializer(mode="wrap")
     def _without_later_defaults(self, handler):
-        # An analysis on the built-in learners and the default outcome_arms serialises as before
-        # those options existed, so its versions (and the analysis_spec column) are unchanged.
+        # An analysis on the built-in learners and the default outcome_arms and propensity_fit
+        # serialises as before those options existed, so its versions (and the analysis_spec
+        # column) are unchanged.
         data = handler(self)
         if isinstance(data, dict) and not self.learners:
             data.pop("learners", None)
         if isinstance(data, dict) and self.outcome_arms == "borrow":
             data.pop("outcome_arms", None)
+        if isinstance(data, dict) and self.propensity_fit == "likelihood":
+            data.pop("propensity_fit", None)
         return data
 
     @field_validator("learners")
@@ -473,6 +483,14 @@ class AnalysisSpec(_Strict):
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"learners.{role}: {exc}") from None
         return v
+
+    @model_validator(mode="after")
+    def _calibrated_needs_built_in_propensity(self) -> "AnalysisSpec":
+        own = self.learners.get("propensity")
+        if self.propensity_fit == "calibrated" and own is not None and own.name != "linear":
+            raise ValueError(f"propensity_fit 'calibrated' fits its own penalised linear propensity models; it cannot "
+                             f"be combined with learners.propensity {own.name!r} (drop one of the two)")
+        return self
 
     @property
     def fixed_image_components(self) -> int:

@@ -37,6 +37,7 @@ from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     UNDERSMOOTH,
     NuisanceSpec,
+    cross_fit_calibrated_propensity,
     cross_fit_outcome,
     cross_fit_outcome_arms,
     cross_fit_propensity,
@@ -48,7 +49,7 @@ from eocausal.estimate.nuisance import (
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
 OPTIONS = ("learner", "learners", "pca_components", "pca_columns", "solver", "predictions", "undersmooth",
-           "outcome_arms")
+           "outcome_arms", "propensity_fit")
 # Keys of the ``learners`` option: the caller's own estimator for each nuisance.
 LEARNER_ROLES = ("propensity", "outcome")
 # Keys of the ``predictions`` option, and the nuisance function each one stands for.
@@ -250,6 +251,7 @@ def nuisance_spec(seed: int, names: list[str], **opts) -> NuisanceSpec:
         solver=opts.get("solver", "fast"),
         undersmooth=opts.get("undersmooth", UNDERSMOOTH),
         outcome_arms=opts.get("outcome_arms", "borrow"),
+        propensity_fit=opts.get("propensity_fit", "likelihood"),
     )
 
 
@@ -296,7 +298,9 @@ def _estimate_on_split(
         if "penalties" in pieces["outcome_all"]:
             info["outcome_model"] = {"penalty_by_fold": {"all": pieces["outcome_all"]["penalties"]}}
 
-    propensity = nuisance.get("e_raw") if uses_propensity else None
+    # The propensity the score weights by (the calibrated one, for IPW/AIPW, where fitted).
+    propensity = (nuisance.get("e_weights_raw", nuisance.get("e_raw")) if estimator in ("ipw", "aipw")
+                  else nuisance.get("e_raw")) if uses_propensity else None
     keep = None
     if uses_propensity and "e_raw" in nuisance:
         keep, info["trimming"] = _trimming(nuisance.get("e_overlap_raw", nuisance["e_raw"]), d, trim)
@@ -624,6 +628,18 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             "penalty_by_fold": log.penalties,
             "convergence_warnings": log.convergence_warnings,
         }
+        if spec.propensity_fit == "calibrated":
+            # The IPW/AIPW weights from per-arm calibrated models; DML, trimming and the overlap
+            # diagnostics keep the likelihood fit above.
+            e_cal, cal_log = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
+            nuisance["e_weights_raw"] = e_cal
+            nuisance["e_weights"] = np.clip(e_cal, clip, 1.0 - clip)
+            pieces["propensity_model"]["weights"] = {
+                "fit": "calibrated: per-arm logistic models by the calibration loss (Tan 2020); the weights "
+                       "balance each arm's features to the sample's",
+                "penalty_by_fold_and_arm": cal_log.penalties,
+                "share_clipped": float(np.mean((e_cal < clip) | (e_cal > 1.0 - clip))),
+            }
     outcome_fits = (
         ("mu0", "control", d == 0, (0,)), ("mu1", "treated", d == 1, (1,)), ("l", "all", None, (0, 1)),
     )
@@ -699,8 +715,13 @@ def _difference_in_means(y, d, nuisance, estimand):
     return mean1 - mean0, influence
 
 
+def _weighting_propensity(nuisance: dict) -> np.ndarray:
+    """The propensity in the IPW/AIPW weights: the calibrated one where fitted, else the likelihood's."""
+    return nuisance.get("e_weights", nuisance["e"])
+
+
 def _ipw(y, d, nuisance, estimand):
-    e = nuisance["e"]
+    e = _weighting_propensity(nuisance)
     w = diag.hajek_weights(e, d, estimand)
     w1, w0 = w * d, w * (1 - d)
     mean1 = (w1 * y).sum() / w1.sum()
@@ -712,7 +733,7 @@ def _ipw(y, d, nuisance, estimand):
 
 
 def _aipw(y, d, nuisance, estimand):
-    e, mu0 = nuisance["e"], nuisance["mu0"]
+    e, mu0 = _weighting_propensity(nuisance), nuisance["mu0"]
     if estimand == "ATE":
         mu1 = nuisance["mu1"]
         psi = mu1 - mu0 + d * (y - mu1) / e - (1 - d) * (y - mu0) / (1 - e)
@@ -765,7 +786,7 @@ def _weighting_diagnostics(X, d, nuisance, estimand, names, report_columns, spec
     out = {}
     weights = None
     if "e" in nuisance:
-        weights = diag.hajek_weights(nuisance["e"], d, estimand)
+        weights = diag.hajek_weights(_weighting_propensity(nuisance), d, estimand)
         out["ess"] = diag.ess_by_arm(weights, d)
         if "e_overlap" in nuisance:  # overlap judged on the CV-penalty propensity (see above)
             out["ess_estimation"] = out["ess"]

@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     NuisanceSpec,
+    cross_fit_calibrated_propensity,
     cross_fit_outcome,
     cross_fit_outcome_arms,
     cross_fit_propensity,
@@ -228,7 +229,7 @@ def sensitivity_stats(
     y = np.asarray(y, dtype=float)
     d = np.asarray(d, dtype=float)
     n = len(y)
-    e = np.asarray(nuisance["e"], dtype=float)
+    e = np.asarray(nuisance["e_weights" if estimator == "aipw" and "e_weights" in nuisance else "e"], dtype=float)
     notes = []
     if estimator == "aipw":
         mu0, mu1 = np.asarray(nuisance["mu0"], float), np.asarray(nuisance["mu1"], float)
@@ -326,6 +327,8 @@ def cross_fitted_nuisance(
     spec = NuisanceSpec(learner=learner, seed=seed) if spec is None else spec
     e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
     out = {"e_raw": e_raw, "e": np.clip(e_raw, clip, 1.0 - clip)}
+    if "aipw" in estimators and spec.propensity_fit == "calibrated":  # the AIPW's weights, as the estimate's
+        out["e_weights"] = np.clip(cross_fit_calibrated_propensity(X, d, fold_ids, spec)[0], clip, 1.0 - clip)
     if "aipw" in estimators:
         arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
         out["mu0"], out["mu1"] = arms[0], arms[1]

@@ -1,0 +1,207 @@
+"""Calibrated propensities (Tan 2020, "regularized calibrated estimation"): each arm's inverse
+propensity weights fitted by the calibration loss, whose first-order condition is that the weighted
+arm's feature means equal the whole sample's (covariate balance), instead of by the log-likelihood.
+An AIPW score's bias is the weighted imbalance of the outcome models' errors, so weights that
+balance the features remove whatever part of those errors the features span. Tabular+image AIPW on
+the zoo's draws and folds, against the headline.
+
+    .venv/bin/python benchmarks/zoo_calibrated.py --replications 30 \
+        --designs landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,landsat_bright_750,demo_edges_450_chip32
+
+Variants (``--variants``, comma-separated): ``product`` (the shipped option,
+``estimate_effects(..., propensity_fit="calibrated")``), ``cal`` (the calibrated propensity on the headline's
+features, the headline's outcome models), ``calbo`` (the same with the squares and products of the
+4 leading components in the outcome models), ``calpbo`` (the products in both), ``bo`` (the
+headline's propensity, products in the outcome models, for reference); a suffix ``/U`` divides the
+calibration penalty chosen by inner CV by U (undersmoothing, as the headline's), ``w`` before the
+suffix fits the outcome models with Tan's weights ((1 - pi) / pi of the arm, normalised).
+Prints per design and variant the bias, sd, mean SE, bias/SE, coverage and RMSE (the headline's on
+the same draws first). Results: benchmarks/results/zoo/variants.md (section "session 12").
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoo_support import zoo_parser  # noqa: E402
+
+from eocausal import zoo  # noqa: E402
+from eocausal.estimate.ate import estimate_effects  # noqa: E402
+from eocausal.estimate.folds import make_folds  # noqa: E402
+from eocausal.estimate.fragility import leading_products  # noqa: E402
+from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome_arms, cross_fit_propensity  # noqa: E402
+
+FOLDS = 5
+LAMBDAS = np.logspace(-5, 0, 11)
+
+
+def _calibration_fit(F: np.ndarray, a: np.ndarray, lam: float) -> np.ndarray:
+    """Intercept and coefficients of the log-odds eta of being in the arm a marks, minimising
+    mean[a exp(-eta) + (1 - a) eta] + lam / 2 |coef|^2 (F standardised, the intercept unpenalised).
+    Its stationarity condition: mean[a (1 + exp(-eta)) F] = mean[F] up to the penalty."""
+    X = np.hstack([np.ones((len(a), 1)), F])
+    n = len(a)
+
+    def loss(w):
+        eta = X @ w
+        ex = np.exp(-np.clip(eta, -30, 30)) * a
+        value = (ex.sum() + ((1 - a) * eta).sum()) / n + 0.5 * lam * (w[1:] @ w[1:])
+        grad = X.T @ (-ex + (1 - a)) / n
+        grad[1:] += lam * w[1:]
+        return value, grad
+
+    w0 = np.zeros(X.shape[1])
+    w0[0] = np.log(a.mean() / (1 - a.mean()))
+    return minimize(loss, w0, jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+
+
+def _calibration_loss(F, a, w) -> float:
+    eta = w[0] + F @ w[1:]
+    return float(np.mean(a * np.exp(-np.clip(eta, -30, 30)) + (1 - a) * eta))
+
+
+def calibrated_arm_logodds(F_train, a_train, F_test, undersmooth: float, seed: int) -> np.ndarray:
+    """The test rows' log-odds of being in the arm, the penalty chosen by 3-fold inner CV of the
+    calibration loss and divided by ``undersmooth``."""
+    mean, sd = F_train.mean(axis=0), F_train.std(axis=0)
+    sd[sd == 0] = 1.0
+    Ft, Fs = (F_train - mean) / sd, (F_test - mean) / sd
+    inner = make_folds(len(a_train), 3, seed, stratify=a_train)
+    losses = np.zeros(len(LAMBDAS))
+    for k in range(3):
+        tr, te = inner != k, inner == k
+        for j, lam in enumerate(LAMBDAS):
+            losses[j] += _calibration_loss(Ft[te], a_train[te], _calibration_fit(Ft[tr], a_train[tr], lam))
+    lam = LAMBDAS[int(np.argmin(losses))] / undersmooth
+    w = _calibration_fit(Ft, a_train, lam)
+    return w[0] + Fs @ w[1:], w[0] + Ft @ w[1:]
+
+
+def cross_fit_calibrated(F, d, fold_ids, undersmooth: float, seed: int):
+    """Out-of-fold propensity to put in the AIPW score: for treated units the treated arm's
+    calibrated P(D=1), for controls 1 - the control arm's calibrated P(D=0); and each arm's
+    Tan weights (1 - pi) / pi on the training rows of each fold (for the weighted outcome fits)."""
+    e = np.empty(len(d))
+    train_weights = {}
+    for k in np.unique(fold_ids):
+        test, train = fold_ids == k, fold_ids != k
+        eta1, eta1_train = calibrated_arm_logodds(F[train], d[train].astype(float), F[test], undersmooth, seed)
+        eta0, eta0_train = calibrated_arm_logodds(F[train], 1.0 - d[train], F[test], undersmooth, seed)
+        p1 = 1 / (1 + np.exp(-eta1))
+        p0 = 1 / (1 + np.exp(-eta0))
+        e[test] = np.where(d[test] == 1, p1, 1 - p0)
+        train_weights[int(k)] = {1: np.exp(-eta1_train), 0: np.exp(-eta0_train)}
+    return e, train_weights
+
+
+def weighted_arms(X, y, d, fold_ids, train_weights):
+    """Each arm's ridge outcome model on its own units weighted by Tan's (1 - pi) / pi, the ridge
+    penalty as the headline's outcome models choose it (on the unweighted fit)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    from eocausal.estimate.nuisance import outcome_model
+
+    out = {0: np.empty(len(y)), 1: np.empty(len(y))}
+    spec = NuisanceSpec()
+    for k in np.unique(fold_ids):
+        test, train = fold_ids == k, fold_ids != k
+        for arm in (0, 1):
+            on = train & (d == arm)
+            chooser = outcome_model(spec, int(on.sum())).fit(X[on], y[on])
+            alpha = float(chooser.named_steps["model"].alpha_)
+            scaler = StandardScaler().fit(X[on])
+            w = train_weights[int(k)][arm][d[train] == arm]
+            model = Ridge(alpha=alpha).fit(scaler.transform(X[on]), y[on], sample_weight=w / w.mean())
+            out[arm][test] = model.predict(scaler.transform(X[test]))
+    return out
+
+
+def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dict]:
+    draw = zoo.replication_draw(prepared, rep)
+    y, d, tab = draw["y"], draw["d"], draw["tabular"]
+    truth = float(np.mean(draw["tau"]))
+    image = prepared.components["default"][:, :zoo.DEFAULT_COMPONENTS]
+    base = np.hstack([tab, image])
+    expanded = np.hstack([base, leading_products(image, 4)])
+    fold_ids = make_folds(len(y), FOLDS, rep, stratify=d)
+    spec = NuisanceSpec()
+    headline = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
+    cache = {}
+
+    def arms(X_name):
+        key = ("arms", X_name)
+        if key not in cache:
+            cache[key] = cross_fit_outcome_arms(base if X_name == "base" else expanded, y, d, fold_ids, spec)[0]
+        return cache[key]
+
+    rows = []
+    for variant in variants:
+        if variant == "product":  # the shipped option: analysis.propensity_fit = calibrated
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep,
+                                 propensity_fit="calibrated")["aipw"]
+            rows.append(_row(prepared, variant, rep, truth, headline, r))
+            continue
+        name, _, u = variant.partition("/")
+        undersmooth = float(u) if u else 1.0
+        weighted = name.endswith("w")
+        name = name.rstrip("w")
+        if name == "bo":
+            e, _ = cross_fit_propensity(base, d, fold_ids, spec)
+            mu = arms("expanded")
+        else:
+            F = expanded if name == "calpbo" else base
+            e, tw = cross_fit_calibrated(F, d, fold_ids, undersmooth, rep)
+            X_out = base if name == "cal" else expanded
+            mu = weighted_arms(X_out, y, d, fold_ids, tw) if weighted else arms("base" if name == "cal" else "expanded")
+        r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+            "propensity": e, "outcome_control": mu[0], "outcome_treated": mu[1]})["aipw"]
+        rows.append(_row(prepared, variant, rep, truth, headline, r))
+    return rows
+
+
+def _row(prepared, variant, rep, truth, headline, r) -> dict:
+    return {"design": prepared.design.name, "variant": variant, "replication": rep,
+            "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
+            "headline_covered": headline.ci_low <= truth <= headline.ci_high, "error": r.estimate - truth,
+            "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high}
+
+
+def main(argv=None) -> int:
+    parser = zoo_parser(__doc__, replications=30)
+    parser.add_argument("--variants", default="cal,calbo,calpbo,bo")
+    parser.add_argument("--rows", default=None, help="also write the per-replication rows to this CSV")
+    args = parser.parse_args(argv)
+    from joblib import Parallel, delayed
+
+    variants = args.variants.split(",")
+    rows = []
+    for name in args.designs.split(","):
+        prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
+        for batch in Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, variants)
+                                                for rep in range(args.replications)):
+            rows += batch
+    frame = pd.DataFrame(rows)
+    if args.rows:
+        frame.to_csv(args.rows, index=False)
+    rmse = lambda s: float(np.sqrt((s ** 2).mean()))  # noqa: E731
+    table = frame.groupby(["design", "variant"], sort=False).agg(
+        headline_rmse=("headline_error", rmse), headline_se=("headline_se", "mean"),
+        headline_coverage=("headline_covered", "mean"), bias=("error", "mean"), sd=("error", "std"), se=("se", "mean"),
+        coverage=("covered", "mean"), rmse=("error", rmse))
+    table["bias_over_se"] = table["bias"] / table["se"]
+    pd.set_option("display.width", 200)
+    print(table.round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
