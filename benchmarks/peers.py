@@ -158,9 +158,10 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def run_ours(data, estimator, folds, seed):
+def run_ours(data, estimator, folds, seed, **options):
     with Timer() as t:
-        r = estimate_effect(data["y"], data["d"], data["X"], estimator=estimator, folds=folds, seed=seed, clip=CLIP)
+        r = estimate_effect(data["y"], data["d"], data["X"], estimator=estimator, folds=folds, seed=seed, clip=CLIP,
+                            **options)
     return {"estimate": r.estimate, "std_error": r.std_error, "ci": (r.ci_low, r.ci_high),
             "seconds": t.wall, "cpu_seconds": t.cpu,
             "propensity_C_by_fold": r.diagnostics["propensity_model"]["penalty_by_fold"]}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from eocausal.estimate.folds import make_folds
@@ -112,7 +113,7 @@ class CalibratedLogisticCV(ClassifierMixin, BaseEstimator):
         return self._design(X) @ np.concatenate([[self.intercept_], self.coef_])
 
     def predict_proba(self, X) -> np.ndarray:
-        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        p = expit(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X) -> np.ndarray:
