@@ -31,7 +31,7 @@ from scipy.optimize import minimize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo_support import zoo_parser  # noqa: E402
+from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
@@ -180,16 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="cal,calbo,calpbo,bo")
     parser.add_argument("--rows", default=None, help="also write the per-replication rows to this CSV")
     args = parser.parse_args(argv)
-    from joblib import Parallel, delayed
-
-    variants = args.variants.split(",")
-    rows = []
-    for name in args.designs.split(","):
-        prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
-        for batch in Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, variants)
-                                                for rep in range(args.replications)):
-            rows += batch
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(replication_rows(args, one, args.variants.split(",")))
     if args.rows:
         frame.to_csv(args.rows, index=False)
     rmse = lambda s: float(np.sqrt((s ** 2).mean()))  # noqa: E731

@@ -19,7 +19,6 @@ Results: benchmarks/results/zoo/variants.md (section 2026-12-07).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from sklearn.model_selection import KFold, cross_val_predict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
@@ -143,25 +144,12 @@ def _products_variant(variant, y, d, base, image, fold_ids, spec, rep, aipw, obs
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", default="landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,"
-                                              "landsat_bright_750,demo_edges_450_chip32")
-    parser.add_argument("--replications", type=int, default=30)
+    parser = zoo_parser(__doc__, replications=30)
+    parser.set_defaults(designs="landsat_mix_750,landsat_dark_500_nonlin,landsat_texture_600,landsat_bright_750,"
+                                "demo_edges_450_chip32")
     parser.add_argument("--variants", default="pprod4,oprod4,prod4")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo/cache"))
-    parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
     args = parser.parse_args(argv)
-    from joblib import Parallel, delayed
-
-    variants = args.variants.split(",")
-    rows = []
-    for name in args.designs.split(","):
-        prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
-        for batch in Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, variants)
-                                                for rep in range(args.replications)):
-            rows += batch
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(replication_rows(args, one, args.variants.split(",")))
     table = frame.groupby(["design", "variant"], sort=False).agg(
         headline_bias=("headline_error", "mean"), headline_se=("headline_se", "mean"), bias=("error", "mean"),
         sd=("error", "std"), se=("se", "mean"), coverage=("covered", "mean"),

@@ -22,3 +22,17 @@ def zoo_parser(doc: str, replications: int = 100) -> argparse.ArgumentParser:
     parser.add_argument("--landsat", default=str(ROOT.parent / "shared/data/landsat8_224078_20200518_rgb.tif"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/zoo"))
     return parser
+
+
+def replication_rows(args: argparse.Namespace, one, *extra) -> list[dict]:
+    """``one(prepared, replication, *extra)`` (a list of row dicts) over ``args.designs`` x
+    ``args.replications``, ``args.jobs`` at a time, each design prepared from ``args.cache``."""
+    from joblib import Parallel, delayed
+
+    rows: list[dict] = []
+    for name in args.designs.split(","):
+        prepared = zoo.prepare(zoo.design_by_name(name), Path(args.cache), Path(args.landsat))
+        for batch in Parallel(n_jobs=args.jobs)(delayed(one)(prepared, rep, *extra)
+                                                for rep in range(args.replications)):
+            rows += batch
+    return rows
