@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +34,7 @@ from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
+from eocausal.estimate.calibration import CalibratedLogisticCV  # noqa: E402
 from eocausal.estimate.folds import make_folds  # noqa: E402
 from eocausal.estimate.fragility import leading_products  # noqa: E402
 from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome_arms, cross_fit_propensity  # noqa: E402
@@ -43,46 +43,11 @@ FOLDS = 5
 LAMBDAS = np.logspace(-5, 0, 11)
 
 
-def _calibration_fit(F: np.ndarray, a: np.ndarray, lam: float) -> np.ndarray:
-    """Intercept and coefficients of the log-odds eta of being in the arm a marks, minimising
-    mean[a exp(-eta) + (1 - a) eta] + lam / 2 |coef|^2 (F standardised, the intercept unpenalised).
-    Its stationarity condition: mean[a (1 + exp(-eta)) F] = mean[F] up to the penalty."""
-    X = np.hstack([np.ones((len(a), 1)), F])
-    n = len(a)
-
-    def loss(w):
-        eta = X @ w
-        ex = np.exp(-np.clip(eta, -30, 30)) * a
-        value = (ex.sum() + ((1 - a) * eta).sum()) / n + 0.5 * lam * (w[1:] @ w[1:])
-        grad = X.T @ (-ex + (1 - a)) / n
-        grad[1:] += lam * w[1:]
-        return value, grad
-
-    w0 = np.zeros(X.shape[1])
-    w0[0] = np.log(a.mean() / (1 - a.mean()))
-    return minimize(loss, w0, jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
-
-
-def _calibration_loss(F, a, w) -> float:
-    eta = w[0] + F @ w[1:]
-    return float(np.mean(a * np.exp(-np.clip(eta, -30, 30)) + (1 - a) * eta))
-
-
-def calibrated_arm_logodds(F_train, a_train, F_test, undersmooth: float, seed: int) -> np.ndarray:
-    """The test rows' log-odds of being in the arm, the penalty chosen by 3-fold inner CV of the
-    calibration loss and divided by ``undersmooth``."""
-    mean, sd = F_train.mean(axis=0), F_train.std(axis=0)
-    sd[sd == 0] = 1.0
-    Ft, Fs = (F_train - mean) / sd, (F_test - mean) / sd
-    inner = make_folds(len(a_train), 3, seed, stratify=a_train)
-    losses = np.zeros(len(LAMBDAS))
-    for k in range(3):
-        tr, te = inner != k, inner == k
-        for j, lam in enumerate(LAMBDAS):
-            losses[j] += _calibration_loss(Ft[te], a_train[te], _calibration_fit(Ft[tr], a_train[tr], lam))
-    lam = LAMBDAS[int(np.argmin(losses))] / undersmooth
-    w = _calibration_fit(Ft, a_train, lam)
-    return w[0] + Fs @ w[1:], w[0] + Ft @ w[1:]
+def calibrated_arm_logodds(F_train, a_train, F_test, undersmooth: float, seed: int):
+    """The test and training rows' log-odds of being in the arm, by the product's calibrated model
+    (eocausal.estimate.calibration: penalty by 3-fold inner CV, divided by ``undersmooth``)."""
+    model = CalibratedLogisticCV(lambdas=LAMBDAS, seed=seed, undersmooth=undersmooth).fit(F_train, a_train)
+    return model.decision_function(F_test), model.decision_function(F_train)
 
 
 def cross_fit_calibrated(F, d, fold_ids, undersmooth: float, seed: int):
