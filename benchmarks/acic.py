@@ -51,6 +51,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from eocausal.estimate import estimate_effect, make_folds  # noqa: E402
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 N_INSTANCES = 10  # causallib ships instances 1..10 (one draw each from 10 of the 77 settings)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "acic"
 METHODS = ("eocausal-aipw", "eocausal-aipw-calibrated", "doubleml-irm")
@@ -194,6 +195,14 @@ def versions() -> dict:
     return out
 
 
+def invocation() -> str:
+    """This run's command line as it was started: its niceness and thread variables, then the script."""
+    threads = [f"{name}={os.environ[name]}" for name in THREAD_VARIABLES if name in os.environ]
+    niceness = os.nice(0)
+    return ((f"nice -n {niceness} " if niceness else "") + (f"env {' '.join(threads)} " if threads else "")
+            + ".venv/bin/python benchmarks/" + " ".join([Path(__file__).name] + sys.argv[1:]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=N_INSTANCES,
@@ -218,8 +227,7 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     summary = summarise(table)
     body = markdown(summary, table)
-    command = "nice -n 15 env OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 " \
-              ".venv/bin/python benchmarks/" + " ".join([Path(__file__).name] + sys.argv[1:])
+    command = invocation()
     heading = (f"ACIC 2016, {args.instances} instance(s) shipped by causallib (one draw each), n = {meta['n']:,}, "
                f"p = {meta['p']} (one-hot, standardised); truth = sample ATE mean(mu1 - mu0); "
                f"{args.folds}-fold cross-fitting on the same folds, same linear learners, 1 BLAS thread")
@@ -262,7 +270,7 @@ def main(argv=None) -> int:
                         "3-fold stratified inner CV, log-likelihood) and StandardScaler + RidgeCV "
                         "(alphas logspace(-3, 6, 19), leave-one-out), each refitted at the CV penalty / "
                         "eocausal.estimate.nuisance.UNDERSMOOTH (4), as eocausal's default learners",
-            "threads": "threadpoolctl limits=1; OMP/OPENBLAS/MKL_NUM_THREADS=1 in the command",
+            "threads": "threadpoolctl limits=1, and the command's thread variables",
         },
     }
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")

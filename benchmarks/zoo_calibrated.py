@@ -22,6 +22,7 @@ the same draws first). Results: benchmarks/results/zoo/variants.md (section "ses
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,18 @@ from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
-from eocausal.estimate.calibration import CalibratedLogisticCV  # noqa: E402
+from eocausal.estimate.calibration import CalibratedLogisticCV, calibrated_weights_influence  # noqa: E402
 from eocausal.estimate.folds import make_folds  # noqa: E402
 from eocausal.estimate.fragility import leading_products  # noqa: E402
-from eocausal.estimate.nuisance import NuisanceSpec, cross_fit_outcome_arms, cross_fit_propensity  # noqa: E402
+from eocausal.estimate.nuisance import (  # noqa: E402
+    NuisanceSpec,
+    cross_fit_calibrated_propensity,
+    cross_fit_outcome_arms,
+    cross_fit_propensity,
+)
 
 FOLDS = 5
+CLIP = 0.01  # estimate_effects' default clip
 LAMBDAS = np.logspace(-5, 0, 11)
 
 
@@ -122,6 +129,15 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
         if name == "bo":
             e, _ = cross_fit_propensity(base, d, fold_ids, spec)
             mu = arms("expanded")
+        elif undersmooth == 1.0 and not weighted:  # the product's fit, and its SE with the weights' term
+            F = expanded if name == "calpbo" else base
+            e, _, models = cross_fit_calibrated_propensity(F, d, fold_ids, spec)
+            mu = arms("base" if name == "cal" else "expanded")
+            r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
+                "propensity": e, "outcome_control": mu[0], "outcome_treated": mu[1]})["aipw"]
+            extra = calibrated_weights_influence(models, F, y, d, {"mu0": mu[0], "mu1": mu[1]}, fold_ids, CLIP)
+            rows.append(_row(prepared, variant, rep, truth, headline, _with_influence(r, sum(extra.values()))))
+            continue
         else:
             F = expanded if name == "calpbo" else base
             e, tw = cross_fit_calibrated(F, d, fold_ids, undersmooth, rep)
@@ -131,6 +147,13 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
             "propensity": e, "outcome_control": mu[0], "outcome_treated": mu[1]})["aipw"]
         rows.append(_row(prepared, variant, rep, truth, headline, r))
     return rows
+
+
+def _with_influence(r, extra: np.ndarray):
+    """The result with ``extra`` added to its influence values (SE and 95 % CI recomputed)."""
+    influence = r.influence + extra
+    se = float(np.sqrt(np.square(influence - influence.mean()).sum() / (len(influence) * (len(influence) - 1))))
+    return replace(r, std_error=se, ci_low=r.estimate - 1.959964 * se, ci_high=r.estimate + 1.959964 * se)
 
 
 def _row(prepared, variant, rep, truth, headline, r) -> dict:

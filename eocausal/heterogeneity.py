@@ -164,7 +164,9 @@ def embeddings_version(lake: Path, study: Study) -> str:
 
 def _analysis_part(study: Study) -> dict:
     a = study.analysis.model_dump(mode="json")
-    return {k: a.get(k) for k in ("folds", "seed", "propensity_clip", "image_components", "spatial_block_km")}
+    part = {k: a.get(k) for k in ("folds", "seed", "propensity_clip", "image_components", "spatial_block_km")}
+    # The nuisance options, where set (their defaults are left out of the dump: versions unchanged).
+    return part | {k: a[k] for k in ("learners", "outcome_arms", "propensity_fit") if k in a}
 
 
 def cate_version(study: Study, inputs: dict[str, str], truth: Truth) -> str:
@@ -263,7 +265,7 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
         folds=study.analysis.folds, seed=study.analysis.seed, clip=study.analysis.propensity_clip,
         image_components=study.analysis.fixed_image_components,
         stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), inputs["embeddings"]),
-        learner=het.learner, outcome_arms=study.analysis.outcome_arms, groups=groups,
+        learner=het.learner, nuisance_options=study.analysis.nuisance_options(), groups=groups,
         n_bootstrap=het.rate_bootstrap, truth_tau=truth_tau, study_name=study.name, version=version,
         computed_at=_now(),
     )

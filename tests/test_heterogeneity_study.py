@@ -50,3 +50,17 @@ def test_on_off_shorthand_and_options(tmp_path):
 def test_bad_sections_are_rejected(tmp_path, section, message):
     with pytest.raises(StudyError, match=message):
         _load(tmp_path, heterogeneity=section)
+
+
+def test_the_cate_version_follows_the_nuisance_options_and_keeps_the_defaults(tmp_path):
+    # The CATE's pseudo-outcomes take the ATE stage's nuisance options, so each one set moves its
+    # version; a study that leaves them at their defaults keeps the version it had before they existed.
+    from eocausal.heterogeneity import Truth, _analysis_part, cate_version
+
+    default = _load(tmp_path)
+    assert set(_analysis_part(default)) == {"folds", "seed", "propensity_clip", "image_components", "spatial_block_km"}
+    versions = {cate_version(default, {}, Truth())}
+    for option in ({"outcome_arms": "separate"}, {"propensity_fit": "calibrated"},
+                   {"learners": {"outcome": {"name": "boosting"}}}):
+        versions.add(cate_version(_load(tmp_path, analysis={**BASE["analysis"], **option}), {}, Truth()))
+    assert len(versions) == 4

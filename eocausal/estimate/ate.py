@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from eocausal.estimate import diagnostics as diag
+from eocausal.estimate.calibration import WEIGHTS_INFLUENCE, calibrated_weights_influence
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     UNDERSMOOTH,
@@ -194,6 +195,8 @@ def _estimate_effects(
         None if balance_columns is None else _column_indexes(balance_columns, names, "balance_columns")
     )
     needs = set().union(*(_needs(e, estimand) for e in estimators))
+    if not {"ipw", "aipw"} & set(estimators):  # only IPW and AIPW weight by the calibrated fit
+        spec = replace(spec, propensity_fit="likelihood")
 
     n_treated = int(d.sum())
     base = {
@@ -323,6 +326,14 @@ def _estimate_on_split(
 
     estimate, influence = _SCORES[estimator](y, d, nuisance, estimand)
     std_error, n_clusters = _standard_error(influence, groups)
+    if estimator == "aipw" and any(key in nuisance for key in WEIGHTS_INFLUENCE.values()):
+        arms = ("treated", "control") if estimand == "ATE" else ("control",)
+        term = _weights_influence(nuisance, arms) / (1.0 if estimand == "ATE" else d.mean())
+        info["weights_estimation"] = {
+            "std_error_weights_known": _standard_error(influence - term, groups)[0],
+            "note": "the standard error counts the calibrated weights' estimation (M-estimation terms); "
+                    "std_error_weights_known is the usual one that takes them as known",
+        }
     if n_clusters is None:
         critical = stats.norm.ppf(1 - alpha / 2)
     else:
@@ -631,7 +642,7 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
         if spec.propensity_fit == "calibrated":
             # The IPW/AIPW weights from per-arm calibrated models; DML, trimming and the overlap
             # diagnostics keep the likelihood fit above.
-            e_cal, cal_log = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
+            e_cal, cal_log, calibrated_models = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
             nuisance["e_weights_raw"] = e_cal
             nuisance["e_weights"] = np.clip(e_cal, clip, 1.0 - clip)
             pieces["propensity_model"]["weights"] = {
@@ -664,7 +675,10 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             "r2": diag.out_of_fold_r2(y[observed], predicted[observed]),
             "penalties": log.penalties,
         }
+    if spec.propensity_fit == "calibrated" and "e" in needs and "mu0" in nuisance:
+        nuisance.update(calibrated_weights_influence(calibrated_models, X, y, d, nuisance, fold_ids, clip))
     return nuisance, pieces
+
 
 
 def _supplied_nuisance(supplied, y, d, needs, clip) -> tuple[dict, dict]:
@@ -738,14 +752,20 @@ def _aipw(y, d, nuisance, estimand):
         mu1 = nuisance["mu1"]
         psi = mu1 - mu0 + d * (y - mu1) / e - (1 - d) * (y - mu0) / (1 - e)
         estimate = psi.mean()
-        return estimate, psi - estimate
+        return estimate, psi - estimate + _weights_influence(nuisance, ("treated", "control"))
     # ATT: the Neyman-orthogonal score of Chernozhukov et al. (2018, §5.1),
     # psi = [D(Y - mu0) - e(1 - D)(Y - mu0)/(1 - e) - D theta] / P(D = 1).
     share = d.mean()
     residual = y - mu0
     numerator = d * residual - e * (1 - d) * residual / (1 - e)
     estimate = numerator.mean() / share
-    return estimate, (numerator - d * estimate) / share
+    return estimate, (numerator - d * estimate + _weights_influence(nuisance, ("control",))) / share
+
+
+def _weights_influence(nuisance: dict, arms: tuple[str, ...]) -> np.ndarray | float:
+    """The calibrated weights' estimation terms of the AIPW influence values (0 for likelihood weights,
+    which the usual variance treats as known)."""
+    return sum((nuisance[WEIGHTS_INFLUENCE[arm]] for arm in arms if WEIGHTS_INFLUENCE[arm] in nuisance), start=0.0)
 
 
 def _dml(y, d, nuisance, estimand):

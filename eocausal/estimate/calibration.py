@@ -41,6 +41,8 @@ CALIBRATION_LAMBDAS = np.logspace(0, -5, 11)
 # The final fit's penalty is the inner CV's choice divided by this (1: the CV choice).
 CALIBRATION_UNDERSMOOTH = 1.0
 _ETA_BOUND = 30.0  # exp(30) ~ 1e13: weights beyond are clipped by the AIPW's own clip anyway
+# The nuisance keys of the AIPW's extra influence values from estimating each arm's weights.
+WEIGHTS_INFLUENCE = {"treated": "weights_influence_treated", "control": "weights_influence_control"}
 
 
 def _loss_and_gradient(w: np.ndarray, X1: np.ndarray, a: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
@@ -118,3 +120,62 @@ class CalibratedLogisticCV(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return (self.decision_function(X) > 0).astype(int)
+
+
+def _arm_design(model, X: np.ndarray) -> tuple[np.ndarray, "CalibratedLogisticCV"]:
+    """The calibrated model's design rows (intercept + standardised features) for X, through any
+    steps before it in a pipeline."""
+    steps = model.steps if hasattr(model, "steps") else [("model", model)]
+    features = np.asarray(X, dtype=float)
+    for _, step in steps[:-1]:
+        features = step.transform(features)
+    calibrated = steps[-1][1]
+    return calibrated._design(features), calibrated
+
+
+def weight_estimation_influence(models: dict, X: np.ndarray, in_arm: np.ndarray, slope: np.ndarray,
+                                fold_ids: np.ndarray, clip: float) -> np.ndarray:
+    """Each unit's first-order contribution, through the arm models it helped fit, to a cross-fitted
+    mean whose unit i enters as ``slope[i] * (1 + exp(-eta_i))`` with eta_i its fold's log-odds of
+    being in the arm (``models[k]``: the model fitted on the folds other than k).
+
+    The usual influence-function variance of a weighted score takes the weights as known. Estimating
+    the calibration coefficients adds, per M-estimation, -D_k' H_k^{-1} s_j for every training unit j
+    of fold k's model: D_k = the held-out units' derivative of their score in the coefficients
+    (sum of -slope exp(-eta) z), H_k the penalised calibration loss's Hessian on the training rows,
+    s_j = ((1 - a_j) - a_j exp(-eta_j)) z_j unit j's gradient of that loss. The term vanishes when
+    the outcome model's residuals are, in the weighted arm, uncorrelated with the features (Tan 2020,
+    whose weighted outcome fit makes it exactly zero); otherwise leaving it out makes the standard
+    error too small. Units whose arm probability is clipped below ``clip`` do not move with the
+    coefficients. Returns n values on the scale of the score (add them to the influence values)."""
+    a = np.asarray(in_arm, dtype=float)
+    slope = np.asarray(slope, dtype=float)
+    extra = np.zeros(len(a))
+    for k, model in models.items():
+        test = fold_ids == k
+        train = ~test
+        Z, calibrated = _arm_design(model, X)
+        w = np.concatenate([[calibrated.intercept_], calibrated.coef_])
+        eta = np.clip(Z @ w, -_ETA_BOUND, _ETA_BOUND)
+        odds_against = np.exp(-eta)
+        moving = expit(eta) >= clip
+        held_out = -(slope[test] * odds_against[test] * moving[test]) @ Z[test]
+        arm_rows = a[train] * odds_against[train]
+        n_train = int(train.sum())
+        hessian = (Z[train] * arm_rows[:, None]).T @ Z[train] / n_train
+        hessian[1:, 1:] += calibrated.lambda_ * np.eye(Z.shape[1] - 1)
+        gradients = ((1.0 - a[train]) - arm_rows)[:, None] * Z[train]
+        direction = np.linalg.lstsq(hessian, held_out, rcond=None)[0]
+        extra[train] -= gradients @ direction / n_train
+    return extra
+
+
+def calibrated_weights_influence(models: dict, X, y, d, nuisance: dict, fold_ids, clip) -> dict:
+    """The AIPW score's extra influence values from estimating the calibrated weights, per arm
+    (weight_estimation_influence says why); the treated arm's only where mu1 was fitted."""
+    out = {WEIGHTS_INFLUENCE["control"]: weight_estimation_influence(
+        models[0], X, d == 0, -(1 - d) * (y - nuisance["mu0"]), fold_ids, clip)}
+    if "mu1" in nuisance:
+        out[WEIGHTS_INFLUENCE["treated"]] = weight_estimation_influence(
+            models[1], X, d == 1, d * (y - nuisance["mu1"]), fold_ids, clip)
+    return out

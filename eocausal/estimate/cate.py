@@ -40,11 +40,13 @@ from threadpoolctl import threadpool_limits
 
 from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate import diagnostics as diag
+from eocausal.estimate.ate import nuisance_spec
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
-    NuisanceSpec,
+    cross_fit_calibrated_propensity,
     cross_fit_outcome_arms,
     cross_fit_propensity,
+    learner_names,
 )
 from eocausal.estimate.rate import pehe, rank_average_treatment_effect
 from eocausal.lake import embedding_matrix
@@ -155,10 +157,14 @@ class PseudoOutcomes:
 
 def dr_pseudo_outcomes(
     y, d, X, *, folds: int = 5, seed: int = 0, groups=None, clip: float = 0.01, learner: str = "linear",
-    outcome_arms: str = "borrow",
+    outcome_arms: str = "borrow", nuisance_options: dict | None = None,
 ) -> PseudoOutcomes:
-    """Cross-fitted AIPW pseudo-outcomes; folds and nuisance learners as in the ATE stage
-    (``outcome_arms``: :data:`eocausal.estimate.nuisance.OUTCOME_ARMS`)."""
+    """Cross-fitted AIPW pseudo-outcomes; folds and nuisance models as in the ATE stage
+    (``outcome_arms``: :data:`eocausal.estimate.nuisance.OUTCOME_ARMS`; ``nuisance_options``: the
+    ATE stage's ``learners``, ``outcome_arms`` and ``propensity_fit``, as AnalysisSpec.nuisance_options
+    gives them, over ``learner`` and ``outcome_arms``). With ``propensity_fit="calibrated"`` the
+    pseudo-outcomes weight by the calibrated propensity, as the AIPW estimate does; the overlap
+    diagnostics describe the likelihood one."""
     y = np.asarray(y, dtype=float)
     d = np.asarray(d).astype(int)
     X = np.asarray(X, dtype=float)
@@ -170,18 +176,23 @@ def dr_pseudo_outcomes(
         raise ValueError("outcome and features must be finite")
     if set(np.unique(d)) != {0, 1}:
         raise ValueError("treatment must be binary with both arms present")
-    spec = NuisanceSpec(learner=learner, seed=seed, outcome_arms=outcome_arms)
+    spec = nuisance_spec(seed, [], **{"learner": learner, "outcome_arms": outcome_arms, **(nuisance_options or {})})
     fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
     with threadpool_limits(limits=1):
         e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
+        e_weights = (cross_fit_calibrated_propensity(X, d, fold_ids, spec)[0] if spec.propensity_fit == "calibrated"
+                     else e_raw)
         arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
         mu0, mu1 = arms[0], arms[1]
-    e = np.clip(e_raw, clip, 1.0 - clip)
+    e = np.clip(e_weights, clip, 1.0 - clip)
     score = mu1 - mu0 + d * (y - mu1) / e - (1 - d) * (y - mu0) / (1 - e)
     info = {
         "folds": int(folds),
         "clip": float(clip),
-        "learner": learner,
+        "learner": spec.learner,
+        "learners": learner_names(spec),
+        "outcome_arms": spec.outcome_arms,
+        "propensity_fit": spec.propensity_fit,
         "n_adjustment_features": int(X.shape[1]),
         "propensity": diag.propensity_overlap(e_raw, d, clip),
         "outcome_r2": {
@@ -363,6 +374,7 @@ def estimate_cate(
     learner: str = "linear",
     nuisance_learner: str = "linear",
     outcome_arms: str = "borrow",
+    nuisance_options: dict | None = None,
     groups=None,
     n_bootstrap: int = 200,
     truth_tau=None,
@@ -374,6 +386,8 @@ def estimate_cate(
 
     ``units``: analysis units (unit_id, lat, lon, treatment, outcome, covariates, embedding).
     Feature sets that the data cannot supply (e.g. tabular without covariates) are skipped.
+    ``nuisance_options``: the ATE stage's nuisance options (AnalysisSpec.nuisance_options), so that
+    the pseudo-outcomes come from the nuisance models the ATE used.
     """
     with threadpool_limits(limits=1):  # small matrices: threads only contend (see estimate_effect)
         features = build_features(units, covariates, image_components, seed, stored_pca)
@@ -388,7 +402,7 @@ def estimate_cate(
     d = units["treatment"].to_numpy(dtype=int)
     pseudo = dr_pseudo_outcomes(
         y, d, X_adjust, folds=folds, seed=seed, groups=groups, clip=clip, learner=nuisance_learner,
-        outcome_arms=outcome_arms,
+        outcome_arms=outcome_arms, nuisance_options=nuisance_options,
     )
     truth = None if truth_tau is None else np.asarray(truth_tau, dtype=float)
     if truth is not None and truth.shape != y.shape:

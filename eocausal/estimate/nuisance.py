@@ -454,15 +454,17 @@ def cross_fit_propensity(
 
 def cross_fit_calibrated_propensity(
     X: np.ndarray, d: np.ndarray, fold_ids: np.ndarray, spec: NuisanceSpec
-) -> tuple[np.ndarray, CrossFitLog]:
+) -> tuple[np.ndarray, CrossFitLog, dict[int, dict[int, Pipeline]]]:
     """Out-of-fold propensities for the IPW/AIPW weights by the calibration loss: for a treated
     unit the treated arm's P(D=1 | X), for a control 1 - the control arm's P(D=0 | X), each arm's
     model fitted on the other folds so that its weights balance that arm's features to the
     training units' (eocausal.estimate.calibration). Not a propensity for DML's residual D - e(X),
-    which must not see D."""
+    which must not see D. Also returns the fitted models by arm and held-out fold (for
+    calibration.weight_estimation_influence)."""
     e_hat = np.empty(len(d), dtype=float)
     log = CrossFitLog()
     d = np.asarray(d)
+    models: dict[int, dict[int, Pipeline]] = {1: {}, 0: {}}
     for k in np.unique(fold_ids):
         test = fold_ids == k
         train = ~test
@@ -473,8 +475,9 @@ def cross_fit_calibrated_propensity(
             model.fit(X[train], (d[train] == arm).astype(int))
             log.penalties.append(float(model.named_steps["model"].lambda_))
             in_arm[arm] = model.predict_proba(X[test])[:, 1]
+            models[arm][int(k)] = model
         e_hat[test] = np.where(d[test] == 1, in_arm[1], 1.0 - in_arm[0])
-    return e_hat, log
+    return e_hat, log, models
 
 
 def cross_fit_outcome(

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from threadpoolctl import threadpool_limits
 
+from eocausal.estimate.calibration import WEIGHTS_INFLUENCE, calibrated_weights_influence
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     NuisanceSpec,
@@ -236,7 +237,8 @@ def sensitivity_stats(
         riesz = d / e - (1 - d) / (1 - e)
         psi = mu1 - mu0 + riesz * (y - np.where(d == 1, mu1, mu0))
         theta = psi.mean()
-        psi_theta = psi - theta
+        psi_theta = psi - theta + sum((np.asarray(nuisance[key], dtype=float) for key in WEIGHTS_INFLUENCE.values()
+                                       if key in nuisance), start=np.zeros(n))
         residual = y - np.where(d == 1, mu1, mu0)
         # E[alpha^2 | X] = 1/e + 1/(1 - e). Averaging that is far steadier than averaging alpha^2
         # or the debiased 2 m(W; alpha) - alpha^2, whose 1/e^2 terms explode near the clip.
@@ -328,10 +330,13 @@ def cross_fitted_nuisance(
     e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
     out = {"e_raw": e_raw, "e": np.clip(e_raw, clip, 1.0 - clip)}
     if "aipw" in estimators and spec.propensity_fit == "calibrated":  # the AIPW's weights, as the estimate's
-        out["e_weights"] = np.clip(cross_fit_calibrated_propensity(X, d, fold_ids, spec)[0], clip, 1.0 - clip)
+        e_cal, _, calibrated_models = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
+        out["e_weights"] = np.clip(e_cal, clip, 1.0 - clip)
     if "aipw" in estimators:
         arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
         out["mu0"], out["mu1"] = arms[0], arms[1]
+        if "e_weights" in out:  # the estimate's SE counts the calibrated weights' estimation too
+            out.update(calibrated_weights_influence(calibrated_models, X, y, d, out, fold_ids, clip))
     if "dml" in estimators:
         out["l"], _ = cross_fit_outcome(X, y, fold_ids, spec)
     return out

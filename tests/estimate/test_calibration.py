@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eocausal.estimate.ate import estimate_effects
-from eocausal.estimate.calibration import CalibratedLogisticCV
+from eocausal.estimate.calibration import CalibratedLogisticCV, weight_estimation_influence
 from eocausal.estimate.nuisance import NuisanceSpec
 from eocausal.estimate.sensitivity import MISMATCH_NOTE, sensitivity_for_effects
 from eocausal.study import AnalysisSpec
@@ -83,4 +83,46 @@ def test_the_sensitivity_bounds_refit_the_calibrated_weights():
     stats = sensitivity_for_effects(y, d, X, estimators=("aipw",), folds=4, seed=2, spec=spec,
                                     reported_estimates={"aipw": res.estimate})["aipw"]
     assert stats.theta == pytest.approx(res.estimate, abs=1e-9)
+    assert stats.std_error == pytest.approx(res.std_error, rel=1e-9)  # with the weights' estimation term
     assert not any(MISMATCH_NOTE in note for note in stats.notes)
+
+
+def test_the_weights_estimation_term_is_each_training_units_effect_on_the_held_out_mean():
+    # One held-out fold's weighted mean, mean over held-out i of slope_i / P(arm | x_i), with the arm
+    # model fitted on the other rows at a fixed penalty: dropping training unit j moves it by about
+    # -(its term) / n, the first-order (M-estimation) effect the function returns.
+    y, d, X = _design(400, seed=5)
+    fold_ids = (np.arange(len(d)) % 4 == 0).astype(int)  # fold 1 held out, fold 0 trains
+    slope = d * (y - np.exp(0.5) - d)  # residuals of a wrong outcome model, on the treated
+
+    def held_out_mean(train):
+        model = CalibratedLogisticCV(lambdas=(1e-3,)).fit(X[train], d[train])
+        test = fold_ids == 1
+        return (slope[test] / model.predict_proba(X[test])[:, 1]).sum() / len(d), model
+
+    train = fold_ids == 0
+    full, model = held_out_mean(train)
+    extra = weight_estimation_influence({1: model}, X, d, slope, fold_ids, clip=0.0)
+    assert (extra[fold_ids == 1] == 0).all()
+    for j in np.flatnonzero(train)[:6]:
+        without = train.copy()
+        without[j] = False
+        dropped, _ = held_out_mean(without)
+        assert (full - dropped) * len(d) == pytest.approx(extra[j], rel=0.05, abs=0.01 * np.abs(extra).max())
+
+
+
+def test_the_calibrated_aipw_se_counts_the_weights_estimation():
+    y, d, X = _design()
+    res = estimate_effects(y, d, X, estimators=("aipw",), folds=5, seed=3, propensity_fit="calibrated")["aipw"]
+    term = res.diagnostics["weights_estimation"]
+    assert term["std_error_weights_known"] > 0 and term["std_error_weights_known"] != res.std_error
+    plain = estimate_effects(y, d, X, estimators=("aipw",), folds=5, seed=3)["aipw"]
+    assert "weights_estimation" not in plain.diagnostics
+
+
+def test_the_calibrated_fit_runs_only_for_the_weighting_estimators():
+    y, d, X = _design(600)
+    dml = estimate_effects(y, d, X, estimators=("dml",), folds=4, seed=1, propensity_fit="calibrated")["dml"]
+    assert "weights" not in dml.diagnostics["propensity_model"]
+    assert dml.estimate == estimate_effects(y, d, X, estimators=("dml",), folds=4, seed=1)["dml"].estimate

@@ -42,6 +42,25 @@ def test_pseudo_outcomes_are_unbiased_for_the_effect():
     assert po.diagnostics["propensity"]["auc"] > 0.7
 
 
+
+@pytest.mark.parametrize("options", [
+    {"propensity_fit": "calibrated"},
+    {"outcome_arms": "separate", "learners": {"outcome": {"name": "boosting"}}},
+])
+def test_pseudo_outcomes_use_the_ate_stages_nuisance_options(options):
+    # Their mean is the AIPW estimate that the same options, seed and folds give.
+    from eocausal.estimate.ate import estimate_effects
+    from eocausal.study import AnalysisSpec
+
+    X, d, y, _ = _confounded(n=600, seed=3)
+    nuisance = AnalysisSpec(**options).nuisance_options()
+    po = dr_pseudo_outcomes(y, d, X, folds=4, seed=2, nuisance_options=nuisance)
+    ate = estimate_effects(y, d, X, estimators=("aipw",), folds=4, seed=2, **nuisance)["aipw"]
+    assert po.score.mean() == pytest.approx(ate.estimate, abs=1e-9)
+    assert po.diagnostics["propensity_fit"] == nuisance["propensity_fit"]
+    assert po.diagnostics["outcome_arms"] == nuisance["outcome_arms"]
+
+
 def test_dr_learner_recovers_the_cate_better_than_a_constant():
     X, d, y, tau = _confounded(n=1500, seed=1)
     po = dr_pseudo_outcomes(y, d, X, folds=5, seed=0)
