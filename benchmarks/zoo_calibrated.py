@@ -15,8 +15,12 @@ features, the headline's outcome models), ``calbo`` (the same with the squares a
 headline's propensity, products in the outcome models, for reference); a suffix ``/U`` divides the
 calibration penalty chosen by inner CV by U (undersmoothing, as the headline's), ``w`` before the
 suffix fits the outcome models with Tan's weights ((1 - pi) / pi of the arm, normalised).
+``cal``, ``calbo`` and ``calpbo`` without a suffix fit the product's per-arm models
+(nuisance.cross_fit_calibrated_propensity) and their SE counts the weights' estimation, as the
+product's does (calibration.weight_estimation_influence); the others take the weights as known.
 Prints per design and variant the bias, sd, mean SE, bias/SE, coverage and RMSE (the headline's on
-the same draws first). Results: benchmarks/results/zoo/variants.md (section "session 12").
+the same draws first). Results: benchmarks/results/zoo/variants.md (sections "session 12" and
+"session 13").
 """
 
 from __future__ import annotations
