@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
-from eocausal.estimate.ate import estimate_effects  # noqa: E402
+from eocausal.estimate.ate import DEFAULT_CLIP, estimate_effects, with_influence  # noqa: E402
 from eocausal.estimate.calibration import CalibratedLogisticCV, calibrated_weights_influence  # noqa: E402
 from eocausal.estimate.folds import make_folds  # noqa: E402
 from eocausal.estimate.fragility import leading_products  # noqa: E402
@@ -50,7 +50,6 @@ from eocausal.estimate.nuisance import (  # noqa: E402
 )
 
 FOLDS = 5
-CLIP = 0.01  # estimate_effects' default clip
 LAMBDAS = np.logspace(-5, 0, 11)
 
 
@@ -135,12 +134,13 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
             mu = arms("expanded")
         elif undersmooth == 1.0 and not weighted:  # the product's fit, and its SE with the weights' term
             F = expanded if name == "calpbo" else base
-            e, _, models = cross_fit_calibrated_propensity(F, d, fold_ids, spec)
+            e, _, models = cross_fit_calibrated_propensity(F, d, fold_ids, replace(spec, seed=rep))
             mu = arms("base" if name == "cal" else "expanded")
             r = estimate_effects(y, d, base, estimators=("aipw",), folds=FOLDS, seed=rep, predictions={
                 "propensity": e, "outcome_control": mu[0], "outcome_treated": mu[1]})["aipw"]
-            extra = calibrated_weights_influence(models, F, y, d, {"mu0": mu[0], "mu1": mu[1]}, fold_ids, CLIP)
-            rows.append(_row(prepared, variant, rep, truth, headline, _with_influence(r, sum(extra.values()))))
+            extra = calibrated_weights_influence(models, F, y, d, {"mu0": mu[0], "mu1": mu[1]}, fold_ids, DEFAULT_CLIP)
+            r = with_influence(r, r.influence + sum(extra.values()))
+            rows.append(_row(prepared, variant, rep, truth, headline, r))
             continue
         else:
             F = expanded if name == "calpbo" else base
@@ -152,12 +152,6 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
         rows.append(_row(prepared, variant, rep, truth, headline, r))
     return rows
 
-
-def _with_influence(r, extra: np.ndarray):
-    """The result with ``extra`` added to its influence values (SE and 95 % CI recomputed)."""
-    influence = r.influence + extra
-    se = float(np.sqrt(np.square(influence - influence.mean()).sum() / (len(influence) * (len(influence) - 1))))
-    return replace(r, std_error=se, ci_low=r.estimate - 1.959964 * se, ci_high=r.estimate + 1.959964 * se)
 
 
 def _row(prepared, variant, rep, truth, headline, r) -> dict:

@@ -47,6 +47,7 @@ from eocausal.estimate.nuisance import (
     overlap_refit_needed,
 )
 
+DEFAULT_CLIP = 0.01  # propensities are clipped to [clip, 1 - clip]
 ESTIMATORS = ("difference_in_means", "ipw", "aipw", "dml")
 ESTIMANDS = ("ATE", "ATT")
 OPTIONS = ("learner", "learners", "pca_components", "pca_columns", "solver", "predictions", "undersmooth",
@@ -88,6 +89,16 @@ class EffectResult:
         return diag.jsonable(out)
 
 
+def with_influence(result: EffectResult, influence: np.ndarray, groups=None) -> EffectResult:
+    """The result with other influence values (e.g. with a nuisance's estimation term added): its
+    standard error and CI recomputed from them, at the result's critical value."""
+    groups = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    std_error, _ = _standard_error(np.asarray(influence, dtype=float), groups)
+    critical = result.diagnostics.get("critical_value", stats.norm.ppf(0.975))
+    return replace(result, std_error=std_error, ci_low=result.estimate - critical * std_error,
+                   ci_high=result.estimate + critical * std_error, influence=np.asarray(influence, dtype=float))
+
+
 def estimate_effect(
     y,
     d,
@@ -97,7 +108,7 @@ def estimate_effect(
     folds: int = 5,
     seed: int = 0,
     groups=None,
-    clip: float = 0.01,
+    clip: float = DEFAULT_CLIP,
     alpha: float = 0.05,
     feature_names=None,
     balance_columns=None,
@@ -149,7 +160,7 @@ def estimate_effects(
     folds: int = 5,
     seed: int = 0,
     groups=None,
-    clip: float = 0.01,
+    clip: float = DEFAULT_CLIP,
     alpha: float = 0.05,
     feature_names=None,
     balance_columns=None,
@@ -678,7 +689,6 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
     if spec.propensity_fit == "calibrated" and "e" in needs and "mu0" in nuisance:
         nuisance.update(calibrated_weights_influence(calibrated_models, X, y, d, nuisance, fold_ids, clip))
     return nuisance, pieces
-
 
 
 def _supplied_nuisance(supplied, y, d, needs, clip) -> tuple[dict, dict]:

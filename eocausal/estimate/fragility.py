@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eocausal.estimate.ate import OPTIONS, EffectResult, estimate_effects, nuisance_spec
+from eocausal.estimate.ate import DEFAULT_CLIP, OPTIONS, EffectResult, estimate_effects, nuisance_spec, with_influence
+from eocausal.estimate.calibration import calibrated_weights_influence
 from eocausal.estimate.folds import make_folds
-from eocausal.estimate.nuisance import cross_fit_outcome_arms, cross_fit_propensity
+from eocausal.estimate.nuisance import cross_fit_calibrated_propensity, cross_fit_outcome_arms, cross_fit_propensity
 
 # |difference| / SE above this warns (about a 0.3 % two-sided level per comparison).
 THRESHOLD = 3.0
@@ -162,8 +163,12 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
         y, d = np.asarray(y, dtype=float), np.asarray(d)
         fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
         spec = nuisance_spec(seed, [], **{k: v for k, v in options.items() if k in OPTIONS})
-        e = headline.propensity
-        if e is None:
+        e, calibrated_models = headline.propensity, None
+        if spec.propensity_fit == "calibrated":
+            # Refitted (the same folds give the headline's weights) for the models, whose estimation
+            # enters the headline's influence values and so must enter these too.
+            e, _, calibrated_models = cross_fit_calibrated_propensity(features, d, fold_ids, spec)
+        elif e is None:
             e, _ = cross_fit_propensity(features, d, fold_ids, spec)
         arms, _, _ = cross_fit_outcome_arms(expanded, y, d, fold_ids, spec)
         mu0, mu1 = arms[0], arms[1]
@@ -171,6 +176,10 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
         options = {k: v for k, v in options.items() if k not in OPTIONS}
         res = estimate_effects(y, d, features, estimators=("aipw",), folds=folds, seed=seed, predictions=supplied,
                                **options)["aipw"]
+        if calibrated_models is not None and res.kept is None:
+            term = sum(calibrated_weights_influence(calibrated_models, features, y, d, {"mu0": mu0, "mu1": mu1},
+                                                    fold_ids, options.get("clip", DEFAULT_CLIP)).values())
+            res = with_influence(res, res.influence + term, groups)
     comparison = compare(name, headline, res)
     comparison.threshold = PRODUCTS_THRESHOLD
     return comparison

@@ -126,3 +126,21 @@ def test_the_calibrated_fit_runs_only_for_the_weighting_estimators():
     dml = estimate_effects(y, d, X, estimators=("dml",), folds=4, seed=1, propensity_fit="calibrated")["dml"]
     assert "weights" not in dml.diagnostics["propensity_model"]
     assert dml.estimate == estimate_effects(y, d, X, estimators=("dml",), folds=4, seed=1)["dml"].estimate
+
+
+def test_the_products_comparison_carries_the_weights_term_as_the_headline_does():
+    # Products of an all-zero image column change no outcome model: the comparison's estimate and
+    # influence values are then the headline's, term included.
+    from eocausal.estimate.fragility import products_comparison
+
+    y, d, X = _design(600)
+    image = np.zeros((len(y), 1))
+    features = np.hstack([X, image])
+    headline = estimate_effects(y, d, features, estimators=("aipw",), folds=4, seed=1,
+                                propensity_fit="calibrated")["aipw"]
+    comparison = products_comparison(y, d, X, image, folds=4, seed=1, headline=headline,
+                                     propensity_fit="calibrated")
+    assert comparison.estimate == pytest.approx(headline.estimate, abs=1e-9)
+    assert comparison.std_error == pytest.approx(headline.std_error, rel=1e-6)
+    assert headline.std_error != pytest.approx(headline.diagnostics["weights_estimation"]["std_error_weights_known"],
+                                               rel=1e-6)
