@@ -33,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from eocausal.estimate import diagnostics as diag
-from eocausal.estimate.calibration import WEIGHTS_INFLUENCE, calibrated_weights_influence
+from eocausal.estimate.calibration import WEIGHTS_INFLUENCE, weight_estimation_influence
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     UNDERSMOOTH,
@@ -312,6 +312,9 @@ def _estimate_on_split(
         if "penalties" in pieces["outcome_all"]:
             info["outcome_model"] = {"penalty_by_fold": {"all": pieces["outcome_all"]["penalties"]}}
 
+    if estimator == "aipw" and "calibrated" in pieces:
+        # Before any trimming, like the nuisances (a trimmed estimate keeps its units' terms).
+        nuisance = nuisance | weights_estimation_terms(estimand, y, d, X, nuisance, pieces["calibrated"], base["clip"])
     # The propensity the score weights by (the calibrated one, for IPW/AIPW, where fitted).
     propensity = (nuisance.get("e_weights_raw", nuisance.get("e_raw")) if estimator in ("ipw", "aipw")
                   else nuisance.get("e_raw")) if uses_propensity else None
@@ -337,9 +340,10 @@ def _estimate_on_split(
 
     estimate, influence = _SCORES[estimator](y, d, nuisance, estimand)
     std_error, n_clusters = _standard_error(influence, groups)
-    if estimator == "aipw" and any(key in nuisance for key in WEIGHTS_INFLUENCE.values()):
-        arms = ("treated", "control") if estimand == "ATE" else ("control",)
-        term = _weights_influence(nuisance, arms) / (1.0 if estimand == "ATE" else d.mean())
+    if any(key in nuisance for key in WEIGHTS_INFLUENCE.values()):
+        term = _weights_influence(nuisance, ("treated", "control"))
+        if estimator == "aipw" and estimand == "ATT":
+            term = term / d.mean()
         info["weights_estimation"] = {
             "std_error_weights_known": _standard_error(influence - term, groups)[0],
             "note": "the standard error counts the calibrated weights' estimation (M-estimation terms); "
@@ -656,6 +660,8 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             e_cal, cal_log, calibrated_models = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
             nuisance["e_weights_raw"] = e_cal
             nuisance["e_weights"] = np.clip(e_cal, clip, 1.0 - clip)
+            # For the weights' estimation terms of each weighting score (weights_estimation_terms).
+            pieces["calibrated"] = {"models": calibrated_models, "fold_ids": fold_ids}
             pieces["propensity_model"]["weights"] = {
                 "fit": "calibrated: per-arm logistic models by the calibration loss (Tan 2020); the weights "
                        "balance each arm's features to the sample's",
@@ -686,9 +692,29 @@ def _cross_fitted_nuisance(y, d, X, needs, folds, fold_seed, groups, clip, spec)
             "r2": diag.out_of_fold_r2(y[observed], predicted[observed]),
             "penalties": log.penalties,
         }
-    if spec.propensity_fit == "calibrated" and "e" in needs and "mu0" in nuisance:
-        nuisance.update(calibrated_weights_influence(calibrated_models, X, y, d, nuisance, fold_ids, clip))
     return nuisance, pieces
+
+
+def weights_estimation_terms(estimand: str, y, d, X, nuisance: dict, calibrated: dict, clip: float) -> dict:
+    """The calibrated weights' estimation terms (calibration.weight_estimation_influence) of the AIPW
+    score, per arm whose weights the estimand uses (the ATT weights only the controls): each arm's
+    score term is slope * (1 + exp(-eta)) in the arm model's log-odds, with slope the arm's residual
+    from its outcome model (minus it for the control arm).
+
+    Not added to the Hajek IPW's influence values, which keep the weights as known: on the
+    misspecified-outcome design of tests/estimate/test_calibration.py (60 replications, n = 1,000)
+    the term brought the IPW's mean SE from 0.209 to 0.159 against an sd of 0.178 and its coverage
+    from 0.93 to 0.80 (the penalised weights leave a bias of 0.4 SE), while the AIPW's coverage
+    stayed 0.93 (mean SE 0.173 -> 0.161, sd 0.176) and on the zoo it rose on 8 of 12 designs."""
+    d = np.asarray(d)
+    outcome = {"treated": nuisance.get("mu1"), "control": nuisance["mu0"]}
+    out = {}
+    for arm in ("treated", "control") if estimand == "ATE" else ("control",):
+        in_arm = d == (1 if arm == "treated" else 0)
+        slope = (1.0 if arm == "treated" else -1.0) * in_arm * (y - outcome[arm])
+        out[WEIGHTS_INFLUENCE[arm]] = weight_estimation_influence(
+            calibrated["models"][1 if arm == "treated" else 0], X, in_arm, slope, calibrated["fold_ids"], clip)
+    return out
 
 
 def _supplied_nuisance(supplied, y, d, needs, clip) -> tuple[dict, dict]:
@@ -769,12 +795,13 @@ def _aipw(y, d, nuisance, estimand):
     residual = y - mu0
     numerator = d * residual - e * (1 - d) * residual / (1 - e)
     estimate = numerator.mean() / share
-    return estimate, (numerator - d * estimate + _weights_influence(nuisance, ("control",))) / share
+    return estimate, (numerator - d * estimate + _weights_influence(nuisance, ("treated", "control"))) / share
 
 
 def _weights_influence(nuisance: dict, arms: tuple[str, ...]) -> np.ndarray | float:
-    """The calibrated weights' estimation terms of the AIPW influence values (0 for likelihood weights,
-    which the usual variance treats as known)."""
+    """The calibrated weights' estimation terms of the AIPW influence values (0 for likelihood
+    weights, which the usual variance treats as known; weights_estimation_terms gives only the arms
+    whose weights the estimand uses)."""
     return sum((nuisance[WEIGHTS_INFLUENCE[arm]] for arm in arms if WEIGHTS_INFLUENCE[arm] in nuisance), start=0.0)
 
 
