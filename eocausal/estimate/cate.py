@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 from eocausal.embed.reduce import PCAReduction, image_reduction
 from eocausal.estimate import diagnostics as diag
 from eocausal.estimate.ate import nuisance_spec
+from eocausal.estimate.calibration import calibrated_weights_influence
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     cross_fit_calibrated_propensity,
@@ -180,12 +181,17 @@ def dr_pseudo_outcomes(
     fold_ids = make_folds(len(y), folds, seed, stratify=d, groups=groups)
     with threadpool_limits(limits=1):
         e_raw, _ = cross_fit_propensity(X, d, fold_ids, spec)
-        e_weights = (cross_fit_calibrated_propensity(X, d, fold_ids, spec)[0] if spec.propensity_fit == "calibrated"
-                     else e_raw)
+        e_weights, calibrated_models = e_raw, None
+        if spec.propensity_fit == "calibrated":
+            e_weights, _, calibrated_models = cross_fit_calibrated_propensity(X, d, fold_ids, spec)
         arms, _, _ = cross_fit_outcome_arms(X, y, d, fold_ids, spec)
         mu0, mu1 = arms[0], arms[1]
     e = np.clip(e_weights, clip, 1.0 - clip)
     score = mu1 - mu0 + d * (y - mu1) / e - (1 - d) * (y - mu0) / (1 - e)
+    influence = score - score.mean()
+    if calibrated_models is not None:  # the AIPW ATE's SE counts the weights' estimation, as the ATE stage's
+        influence = influence + sum(calibrated_weights_influence(
+            calibrated_models, X, y, d, {"mu0": mu0, "mu1": mu1}, fold_ids, clip).values())
     info = {
         "folds": int(folds),
         "clip": float(clip),
@@ -200,7 +206,7 @@ def dr_pseudo_outcomes(
             "treated": diag.out_of_fold_r2(y[d == 1], mu1[d == 1]),
         },
         "aipw_ate": float(score.mean()),
-        "aipw_ate_std_error": float(score.std(ddof=1) / np.sqrt(len(score))),
+        "aipw_ate_std_error": float(influence.std(ddof=1) / np.sqrt(len(score))),
     }
     return PseudoOutcomes(score, e, mu0, mu1, fold_ids, diag.jsonable(info))
 

@@ -57,6 +57,7 @@ def test_pseudo_outcomes_use_the_ate_stages_nuisance_options(options):
     po = dr_pseudo_outcomes(y, d, X, folds=4, seed=2, nuisance_options=nuisance)
     ate = estimate_effects(y, d, X, estimators=("aipw",), folds=4, seed=2, **nuisance)["aipw"]
     assert po.score.mean() == pytest.approx(ate.estimate, abs=1e-9)
+    assert po.diagnostics["aipw_ate_std_error"] == pytest.approx(ate.std_error, rel=1e-6)
     assert po.diagnostics["propensity_fit"] == nuisance["propensity_fit"]
     assert po.diagnostics["outcome_arms"] == nuisance["outcome_arms"]
 
