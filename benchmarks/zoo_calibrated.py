@@ -153,7 +153,6 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
     return rows
 
 
-
 def _row(prepared, variant, rep, truth, headline, r) -> dict:
     return {"design": prepared.design.name, "variant": variant, "replication": rep,
             "headline_error": headline.estimate - truth, "headline_se": headline.std_error,

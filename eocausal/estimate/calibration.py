@@ -170,12 +170,33 @@ def weight_estimation_influence(models: dict, X: np.ndarray, in_arm: np.ndarray,
     return extra
 
 
-def calibrated_weights_influence(models: dict, X, y, d, nuisance: dict, fold_ids, clip) -> dict:
-    """The AIPW score's extra influence values from estimating the calibrated weights, per arm
-    (weight_estimation_influence says why); the treated arm's only where mu1 was fitted."""
-    out = {WEIGHTS_INFLUENCE["control"]: weight_estimation_influence(
-        models[0], X, d == 0, -(1 - d) * (y - nuisance["mu0"]), fold_ids, clip)}
-    if "mu1" in nuisance:
-        out[WEIGHTS_INFLUENCE["treated"]] = weight_estimation_influence(
-            models[1], X, d == 1, d * (y - nuisance["mu1"]), fold_ids, clip)
+def calibrated_weights_influence(models: dict, X, y, d, nuisance: dict, fold_ids, clip,
+                                 estimand: str = "ATE") -> dict:
+    """The AIPW score's extra influence values from estimating the calibrated weights
+    (weight_estimation_influence), per arm whose weights the estimand uses (the ATT weights only the
+    controls), under the WEIGHTS_INFLUENCE keys: each arm's score term is slope * (1 + exp(-eta)) in
+    the arm model's log-odds, with slope the arm's residual from its outcome model (minus it for the
+    control arm). ``models``: by arm (1, 0), then by held-out fold.
+
+    Not for the Hajek IPW, which keeps the weights as known: on the misspecified-outcome design of
+    tests/estimate/test_calibration.py (60 replications, n = 1,000) the term brought the IPW's mean SE
+    from 0.209 to 0.159 against an sd of 0.178 and its coverage from 0.93 to 0.80 (the penalised
+    weights leave a bias of 0.4 SE), while the AIPW's coverage stayed 0.93 (mean SE 0.173 -> 0.161,
+    sd 0.176) and on the zoo it rose on 8 of 12 designs."""
+    d = np.asarray(d)
+    y = np.asarray(y, dtype=float)
+    out = {}
+    for arm in ("treated", "control") if estimand == "ATE" else ("control",):
+        treated = arm == "treated"
+        in_arm = d == int(treated)
+        slope = (1.0 if treated else -1.0) * in_arm * (y - nuisance["mu1" if treated else "mu0"])
+        out[WEIGHTS_INFLUENCE[arm]] = weight_estimation_influence(models[int(treated)], X, in_arm, slope, fold_ids,
+                                                                  clip)
     return out
+
+
+def weights_influence_total(nuisance: dict) -> np.ndarray | float:
+    """The sum of the WEIGHTS_INFLUENCE terms a nuisance dict holds (0.0 where none: likelihood
+    weights, which the usual variance treats as known)."""
+    return sum((np.asarray(nuisance[key], dtype=float) for key in WEIGHTS_INFLUENCE.values() if key in nuisance),
+               start=0.0)

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from threadpoolctl import threadpool_limits
 
-from eocausal.estimate.calibration import WEIGHTS_INFLUENCE, calibrated_weights_influence
+from eocausal.estimate.calibration import calibrated_weights_influence, weights_influence_total
 from eocausal.estimate.folds import make_folds
 from eocausal.estimate.nuisance import (
     NuisanceSpec,
@@ -237,8 +237,7 @@ def sensitivity_stats(
         riesz = d / e - (1 - d) / (1 - e)
         psi = mu1 - mu0 + riesz * (y - np.where(d == 1, mu1, mu0))
         theta = psi.mean()
-        psi_theta = psi - theta + sum((np.asarray(nuisance[key], dtype=float) for key in WEIGHTS_INFLUENCE.values()
-                                       if key in nuisance), start=np.zeros(n))
+        psi_theta = psi - theta + weights_influence_total(nuisance)
         residual = y - np.where(d == 1, mu1, mu0)
         # E[alpha^2 | X] = 1/e + 1/(1 - e). Averaging that is far steadier than averaging alpha^2
         # or the debiased 2 m(W; alpha) - alpha^2, whose 1/e^2 terms explode near the clip.

@@ -119,7 +119,7 @@ def test_the_calibrated_aipw_se_counts_the_weights_estimation(estimand):
                             propensity_fit="calibrated")
     term = both["aipw"].diagnostics["weights_estimation"]
     assert 0 < term["std_error_weights_known"] != pytest.approx(both["aipw"].std_error, rel=1e-6)
-    # The Hajek IPW keeps the weights as known (weights_estimation_terms says why).
+    # The Hajek IPW keeps the weights as known (calibration.calibrated_weights_influence says why).
     assert "weights_estimation" not in both["ipw"].diagnostics
     plain = estimate_effects(y, d, X, estimators=("aipw",), estimand=estimand, folds=5, seed=3)["aipw"]
     assert "weights_estimation" not in plain.diagnostics
