@@ -11,7 +11,7 @@ from assets.dbt import WAREHOUSE_POOL
 from assets.imputation import imputed_outcomes_path, read_imputed
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
-from eocausal.embed.context import context_components
+from eocausal.embed.context import context_components, context_request
 from eocausal.estimate.effects import (
     CODE_VERSION,
     analysis_version,
@@ -53,8 +53,9 @@ from eocausal.warehouse import query_units
         dg.AssetCheckSpec(
             "chip_scale",
             asset="effect_estimates",
-            description="A context window twice the chip's side does not move the headline beyond its SEs; "
-                        "else the confounder may extend beyond the chip. Warns; does not block.",
+            description="The headline with and without a context window twice the chip's side (by default the "
+                        "headline adjusts for it) agree within their SEs; else the confounder extends beyond the "
+                        "chip. Warns; does not block.",
         ),
     ],
 )
@@ -85,11 +86,11 @@ def effect_estimates(
         # The PCA fitted once by the embedding stage, under these embeddings' version.
         pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), embeddings_version)
         context_rows = None
-        if spec.analysis.chip_scale_check and any("image" in fs for fs in spec.analysis.feature_sets):
+        request = context_request(spec.analysis)
+        if request is not None:
             period = spec.imagery.analysis_period_name()
             context_rows = context_components(
-                units, open_source(spec, period), spec, warehouse.layout.chip_cache,
-                spec.analysis.fixed_image_components,
+                units, open_source(spec, period), spec, warehouse.layout.chip_cache, *request,
             ).components
         result = estimate_study(
             units, covariates, spec.analysis, study_name=spec.name,

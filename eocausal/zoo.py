@@ -70,6 +70,8 @@ FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
 REPRESENTATIONS = ("default", "previous", "reference")
 # The estimation stage's default image component count (analysis.image_components).
 DEFAULT_COMPONENTS = 64
+# ... and of the context window's components beside them (analysis.context_components).
+DEFAULT_CONTEXT = 32
 
 
 @dataclass(frozen=True)
@@ -414,9 +416,11 @@ def replication_draw(prepared: PreparedDesign, rep: int) -> dict:
 
 
 def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[dict]:
-    """One replication: draw, then fit the default's every estimator x feature set, tabular+image
-    AIPW under the previous default and the reference, the oracle nuisances, and the warnings."""
-    from eocausal.estimate.fragility import chip_scale_check, specification_check
+    """One replication: draw, then fit the default's every estimator x feature set (the chip's
+    components and the context window's, as the estimation stage's defaults), tabular+image AIPW
+    under the previous default and the reference (the chip alone, as they were defined), the oracle
+    nuisances, and the warnings."""
+    from eocausal.estimate.fragility import context_check, specification_check
 
     design = prepared.design
     process = process_for(design)
@@ -438,7 +442,9 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
             })
 
     k = DEFAULT_COMPONENTS
-    image = prepared.components["default"][:, :k]
+    context = prepared.context_components[:, :DEFAULT_CONTEXT]
+    chip = prepared.components["default"][:, :k]
+    image = np.hstack([chip, context])
     choose_seconds = 0.0
     fitted = {}
     for fs, X in (("none", None), ("tabular", tab), ("image", image), ("tabular+image", np.hstack([tab, image]))):
@@ -458,7 +464,7 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
     # (eocausal.estimate.components), and the default's features with the CV penalties.
     started = time.perf_counter()
     auto_k = choose_components(y, d, tab, prepared.components["default"]).n_components
-    X = np.hstack([tab, prepared.components["default"][:, :auto_k]])
+    X = np.hstack([tab, prepared.components["default"][:, :auto_k], context])
     res = estimate_effects(y, d, X, estimators=("aipw",), folds=folds, seed=rep)
     record("default_auto_k", "tabular+image", res, time.perf_counter() - started, {"n_components": auto_k})
     res = estimate_effects(y, d, np.hstack([tab, image]), estimators=("aipw",), folds=folds, seed=rep,
@@ -467,9 +473,9 @@ def run_replication(prepared: PreparedDesign, rep: int, folds: int = 5) -> list[
 
     # Fragility: specifications that should agree, and the chip-scale check.
     spec = specification_check(y, d, tab, prepared.components["default"], k, folds=folds, seed=rep,
-                               headline=fitted["tabular+image"]["aipw"])
-    scale = chip_scale_check(y, d, np.hstack([tab, image]), prepared.context_components[:, :k], folds=folds,
-                             seed=rep, headline=fitted["tabular+image"]["aipw"])
+                               headline=fitted["tabular+image"]["aipw"], context=context)
+    scale = context_check(y, d, np.hstack([tab, chip]), folds=folds, seed=rep,
+                          headline=fitted["tabular+image"]["aipw"])
     for row in rows:
         if row["representation"] == "default" and row["feature_set"] == "tabular+image":
             row["specification_z"] = spec.max_abs_z

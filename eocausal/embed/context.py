@@ -1,4 +1,6 @@
-"""Context chips for the chip-scale check (:mod:`eocausal.estimate.fragility`).
+"""Context chips: image components of a window around each unit twice the chip's side, which the
+image feature sets adjust for (``analysis.context_components``) and the chip-scale check compares
+(:mod:`eocausal.estimate.fragility`).
 
 A confounder whose footprint extends beyond the chip cannot be adjusted for by any estimator that
 sees only the chip. To tell, the effects stage compares the headline estimate with one that also
@@ -49,13 +51,28 @@ def context_sample(unit_ids: list[str], max_units: int | None, seed: int) -> np.
     return np.sort(np.argsort(rank, kind="stable")[:max_units])
 
 
-def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int) -> ContextComponents:
+def context_request(analysis) -> tuple[int, int | None] | None:
+    """What the effects stage needs of the context windows under ``analysis`` (an AnalysisSpec):
+    (components, units at most), or None. With ``analysis.context_components`` the image feature
+    sets adjust for the context, so every unit's is read; else the chip-scale check alone reads a
+    sample of at most ``analysis.chip_scale_max_units``, at the chip's component count."""
+    if not any("image" in fs for fs in analysis.feature_sets):
+        return None
+    if analysis.context_components:
+        return analysis.context_components, None
+    if analysis.chip_scale_check:
+        return analysis.fixed_image_components, analysis.chip_scale_max_units
+    return None
+
+
+def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int,
+                       max_units: int | None = None) -> ContextComponents:
     """Image components of each unit's context window (columns unit_id, lat, lon), aligned with
     ``units``; units whose context is outside the imagery or mostly nodata, or that are not in the
-    check's sample (``analysis.chip_scale_max_units``, :func:`context_sample`), get NaN rows."""
+    sample of at most ``max_units`` (:func:`context_sample`; None: every unit), get NaN rows."""
     size = CONTEXT_FACTOR * study.imagery.chip_size_px
     ids = units["unit_id"].astype(str).tolist()
-    sampled = units.iloc[context_sample(ids, study.analysis.chip_scale_max_units, study.analysis.seed)]
+    sampled = units.iloc[context_sample(ids, max_units, study.analysis.seed)]
     extraction = extract_chips(sampled[["unit_id", "lat", "lon"]], source, size, Path(chip_cache),
                                study.imagery.max_nodata_share)
     index = extraction.index.set_index(extraction.index["unit_id"].astype(str))

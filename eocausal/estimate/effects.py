@@ -1,9 +1,10 @@
 """The effect-estimates stage: every estimator x feature set of a study, as one versioned table.
 
 Feature sets (DESIGN §6): ``none``; ``tabular`` = the survey covariates X; ``image`` = the top
-principal components of the image embedding φ(I); ``tabular+image`` = [X, φ(I)]. The PCA is
-unsupervised (it never sees treatment or outcome), so fitting it once on all analysis units
-keeps cross-fitting valid.
+principal components of the image embedding φ(I) and, with ``analysis.context_components``, of
+the context window around the chip (:mod:`eocausal.embed.context`); ``tabular+image`` = [X, φ(I)].
+The PCAs are unsupervised (they never see treatment or outcome), so fitting them once on all
+analysis units keeps cross-fitting valid.
 
 With ``analysis.outcome_imputation`` each spec is estimated three times (``outcome_source``):
 on the units with a measured outcome, and on all units with the imputed outcomes corrected
@@ -27,7 +28,7 @@ from eocausal.estimate.ate import EffectResult, estimate_effect, estimate_effect
 from eocausal.estimate.components import CANDIDATES, choose_components
 from eocausal.estimate.diagnostics import overlap_ok
 from eocausal.estimate.folds import spatial_blocks
-from eocausal.estimate.fragility import chip_scale_check, specification_check
+from eocausal.estimate.fragility import chip_scale_check, context_check, specification_check
 from eocausal.estimate.imputation import CORRECTED, MEASURED, PLUGIN, ImputedOutcomes, annotate, impute_outcomes
 from eocausal.estimate.sensitivity import SENSITIVITY_ESTIMATORS, sensitivity_for_effects
 from eocausal.estimate.sensitivity import summary as sensitivity_summary
@@ -41,8 +42,10 @@ from eocausal.versioning import estimate_version
 # 4: image components from the stored PCA; 5: undersmoothed nuisances, fragility checks; 6: the
 # specification check also compares the products of the leading components; 7: that comparison keeps
 # the headline's propensity and puts the products in its outcome models only; 8: the smaller
-# arm's AIPW outcome model borrows the larger arm's (nuisance.OUTCOME_ARMS)
-CODE_VERSION = "effects-8"
+# arm's AIPW outcome model borrows the larger arm's (nuisance.OUTCOME_ARMS); 9: the image feature sets
+# also see the context window's components (analysis.context_components), and the chip-scale check
+# compares the headline with the chip alone
+CODE_VERSION = "effects-9"
 
 ESTIMATE_COLUMNS = [
     "study", "estimate_version", "estimand", "estimator", "feature_set", "estimate", "std_error",
@@ -66,18 +69,23 @@ class StudyEstimates:
 
 
 def feature_sets(
-    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, pca: PCAReduction | None = None
+    units: pd.DataFrame, covariates: list[str], analysis: AnalysisSpec, pca: PCAReduction | None = None,
+    context: tuple[np.ndarray, list[str]] | None = None,
 ) -> dict:
     """Feature matrices (with names) for each feature set the study asks for.
 
     ``pca``: the embedding stage's stored PCA (used when it has ``analysis.image_components``
-    components; see :func:`eocausal.embed.reduce.image_reduction`)."""
+    components; see :func:`eocausal.embed.reduce.image_reduction`). ``context``: the context
+    window's columns and names (:func:`context_columns`), which the image sets end with."""
     tabular = units[covariates].to_numpy(dtype=float) if covariates else np.zeros((len(units), 0))
     image_names: list[str] = []
     image = np.zeros((len(units), 0))
     if any("image" in fs for fs in analysis.feature_sets):
         image = image_components(units, covariates, analysis, pca)
         image_names = [f"image_pc{i + 1}" for i in range(image.shape[1])]
+        if context is not None:
+            image = np.hstack([image, context[0]])
+            image_names += context[1]
     out = {}
     for fs in analysis.feature_sets:
         if fs == "none":
@@ -89,6 +97,27 @@ def feature_sets(
         else:
             out[fs] = (np.hstack([tabular, image]), list(covariates) + image_names)
     return out
+
+
+def context_columns(context: np.ndarray | None, analysis: AnalysisSpec) -> tuple[np.ndarray, list[str]] | None:
+    """The columns the image feature sets take from the context windows' components (NaN rows where
+    a unit's window is unusable): the leading ``analysis.context_components``, zero (their mean)
+    where unusable, and then an indicator of that. None when the analysis takes no context, or
+    fewer units than the folds need have one."""
+    m = analysis.context_components
+    if context is None or not m:
+        return None
+    ctx = np.asarray(context, dtype=float)[:, :m]
+    ctx = ctx[:, np.isfinite(ctx).any(axis=0)]  # a PCA of fewer units than m leaves NaN columns
+    usable = np.isfinite(ctx).all(axis=1)
+    if not ctx.shape[1] or usable.sum() < max(10, 2 * analysis.folds):
+        return None
+    names = [f"context_pc{i + 1}" for i in range(ctx.shape[1])]
+    ctx = np.where(usable[:, None], ctx, 0.0)
+    if not usable.all():
+        ctx = np.hstack([ctx, (~usable)[:, None].astype(float)])
+        names.append("context_missing")
+    return ctx, names
 
 
 def stored_components(units: pd.DataFrame) -> np.ndarray | None:
@@ -184,7 +213,8 @@ def estimate_study(
 
     ``imputed``: the study's imputed outcomes, aligned with ``units`` (with outcome imputation
     on; computed here when not given). ``context``: image components of each unit's context
-    window (:mod:`eocausal.embed.context`; NaN rows where unusable), for the chip-scale check.
+    window (:mod:`eocausal.embed.context`; NaN rows where unusable), which the image feature sets
+    adjust for (``analysis.context_components``) and the chip-scale check compares.
     """
     version = analysis_version(analysis, survey_version, embeddings_version)
     y = units["outcome"].to_numpy(dtype=float)
@@ -206,7 +236,7 @@ def estimate_study(
     rows, results = [], []
     nuisance = analysis.nuisance_options()  # learners (None: the built-in ones) and outcome arms
     headline_fits: dict = {}  # feature set -> its AIPW ATE on the measured outcomes, for the fragility checks
-    all_feature_sets = feature_sets(units, covariates, analysis, pca)
+    all_feature_sets = feature_sets(units, covariates, analysis, pca, context_columns(context, analysis))
     # one step per estimator x feature set x estimand x outcome source, and the fragility checks
     n_steps = len(sources) * len(all_feature_sets) * len(estimands) * len(analysis.estimators) + 1
     progress.report("estimation", 0, n_steps, "fits")
@@ -293,16 +323,27 @@ def fragility_checks(units: pd.DataFrame, covariates: list[str], analysis: Analy
         headline = estimate_effects(y, d, X, estimators=("aipw",), **options)["aipw"]
     tabular = (units[covariates].to_numpy(dtype=float)[keep] if covariates and headline_set == "tabular+image"
                else None)
-    k = X.shape[1] - (0 if tabular is None else tabular.shape[1])
+    # The context window's columns, which the headline's features end with when it adjusts for them.
+    adjusted = context_columns(context, analysis)
+    ctx_cols = None if adjusted is None else adjusted[0][keep]
+    n_ctx = 0 if ctx_cols is None else ctx_cols.shape[1]
+    k = X.shape[1] - (0 if tabular is None else tabular.shape[1]) - n_ctx
     carried = stored_components(units)
     stored = carried.shape[1] if carried is not None else pca.n_components_ if pca is not None else 0
     wider = image_components(units, covariates, analysis, pca, n_components=max(min(2 * k, max(stored, k)), k))[keep]
     detail["headline"] = {"feature_set": headline_set, "estimator": "aipw", "estimand": "ATE",
-                          "estimate": headline.estimate, "std_error": headline.std_error}
-    spec = specification_check(y, d, tabular, wider, k, headline=headline, **options)
+                          "estimate": headline.estimate, "std_error": headline.std_error,
+                          "context_columns": n_ctx}
+    spec = specification_check(y, d, tabular, wider, k, headline=headline, context=ctx_cols, **options)
     detail["specification"] = spec.to_dict()
     chip_warning = None
-    if context is None:
+    if ctx_cols is not None and not analysis.chip_scale_check:
+        detail["chip_scale"] = {"skipped": "analysis.chip_scale_check off"}
+    elif ctx_cols is not None:
+        scale = context_check(y, d, X[:, : X.shape[1] - n_ctx], headline=headline, **options)
+        detail["chip_scale"] = scale.to_dict() | {"n_units": int(len(y))}
+        chip_warning = scale.warning
+    elif context is None:
         detail["chip_scale"] = {"skipped": "no context components (analysis.chip_scale_check off, or not computed)"}
     else:
         ctx = np.asarray(context, dtype=float)[keep]

@@ -11,10 +11,14 @@ other reasonable specifications *on the same units and folds*:
   product or threshold of image quantities (a mix of two land covers), the linear adjustment
   misses part of it and the products move the estimate (the zoo's landsat_mix_750,
   `benchmarks/zoo_fragility.py`).
-- **chip scale**: the headline's features plus the components of a *context* chip around each
-  unit, twice as wide (at half the resolution, so as many pixels). If the confounder lies within
-  the chip, the context adds nothing and the two agree; if it extends beyond the chip, no estimate
-  that sees only the chip can adjust for it, and the context spec moves away from the headline.
+- **chip scale**: the chip's features with and without the components of a *context* chip around
+  each unit, twice as wide (at half the resolution, so as many pixels). If the confounder lies
+  within the chip, the context adds nothing and the two agree; if it extends beyond the chip, no
+  estimate that sees only the chip can adjust for it, and the two part. By default the headline
+  itself adjusts for the context (``analysis.context_components``) and is compared with the chip
+  alone (:func:`context_check`): a warning then says the confounder reaches beyond the chip, and
+  the headline is biased only if it reaches beyond the context window too. With the context off,
+  the headline (chip alone) is compared with chip + context (:func:`chip_scale_check`).
 
 The difference of two estimates on the same units is the mean of the difference of their scores,
 so its standard error comes from the paired influence values: sd(phi_A - phi_B) / sqrt(n). Two
@@ -48,6 +52,8 @@ SE_FLOOR = 0.25
 # comparison fired in 1 of 12 pilot replications against 8 of 12 at 4).
 NONLINEAR_LEADING = 4
 PRODUCTS = "products of the"
+# The chip-scale check's comparison when the headline adjusts for the context window.
+CHIP_ONLY = "chip only"
 # It is one targeted comparison (a named alternative, as the chip-scale check's): it warns beyond
 # this. On the zoo (benchmarks/results/zoo/fragility.md, 100 replications per design) it fires on
 # the mix (+3.2 SE) in 58 % (40 % at 3.0) and on the 10 in-chip designs whose headline holds in at
@@ -89,9 +95,14 @@ class FragilityCheck:
         if not flagged:
             return None
         parts = "; ".join(f"{c.name} gives {c.estimate:.3f} ({c.difference:+.3f}, {c.z:+.1f} SE)" for c in flagged)
+        if self.check == "chip_scale" and any(c.name == CHIP_ONLY for c in flagged):
+            return (f"the confounder extends beyond the chip: the context window twice as wide, which the headline "
+                    f"adjusts for, moves the estimate beyond its SEs ({parts}); if the confounder extends beyond "
+                    f"that window too, the headline is biased: check with a larger imagery.chip_size_px")
         if self.check == "chip_scale":
             return (f"the confounder may extend beyond the chip: adding a context twice as wide moves the "
-                    f"estimate beyond its SEs ({parts}); use a larger imagery.chip_size_px")
+                    f"estimate beyond its SEs ({parts}); use a larger imagery.chip_size_px or "
+                    f"analysis.context_components")
         hint = ("; the products of the leading components move it: the confounder may be a nonlinear function of "
                 "the image (a mix of land covers) that the linear adjustment misses"
                 if any(c.name.startswith(PRODUCTS) for c in flagged) else "")
@@ -122,28 +133,30 @@ def compare(name: str, headline: EffectResult, other: EffectResult) -> Compariso
 
 
 def specification_check(y, d, tabular, components, k: int, *, folds: int, seed: int,
-                        headline: EffectResult, estimator: str = "aipw", **options) -> FragilityCheck:
+                        headline: EffectResult, estimator: str = "aipw", context=None, **options) -> FragilityCheck:
     """The headline against image-only features, another component count, and the products of the
-    leading components."""
+    leading components. ``context``: the context window's columns, which the headline's features
+    end with and every specification keeps (after the chip's components)."""
     check = FragilityCheck("specification", headline.estimate)
     image = np.asarray(components)[:, :k]
     variants = {}
     if tabular is not None and np.asarray(tabular).shape[1]:
-        variants["image only"] = image
+        variants["image only"] = _with_context(image, context)
     available = np.asarray(components).shape[1]
     other_k = 2 * k if 2 * k <= available else max(k // 2, 1)
     if other_k != k:
-        variants[f"{other_k} components"] = _with_tabular(tabular, np.asarray(components)[:, :other_k])
+        variants[f"{other_k} components"] = _with_context(_with_tabular(tabular, np.asarray(components)[:, :other_k]),
+                                                          context)
     for name, X in variants.items():
         res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
         check.comparisons.append(compare(name, headline, res))
     check.comparisons.append(products_comparison(y, d, tabular, image, folds=folds, seed=seed, headline=headline,
-                                                 estimator=estimator, **options))
+                                                 estimator=estimator, context=context, **options))
     return check
 
 
 def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline: EffectResult,
-                        estimator: str = "aipw", groups=None, **options) -> Comparison:
+                        estimator: str = "aipw", groups=None, context=None, **options) -> Comparison:
     """The headline against the same adjustment with the squares and pairwise products of the
     ``NONLINEAR_LEADING`` leading image components (``PRODUCTS_THRESHOLD``).
 
@@ -154,7 +167,7 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
     the products in every nuisance."""
     m = min(NONLINEAR_LEADING, np.asarray(image).shape[1])
     name = f"{PRODUCTS} {m} leading components"
-    features = _with_tabular(tabular, np.asarray(image))
+    features = _with_context(_with_tabular(tabular, np.asarray(image)), context)
     expanded = np.hstack([features, leading_products(image, m)])
     options = dict(options, groups=groups)
     if estimator != "aipw":
@@ -195,11 +208,27 @@ def chip_scale_check(y, d, headline_features, context_components, *, folds: int,
     return check
 
 
+def context_check(y, d, chip_features, *, folds: int, seed: int, headline: EffectResult,
+                  estimator: str = "aipw", **options) -> FragilityCheck:
+    """The chip-scale check when the headline adjusts for the context window: the headline against
+    the chip's features alone (``chip_features``: the headline's without the context columns)."""
+    check = FragilityCheck("chip_scale", headline.estimate)
+    res = estimate_effects(y, d, chip_features, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
+    check.comparisons.append(compare(CHIP_ONLY, headline, res))
+    return check
+
+
 def leading_products(image: np.ndarray, m: int = NONLINEAR_LEADING) -> np.ndarray:
     """Squares and pairwise products of the ``m`` leading columns (m (m + 1) / 2 columns)."""
     lead = np.asarray(image, dtype=float)[:, :m]
     i, j = np.triu_indices(lead.shape[1])
     return lead[:, i] * lead[:, j]
+
+
+def _with_context(features: np.ndarray, context) -> np.ndarray:
+    if context is None or not np.asarray(context).shape[1]:
+        return features
+    return np.hstack([features, np.asarray(context)])
 
 
 def _with_tabular(tabular, image: np.ndarray) -> np.ndarray:

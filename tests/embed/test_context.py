@@ -26,13 +26,12 @@ def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(t
     study_path = write_demo_study(tmp_path / "study", n_units=120, seed=2, scene=scene, chip_size_px=16)
     study = load_study(study_path)
     study = study.model_copy(update={
-        "analysis": study.analysis.model_copy(update={"chip_scale_max_units": 60}),
         "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
     })
     units = pd.read_csv(study_path.parent / "villages.csv").rename(
         columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
     source = open_source(study, study.imagery.analysis_period_name())
-    out = context_components(units, source, study, tmp_path / "chips", n_components=4)
+    out = context_components(units, source, study, tmp_path / "chips", n_components=4, max_units=60)
     sampled = context_sample(units["unit_id"].astype(str).tolist(), 60, study.analysis.seed)
     finite = np.isfinite(out.components).all(axis=1)
     assert out.components.shape == (120, 4)

@@ -124,3 +124,77 @@ def test_study_checks_reuse_the_headline_fit_and_equal_a_fresh_one():
     fresh = fragility_checks(units, ["cov_a"], analysis, feature_sets(units, ["cov_a"], analysis, None), None, None,
                              np.ones(n, dtype=bool))
     assert table["fragility"].iloc[0] == fresh["fragility"]
+
+
+def _study_units(rng, n, chip, confounder, d_slope=1.2):
+    import pandas as pd
+
+    d = (rng.random(n) < 1 / (1 + np.exp(-d_slope * confounder))).astype(int)
+    units = pd.DataFrame({"unit_id": [f"u{i}" for i in range(n)], "treatment": d,
+                          "outcome": 1.5 * confounder + d + rng.standard_normal(n), "cov_a": rng.standard_normal(n)})
+    units["image_components"] = list(chip)
+    return units
+
+
+def test_context_columns_fill_unusable_windows_with_the_mean_and_flag_them():
+    from eocausal.estimate.effects import context_columns
+    from eocausal.study import AnalysisSpec
+
+    context = np.random.default_rng(0).standard_normal((50, 8))
+    context[[3, 7]] = np.nan
+    cols, names = context_columns(context, AnalysisSpec(context_components=4))
+    assert cols.shape == (50, 5) and names == ["context_pc1", "context_pc2", "context_pc3", "context_pc4",
+                                               "context_missing"]
+    assert (cols[[3, 7], :4] == 0).all() and cols[:, 4].tolist() == [float(i in (3, 7)) for i in range(50)]
+    assert context_columns(context[~np.isnan(context).any(axis=1)], AnalysisSpec(context_components=4))[0].shape == (48, 4)
+    assert context_columns(context, AnalysisSpec(context_components=0)) is None
+    assert context_columns(None, AnalysisSpec()) is None
+
+
+def test_the_headline_adjusts_for_the_context_and_the_chip_scale_check_compares_the_chip_alone():
+    """A confounder only the context window shows: the headline (chip + context, the default)
+    covers the truth, and the check warns that the chip alone moves it."""
+    import json
+
+    import pandas as pd
+
+    from eocausal.estimate.effects import estimate_study
+    from eocausal.study import AnalysisSpec
+
+    rng, inside, outside, chip, context = _design(seed=4)
+    units = _study_units(rng, inside.size, chip, inside + outside)
+    analysis = AnalysisSpec(image_components=8, estimators=["aipw"], feature_sets=["tabular+image"],
+                            context_components=8)
+    table = estimate_study(units, ["cov_a"], analysis, study_name="s", survey_version="a", embeddings_version="b",
+                           context=context).table
+    row = table.iloc[0]
+    assert row["n_features"] == 1 + 8 + 8
+    assert row["ci_low"] <= 1.0 <= row["ci_high"]
+    assert row["chip_scale_warning"] is not None and "adjusts for" in row["chip_scale_warning"]
+    detail = json.loads(row["fragility"])
+    assert detail["headline"]["context_columns"] == 8
+    assert [c["name"] for c in detail["chip_scale"]["comparisons"]] == ["chip only"]
+    # The specification check's alternatives keep the context: they agree with the headline.
+    assert pd.isna(row["specification_warning"])
+
+    without = estimate_study(units, ["cov_a"], analysis.model_copy(update={"context_components": 0}),
+                             study_name="s", survey_version="a", embeddings_version="b", context=context).table.iloc[0]
+    assert without["n_features"] == 1 + 8 and not without["ci_low"] <= 1.0 <= without["ci_high"]
+    assert json.loads(without["fragility"])["chip_scale"]["comparisons"][0]["name"] == "chip + context"
+    assert without["chip_scale_warning"] is not None and "analysis.context_components" in without["chip_scale_warning"]
+    assert without["estimate_version"] != row["estimate_version"]
+
+
+def test_the_chip_scale_check_is_quiet_when_the_chip_holds_the_confounder_and_the_headline_sees_the_context():
+    import pandas as pd
+
+    from eocausal.estimate.effects import estimate_study
+    from eocausal.study import AnalysisSpec
+
+    rng, inside, _, chip, context = _design(seed=5)
+    units = _study_units(rng, inside.size, chip, inside)
+    analysis = AnalysisSpec(image_components=8, estimators=["aipw"], feature_sets=["tabular+image"],
+                            context_components=8)
+    row = estimate_study(units, ["cov_a"], analysis, study_name="s", survey_version="a", embeddings_version="b",
+                         context=context).table.iloc[0]
+    assert row["ci_low"] <= 1.0 <= row["ci_high"] and pd.isna(row["chip_scale_warning"])
