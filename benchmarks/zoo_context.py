@@ -6,7 +6,8 @@ the headline's tabular+image AIPW, on the zoo's draws and folds, against the hea
 
 Variants (``--variants``): ``ctxK`` adds the K leading context components to the headline's
 features (tabular + 64 chip components). Prints per design and variant the bias, sd, mean SE,
-bias/SE, coverage and RMSE, the headline's on the same draws first.
+bias/SE, coverage and RMSE, the headline's on the same draws first, and the rate at which the
+chip-scale check of the variant (the chip alone against it, ``fragility.context_check``) warns.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from zoo_support import replication_rows, zoo_parser  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
+from eocausal.estimate.fragility import CHIP_ONLY, CHIP_SCALE_THRESHOLD, compare  # noqa: E402
 
 FOLDS = 5
 
@@ -42,7 +44,9 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
         rows.append({"design": prepared.design.name, "variant": variant, "replication": rep,
                      "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
                      "headline_covered": headline.ci_low <= truth <= headline.ci_high,
-                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high})
+                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
+                     # the chip-scale check of this headline: the chip alone against it (paired)
+                     "chip_scale_z": compare(CHIP_ONLY, r, headline).z})
     return rows
 
 
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
         headline_rmse=("headline_error", rmse), headline_se=("headline_se", "mean"),
         headline_coverage=("headline_covered", "mean"), headline_bias=("headline_error", "mean"),
         bias=("error", "mean"), sd=("error", "std"), se=("se", "mean"),
-        coverage=("covered", "mean"), rmse=("error", rmse))
+        coverage=("covered", "mean"), rmse=("error", rmse),
+        chip_scale_warns=("chip_scale_z", lambda z: float((z.abs() > CHIP_SCALE_THRESHOLD).mean())))
     table["headline_bias_over_se"] = table["headline_bias"] / table["headline_se"]
     table["bias_over_se"] = table["bias"] / table["se"]
     pd.set_option("display.width", 250)
