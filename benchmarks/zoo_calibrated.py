@@ -30,12 +30,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo_support import replication_rows, zoo_parser  # noqa: E402
+from zoo_support import variant_main, variant_row  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import DEFAULT_CLIP, estimate_effects, with_influence  # noqa: E402
@@ -154,29 +153,11 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
 
 
 def _row(prepared, variant, rep, truth, headline, r) -> dict:
-    return {"design": prepared.design.name, "variant": variant, "replication": rep,
-            "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
-            "headline_covered": headline.ci_low <= truth <= headline.ci_high, "error": r.estimate - truth,
-            "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high}
+    return variant_row(prepared, variant, rep, truth, headline, r)
 
 
 def main(argv=None) -> int:
-    parser = zoo_parser(__doc__, replications=30)
-    parser.add_argument("--variants", default="cal,calbo,calpbo,bo")
-    parser.add_argument("--rows", default=None, help="also write the per-replication rows to this CSV")
-    args = parser.parse_args(argv)
-    frame = pd.DataFrame(replication_rows(args, one, args.variants.split(",")))
-    if args.rows:
-        frame.to_csv(args.rows, index=False)
-    rmse = lambda s: float(np.sqrt((s ** 2).mean()))  # noqa: E731
-    table = frame.groupby(["design", "variant"], sort=False).agg(
-        headline_rmse=("headline_error", rmse), headline_se=("headline_se", "mean"),
-        headline_coverage=("headline_covered", "mean"), bias=("error", "mean"), sd=("error", "std"), se=("se", "mean"),
-        coverage=("covered", "mean"), rmse=("error", rmse))
-    table["bias_over_se"] = table["bias"] / table["se"]
-    pd.set_option("display.width", 200)
-    print(table.round(3).to_string())
-    return 0
+    return variant_main(__doc__, one, "cal,calbo,calpbo,bo", argv)
 
 
 if __name__ == "__main__":

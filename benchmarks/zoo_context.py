@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo_support import replication_rows, zoo_parser  # noqa: E402
+from zoo_support import variant_main, variant_row  # noqa: E402
 
 from eocausal import zoo  # noqa: E402
 from eocausal.estimate.ate import estimate_effects  # noqa: E402
@@ -41,35 +40,15 @@ def one(prepared: zoo.PreparedDesign, rep: int, variants: list[str]) -> list[dic
         k = int(variant.removeprefix("ctx"))
         X = np.hstack([base, prepared.context_components[:, :k]])
         r = estimate_effects(y, d, X, estimators=("aipw",), folds=FOLDS, seed=rep)["aipw"]
-        rows.append({"design": prepared.design.name, "variant": variant, "replication": rep,
-                     "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
-                     "headline_covered": headline.ci_low <= truth <= headline.ci_high,
-                     "error": r.estimate - truth, "se": r.std_error, "covered": r.ci_low <= truth <= r.ci_high,
-                     # the chip-scale check of this headline: the chip alone against it (paired)
-                     "chip_scale_z": compare(CHIP_ONLY, r, headline).z})
+        # the chip-scale check of this headline: the chip alone against it (paired)
+        rows.append(variant_row(prepared, variant, rep, truth, headline, r,
+                                chip_scale_z=compare(CHIP_ONLY, r, headline).z))
     return rows
 
 
 def main(argv=None) -> int:
-    parser = zoo_parser(__doc__, replications=30)
-    parser.add_argument("--variants", default="ctx64,ctx32")
-    parser.add_argument("--rows", default=None, help="also write the per-replication rows to this CSV")
-    args = parser.parse_args(argv)
-    frame = pd.DataFrame(replication_rows(args, one, args.variants.split(",")))
-    if args.rows:
-        frame.to_csv(args.rows, index=False)
-    rmse = lambda s: float(np.sqrt((s ** 2).mean()))  # noqa: E731
-    table = frame.groupby(["design", "variant"], sort=False).agg(
-        headline_rmse=("headline_error", rmse), headline_se=("headline_se", "mean"),
-        headline_coverage=("headline_covered", "mean"), headline_bias=("headline_error", "mean"),
-        bias=("error", "mean"), sd=("error", "std"), se=("se", "mean"),
-        coverage=("covered", "mean"), rmse=("error", rmse),
-        chip_scale_warns=("chip_scale_z", lambda z: float((z.abs() > CHIP_SCALE_THRESHOLD).mean())))
-    table["headline_bias_over_se"] = table["headline_bias"] / table["headline_se"]
-    table["bias_over_se"] = table["bias"] / table["se"]
-    pd.set_option("display.width", 250)
-    print(table.round(3).to_string())
-    return 0
+    return variant_main(__doc__, one, "ctx64,ctx32", argv,
+                       chip_scale_warns=("chip_scale_z", lambda z: float((z.abs() > CHIP_SCALE_THRESHOLD).mean())))
 
 
 if __name__ == "__main__":

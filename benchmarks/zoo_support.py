@@ -36,3 +36,45 @@ def replication_rows(args: argparse.Namespace, one, *extra) -> list[dict]:
                                                 for rep in range(args.replications)):
             rows += batch
     return rows
+
+
+def variant_row(prepared, variant: str, rep: int, truth: float, headline, result, **extra) -> dict:
+    """One replication's row for a variant against the headline on the same draw: errors, SEs, coverage."""
+    return {"design": prepared.design.name, "variant": variant, "replication": rep,
+            "headline_error": headline.estimate - truth, "headline_se": headline.std_error,
+            "headline_covered": headline.ci_low <= truth <= headline.ci_high, "error": result.estimate - truth,
+            "se": result.std_error, "covered": result.ci_low <= truth <= result.ci_high, **extra}
+
+
+def variant_table(frame, **extra):
+    """Per design and variant: the headline's RMSE, mean SE, coverage and bias, the variant's bias, sd,
+    mean SE, coverage and RMSE, both bias/SE ratios, and ``extra`` (pandas named aggregations)."""
+    import numpy as np
+
+    rmse = lambda s: float(np.sqrt((s ** 2).mean()))  # noqa: E731
+    table = frame.groupby(["design", "variant"], sort=False).agg(
+        headline_rmse=("headline_error", rmse), headline_se=("headline_se", "mean"),
+        headline_coverage=("headline_covered", "mean"), headline_bias=("headline_error", "mean"),
+        bias=("error", "mean"), sd=("error", "std"), se=("se", "mean"),
+        coverage=("covered", "mean"), rmse=("error", rmse), **extra)
+    table["headline_bias_over_se"] = table["headline_bias"] / table["headline_se"]
+    table["bias_over_se"] = table["bias"] / table["se"]
+    return table
+
+
+def variant_main(doc: str, one, default_variants: str, argv=None, **extra) -> int:
+    """A variants script's command line: ``--variants`` (comma-separated, ``one``'s third argument),
+    ``--rows`` (also write the per-replication rows to a CSV) and the zoo's arguments; prints
+    :func:`variant_table` (with ``extra``)."""
+    import pandas as pd
+
+    parser = zoo_parser(doc, replications=30)
+    parser.add_argument("--variants", default=default_variants)
+    parser.add_argument("--rows", default=None, help="also write the per-replication rows to this CSV")
+    args = parser.parse_args(argv)
+    frame = pd.DataFrame(replication_rows(args, one, args.variants.split(",")))
+    if args.rows:
+        frame.to_csv(args.rows, index=False)
+    pd.set_option("display.width", 250)
+    print(variant_table(frame, **extra).round(3).to_string())
+    return 0
