@@ -3,11 +3,13 @@ image feature sets adjust for (``analysis.context_components``) and the chip-sca
 (:mod:`eocausal.estimate.fragility`).
 
 A confounder whose footprint extends beyond the chip cannot be adjusted for by any estimator that
-sees only the chip. To tell, the effects stage compares the headline estimate with one that also
-sees a *context* around each unit: a window twice the chip's side, read from the same imagery and
-averaged 2 x 2 (so it has the chip's pixel count and costs about one more chip pass), embedded by
-the study's embedder (fitted on the context chips) and reduced to the study's number of image
-components. Context chips are cached like chips (their key holds the doubled size).
+sees only the chip. So the effects stage also reads a *context* around each unit: a window twice
+the chip's side, read from the same imagery and averaged 2 x 2 (so it has the chip's pixel count
+and costs about one more chip pass), embedded by the study's embedder (fitted on the context
+chips) and reduced by its own PCA. By default the image feature sets adjust for its leading
+components, and the chip-scale check compares the headline with the chip alone; with
+``analysis.context_components: 0`` only the check uses it, on a sample. Context chips are cached
+like chips (their key holds the doubled size).
 """
 
 from __future__ import annotations
