@@ -56,6 +56,7 @@ from eocausal.simulate import (
     sample_unit_pixels,
     write_procedural_scene,
 )
+from eocausal.study import AnalysisSpec
 
 ZOO_VERSION = "zoo-1"
 CONFOUNDERS = (
@@ -70,8 +71,8 @@ FEATURE_SETS = ("none", "tabular", "image", "tabular+image")
 REPRESENTATIONS = ("default", "previous", "reference")
 # The estimation stage's default image component count (analysis.image_components).
 DEFAULT_COMPONENTS = 64
-# ... and of the context window's components beside them (analysis.context_components).
-DEFAULT_CONTEXT = 32
+# ... and of the context window's components beside them.
+DEFAULT_CONTEXT = AnalysisSpec.model_fields["context_components"].default
 
 
 @dataclass(frozen=True)

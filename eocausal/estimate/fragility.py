@@ -141,12 +141,11 @@ def specification_check(y, d, tabular, components, k: int, *, folds: int, seed: 
     image = np.asarray(components)[:, :k]
     variants = {}
     if tabular is not None and np.asarray(tabular).shape[1]:
-        variants["image only"] = _with_context(image, context)
+        variants["image only"] = _columns(image, context)
     available = np.asarray(components).shape[1]
     other_k = 2 * k if 2 * k <= available else max(k // 2, 1)
     if other_k != k:
-        variants[f"{other_k} components"] = _with_context(_with_tabular(tabular, np.asarray(components)[:, :other_k]),
-                                                          context)
+        variants[f"{other_k} components"] = _columns(tabular, np.asarray(components)[:, :other_k], context)
     for name, X in variants.items():
         res = estimate_effects(y, d, X, estimators=(estimator,), folds=folds, seed=seed, **options)[estimator]
         check.comparisons.append(compare(name, headline, res))
@@ -167,7 +166,7 @@ def products_comparison(y, d, tabular, image, *, folds: int, seed: int, headline
     the products in every nuisance."""
     m = min(NONLINEAR_LEADING, np.asarray(image).shape[1])
     name = f"{PRODUCTS} {m} leading components"
-    features = _with_context(_with_tabular(tabular, np.asarray(image)), context)
+    features = _columns(tabular, np.asarray(image), context)
     expanded = np.hstack([features, leading_products(image, m)])
     options = dict(options, groups=groups)
     if estimator != "aipw":
@@ -225,13 +224,7 @@ def leading_products(image: np.ndarray, m: int = NONLINEAR_LEADING) -> np.ndarra
     return lead[:, i] * lead[:, j]
 
 
-def _with_context(features: np.ndarray, context) -> np.ndarray:
-    if context is None or not np.asarray(context).shape[1]:
-        return features
-    return np.hstack([features, np.asarray(context)])
-
-
-def _with_tabular(tabular, image: np.ndarray) -> np.ndarray:
-    if tabular is None or not np.asarray(tabular).shape[1]:
-        return image
-    return np.hstack([np.asarray(tabular), image])
+def _columns(*blocks) -> np.ndarray:
+    """The blocks side by side, leaving out those that are None or have no columns (a lone block as it is)."""
+    kept = [np.asarray(b) for b in blocks if b is not None and np.asarray(b).shape[1]]
+    return kept[0] if len(kept) == 1 else np.hstack(kept)
