@@ -322,18 +322,30 @@ def extract_chips(
 
 def _read_pending(source, pending: list[tuple[str, tuple[float, float]]], size_px: int):
     """(key, chip | None | ChipFailure) for every pending chip, as the source delivers them."""
+    for i, chip in stream_chips(source, [point for _, point in pending], size_px):
+        yield pending[i][0], chip
+
+
+def stream_chips(source, points: list[tuple[float, float]], size_px: int):
+    """(i, chip | None | ChipFailure) for every (lon, lat) in ``points``, as the source delivers
+    them: a remote source in its own order, a local one in batches of nearby chips (see
+    _READ_BATCH), each file opened once per batch. Nothing is stored."""
     if hasattr(source, "iter_chips"):
-        for i, chip in source.iter_chips([point for _, point in pending], size_px):
-            yield pending[i][0], chip
+        yield from source.iter_chips(points, size_px)
         return
-    # Local sources: batches of nearby chips (see _READ_BATCH), each file opened once per batch.
-    pending = sorted(pending, key=lambda item: (-item[1][1], item[1][0]))
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))
     limit = _READ_BATCH_REMOTE if getattr(source, "remote", False) else _READ_BATCH
     per_batch = max(1, min(limit, _READ_BATCH_PIXELS // int(size_px) ** 2))
-    for start in range(0, len(pending), per_batch):
-        batch = pending[start : start + per_batch]
-        chips = source.read_chips([point for _, point in batch], size_px)
-        yield from ((key, chip) for (key, _), chip in zip(batch, chips))
+    for start in range(0, len(order), per_batch):
+        batch = order[start : start + per_batch]
+        chips = source.read_chips([points[i] for i in batch], size_px)
+        yield from zip(batch, chips)
+
+
+def reads_locally(source) -> bool:
+    """Whether ``source`` reads local files (no network): reading a chip again costs less than
+    storing it and reading it back."""
+    return not hasattr(source, "iter_chips") and not getattr(source, "remote", False)
 
 
 def _index_frame(rows: list[tuple]) -> pd.DataFrame:

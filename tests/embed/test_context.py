@@ -37,3 +37,33 @@ def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(t
     assert out.components.shape == (120, 4)
     assert not finite[np.setdiff1d(np.arange(120), sampled)].any()
     assert finite[sampled].sum() == out.n_usable >= 50
+
+
+class _Remote:
+    """The study's source as if it were remote: its windows go through the chip store."""
+
+    remote = True
+
+    def __init__(self, source):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+
+def test_local_windows_are_read_not_stored_and_give_the_stored_paths_components(tmp_path):
+    scene = write_procedural_scene(tmp_path / "scene.tif", 600, 600, seed=3, n_bands=3)
+    study_path = write_demo_study(tmp_path / "study", n_units=120, seed=3, scene=scene, chip_size_px=16)
+    study = load_study(study_path)
+    study = study.model_copy(update={
+        "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
+    })
+    units = pd.read_csv(study_path.parent / "villages.csv").rename(
+        columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    source = open_source(study, study.imagery.analysis_period_name())
+    local = context_components(units, source, study, tmp_path / "local", n_components=4)
+    assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("*.parquet"))
+    stored = context_components(units, _Remote(source), study, tmp_path / "stored", n_components=4)
+    assert any((tmp_path / "stored").rglob("*"))
+    assert local.n_usable == stored.n_usable >= 100
+    np.testing.assert_allclose(local.components, stored.components, atol=1e-4)
