@@ -101,8 +101,16 @@ def step_windows(workdir: Path, since: float) -> dict[str, list[tuple[float, flo
     windows: dict[str, list[tuple[float, float]]] = {}
     after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
     with dg.DagsterInstance.from_config(str(workdir / "dagster_home")) as instance:
-        for run in instance.get_runs(dg.RunsFilter(created_after=after), limit=10_000):
-            for s in instance.get_run_step_stats(run.run_id):
+        # Filtered here, not by dg.RunsFilter(created_after=...): after a 100,000-unit run its record
+        # check once failed ("isinstance() arg 2 must be a type"), which the same call on a fresh
+        # instance did not reproduce.
+        for record in instance.get_run_records(limit=10_000):
+            created = record.create_timestamp
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=datetime.timezone.utc)
+            if created < after:
+                continue
+            for s in instance.get_run_step_stats(record.dagster_run.run_id):
                 windows.setdefault(s.step_key.split("__", 1)[-1], []).append((s.start_time or 0, s.end_time or 0))
     return windows
 
