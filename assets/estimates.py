@@ -11,7 +11,7 @@ from assets.dbt import WAREHOUSE_POOL
 from assets.imputation import imputed_outcomes_path, read_imputed
 from assets.metadata import table_metadata
 from assets.resources import StudyResource, WarehouseResource
-from eocausal.embed.context import context_components, context_request
+from eocausal.embed.context import study_context
 from eocausal.estimate.effects import (
     CODE_VERSION,
     analysis_version,
@@ -22,7 +22,6 @@ from eocausal.estimate.effects import (
 )
 from eocausal.estimate.imputation import ImputedOutcomes
 from eocausal.faults import crash_point
-from eocausal.imagery.sources import open_source
 from eocausal.lake import CURRENT_ESTIMATE_FILE, current_estimate_frame, stored_pca, write_frame
 from eocausal.survey import covariate_column
 from eocausal.versioning import frame_version
@@ -34,7 +33,8 @@ from eocausal.warehouse import query_units
     kinds={"python", "sklearn", "parquet"},
     code_version=CODE_VERSION,
     # imputed_outcomes: the corrected outcomes, when the study imputes missing ones.
-    deps=[dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey("imputed_outcomes")],
+    # image_context: the context windows' components the image feature sets adjust for.
+    deps=[dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey("imputed_outcomes"), dg.AssetKey("image_context")],
     # Reads the warehouse file: a reader also excludes the writer, so it shares the writers' pool.
     pool=WAREHOUSE_POOL,
     check_specs=[
@@ -85,13 +85,9 @@ def effect_estimates(
             imputed = ImputedOutcomes.from_frame(frame, units["unit_id"], imputation_diagnostics)
         # The PCA fitted once by the embedding stage, under these embeddings' version.
         pca = stored_pca(warehouse.lake, spec.imagery.analysis_period_name(), embeddings_version)
-        context_rows = None
-        request = context_request(spec.analysis)
-        if request is not None:
-            period = spec.imagery.analysis_period_name()
-            context_rows = context_components(
-                units, open_source(spec, period), spec, warehouse.layout.chip_cache, *request,
-            ).components
+        # The image_context asset's components (computed here if it has not run).
+        context_rows, _ = study_context(units, spec, warehouse.lake, warehouse.layout.chip_cache,
+                                        survey_version, embeddings_version)
         result = estimate_study(
             units, covariates, spec.analysis, study_name=spec.name,
             survey_version=survey_version, embeddings_version=embeddings_version, imputed=imputed, pca=pca,

@@ -24,6 +24,8 @@ from eocausal.survey import covariate_column
 from eocausal.warehouse import query_units
 
 GROUP = "heterogeneity"
+# image_context: the context components the nuisance models adjust for, as the headline ATE's.
+CATE_DEPS = [dg.AssetKey(["marts", "analysis_units"]), dg.AssetKey("image_context")]
 
 
 def _workspace(warehouse: WarehouseResource) -> het.Workspace:
@@ -46,11 +48,11 @@ def _cached_cate(spec, warehouse: WarehouseResource) -> het.CateStage:
 @dg.multi_asset(
     specs=[
         dg.AssetSpec("cate_estimates", group_name=GROUP, kinds={"python", "sklearn", "parquet"},
-                     code_version=CATE_CODE_VERSION, deps=[dg.AssetKey(["marts", "analysis_units"])],
+                     code_version=CATE_CODE_VERSION, deps=CATE_DEPS,
                      description="DR-learner CATE per unit and feature set (held-out predictions, "
                                  "AIPW pseudo-outcomes)."),
         dg.AssetSpec("cate_evaluation", group_name=GROUP, kinds={"python", "parquet"},
-                     code_version=CATE_CODE_VERSION, deps=[dg.AssetKey(["marts", "analysis_units"])],
+                     code_version=CATE_CODE_VERSION, deps=CATE_DEPS,
                      description="RATE (AUTOC, Qini; bootstrap CIs) on held-out CATE, and PEHE when the "
                                  "truth is known."),
     ],

@@ -31,6 +31,7 @@ from assets.embeddings import build_image_embeddings
 from assets.estimates import effect_estimates
 from assets.heterogeneity import HETEROGENEITY_ASSETS
 from assets.image_components import build_image_components
+from assets.image_context import image_context
 from assets.imputation import imputed_outcomes
 from assets.naming import STUDY_JOB, STUDY_TAG, TILE_STUDY_TAG, check_unique_names, scoped
 from assets.partitions import (
@@ -56,7 +57,7 @@ from sensors.survey_waves import build_survey_wave_sensor
 
 # The assets defined once at module level (one op each, shared by every study's graph, each study's
 # copy keyed under its name). The imagery assets and the dbt steps are built per study.
-SHARED_ASSETS = [survey, effect_estimates, published_warehouse, imputed_outcomes, effect_sensitivity,
+SHARED_ASSETS = [survey, image_context, effect_estimates, published_warehouse, imputed_outcomes, effect_sensitivity,
                  *HETEROGENEITY_ASSETS]
 # Definitions-level metadata naming each study of a deployment: "eocausal/study/<name>" -> {study, workdir}.
 STUDY_METADATA_PREFIX = "eocausal/study/"

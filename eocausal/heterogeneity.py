@@ -164,7 +164,8 @@ def embeddings_version(lake: Path, study: Study) -> str:
 
 def _analysis_part(study: Study) -> dict:
     a = study.analysis.model_dump(mode="json")
-    part = {k: a.get(k) for k in ("folds", "seed", "propensity_clip", "image_components", "spatial_block_km")}
+    part = {k: a.get(k) for k in ("folds", "seed", "propensity_clip", "image_components", "spatial_block_km",
+                                  "context_components")}
     # The nuisance options, where set (their defaults are left out of the dump: versions unchanged).
     return part | {k: a[k] for k in ("learners", "outcome_arms", "propensity_fit") if k in a}
 
@@ -260,8 +261,18 @@ def run_cate(study: Study, ws: Workspace, units: pd.DataFrame, covariates: list[
         lookup = truth.units.set_index("unit_id")["tau"]
         if labelled["unit_id"].astype(str).isin(lookup.index).all():
             truth_tau = lookup.loc[labelled["unit_id"].astype(str)].to_numpy(dtype=float)
+    context = None
+    if study.analysis.context_components:
+        # The context window's columns the headline ATE adjusts for (the image_context asset's).
+        from eocausal.embed.context import study_context
+        from eocausal.estimate.effects import context_columns
+
+        components, _ = study_context(units, study, ws.lake, ws.chip_cache, inputs["survey"], inputs["embeddings"])
+        columns = context_columns(components, study.analysis)
+        if columns is not None:
+            context = columns[0][np.flatnonzero(units.index.isin(labelled.index))]
     result = cate_mod.estimate_cate(
-        labelled.reset_index(drop=True), covariates, feature_sets=tuple(het.feature_sets),
+        labelled.reset_index(drop=True), covariates, context=context, feature_sets=tuple(het.feature_sets),
         folds=study.analysis.folds, seed=study.analysis.seed, clip=study.analysis.propensity_clip,
         image_components=study.analysis.fixed_image_components,
         stored_pca=stored_pca(ws.lake, study.imagery.analysis_period_name(), inputs["embeddings"]),

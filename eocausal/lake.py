@@ -24,6 +24,8 @@ from eocausal.faults import write_point
 PERIOD_TABLES = ("image_chips", "image_embeddings")
 # The fitted embedder of each period (image_embedder): which one, in the embedding cache (a JSON record).
 EMBEDDER_TABLE = "image_embedder"
+# The context windows' components of the analysis period's units (image_context), one version at a time.
+CONTEXT_TABLE = "image_context"
 
 
 def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -> Path:
@@ -32,8 +34,9 @@ def period_path(lake: Path, table: str, period: str, suffix: str = ".parquet") -
     Each period has its own file, so materialising one period never rewrites another's.
     (Period names are checked by the study contract: letters, digits, '_', '.', '-'.)
     """
-    if table not in (*PERIOD_TABLES, EMBEDDER_TABLE):
-        raise ValueError(f"{table!r} is not a per-period lake table; those are {[*PERIOD_TABLES, EMBEDDER_TABLE]}")
+    tables = (*PERIOD_TABLES, EMBEDDER_TABLE, CONTEXT_TABLE)
+    if table not in tables:
+        raise ValueError(f"{table!r} is not a per-period lake table; those are {list(tables)}")
     if not period or "/" in period or "\\" in period or period in (".", ".."):
         raise ValueError(f"imagery period {period!r} cannot name a lake file")
     return Path(lake) / table / f"period={period}{suffix}"
@@ -154,6 +157,29 @@ def stored_pca(lake: Path, period: str, embedding_version: str) -> PCAReduction 
         return PCAReduction.from_dict(doc["pca"])
     except (OSError, ValueError, KeyError, TypeError, EmbeddingError):
         return None
+
+
+def write_context(path: Path, unit_ids: list[str], components: np.ndarray, version: str) -> Path:
+    """The units' context components (NaN rows where a unit's window is unusable) under ``version``."""
+    table = pa.table({"unit_id": pa.array(list(unit_ids), type=pa.string()),
+                      "context_components": _float_lists(components),
+                      "context_version": pa.array([version] * len(unit_ids), type=pa.string())})
+    return write_table_atomic(table, path)
+
+
+def read_context(path: Path, version: str, unit_ids: list[str]) -> np.ndarray | None:
+    """The stored context components of ``unit_ids`` (float [n, k], in their order), if the file
+    holds ``version`` for every one of them; else None (none stored, another version, other units)."""
+    try:
+        table = pq.read_table(path, columns=["unit_id", "context_components", "context_version"])
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return None
+    if table.num_rows == 0 or set(table.column("context_version").unique().to_pylist()) != {version}:
+        return None
+    rows = pd.Index(table.column("unit_id").to_pylist()).get_indexer(list(unit_ids))
+    if (rows < 0).any():
+        return None
+    return _list_rows(table.column("context_components").combine_chunks()).astype(float)[rows]
 
 
 # Per study, the estimate version its last estimates run selected (dbt: marts.current_estimate).

@@ -31,11 +31,14 @@ from eocausal.embed.embeddings import (
     store_order_batches,
 )
 from eocausal.imagery.chips import extract_chips, reads_locally, stream_chips
-from eocausal.imagery.sources import ChipFailure
+from eocausal.imagery.sources import ChipFailure, open_source
+from eocausal.lake import CONTEXT_TABLE, period_path, read_context, write_context
 from eocausal.montecarlo import downsample_chips as downsample
+from eocausal.versioning import json_version
 
 # The context window's side, in chips, and the averaging that brings it back to the chip's pixels.
 CONTEXT_FACTOR = 2
+CODE_VERSION = "context-1"
 
 
 @dataclass
@@ -67,6 +70,41 @@ def context_request(analysis) -> tuple[int, int | None] | None:
     if analysis.chip_scale_check:
         return analysis.fixed_image_components, analysis.chip_scale_max_units
     return None
+
+
+def context_version(study, survey_version: str, embeddings_version: str) -> str | None:
+    """The version of the study's context components (None when its analysis needs none): the
+    inputs (survey, embeddings: the chips' imagery and size, the embedder), the request and the
+    settings that choose the windows and their embedding."""
+    request = context_request(study.analysis)
+    if request is None:
+        return None
+    return json_version({
+        "code": CODE_VERSION, "request": list(request), "seed": study.analysis.seed,
+        "inputs": {"survey": survey_version, "embeddings": embeddings_version},
+        "max_nodata_share": study.imagery.max_nodata_share, "embedding": study.embedding.model_dump(mode="json"),
+    })
+
+
+def study_context(units: pd.DataFrame, study, lake: Path, chip_cache: Path, survey_version: str,
+                  embeddings_version: str) -> tuple[np.ndarray | None, bool]:
+    """(context components of ``units``, aligned; reused): the analysis period's stored ones
+    (lake ``image_context``) when they are this version's and cover these units, else computed
+    from the study's imagery and stored. (None, False) when the analysis takes no context. The
+    ``image_context`` asset computes them first; the estimate stages read them, or compute them
+    when run on their own."""
+    version = context_version(study, survey_version, embeddings_version)
+    if version is None:
+        return None, False
+    ids = units["unit_id"].astype(str).tolist()
+    path = period_path(lake, CONTEXT_TABLE, study.imagery.analysis_period_name())
+    stored = read_context(path, version, ids)
+    if stored is not None:
+        return stored, True
+    source = open_source(study, study.imagery.analysis_period_name())
+    computed = context_components(units, source, study, chip_cache, *context_request(study.analysis))
+    write_context(path, ids, computed.components, version)
+    return computed.components, False
 
 
 def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int,

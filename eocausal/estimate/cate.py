@@ -53,7 +53,7 @@ from eocausal.estimate.rate import pehe, rank_average_treatment_effect
 from eocausal.lake import embedding_matrix
 
 # Bump when the CATE code changes what it computes: it enters every CATE version.
-CODE_VERSION = "cate-2"  # 2: image components from the stored PCA
+CODE_VERSION = "cate-3"  # 2: image components from the stored PCA; 3: nuisances adjust for the context
 CATE_FEATURE_SETS = ("tabular", "image", "tabular+image")
 FINAL_LEARNERS = ("linear", "boosting")
 # Pseudo-outcomes are noisy: the final-stage ridge needs penalties well above the outcome models'.
@@ -381,6 +381,7 @@ def estimate_cate(
     nuisance_learner: str = "linear",
     outcome_arms: str = "borrow",
     nuisance_options: dict | None = None,
+    context: np.ndarray | None = None,
     groups=None,
     n_bootstrap: int = 200,
     truth_tau=None,
@@ -393,7 +394,9 @@ def estimate_cate(
     ``units``: analysis units (unit_id, lat, lon, treatment, outcome, covariates, embedding).
     Feature sets that the data cannot supply (e.g. tabular without covariates) are skipped.
     ``nuisance_options``: the ATE stage's nuisance options (AnalysisSpec.nuisance_options), so that
-    the pseudo-outcomes come from the nuisance models the ATE used.
+    the pseudo-outcomes come from the nuisance models the ATE used. ``context``: the columns the
+    ATE's image feature sets end with (:func:`eocausal.estimate.effects.context_columns`, aligned
+    with ``units``), which the nuisance models adjust for too (not the effect's features).
     """
     with threadpool_limits(limits=1):  # small matrices: threads only contend (see estimate_effect)
         features = build_features(units, covariates, image_components, seed, stored_pca)
@@ -404,6 +407,8 @@ def estimate_cate(
     # Adjust for every confounder the study has, whatever the effect features are.
     adjustment_set = "tabular+image" if "tabular+image" in available else available[0]
     X_adjust, _ = features.matrix(adjustment_set)
+    if context is not None and "image" in adjustment_set:
+        X_adjust = np.hstack([X_adjust, context])
     y = units["outcome"].to_numpy(dtype=float)
     d = units["treatment"].to_numpy(dtype=int)
     pseudo = dr_pseudo_outcomes(

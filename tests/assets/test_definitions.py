@@ -43,7 +43,9 @@ def test_definitions_load_and_graph_is_wired(deployment):
         assert parents("staging/stg_image_chips") == {"image_chip_index"}
         assert parents("image_components") == {"image_embeddings"} and parents("image_chip_index") == {"image_chips", "survey"}
         assert parents("image_embeddings") == {"image_chips", "image_embedder"}
-        assert parents("effect_estimates") == {"marts/analysis_units", "imputed_outcomes"}
+        assert parents("effect_estimates") == {"marts/analysis_units", "imputed_outcomes", "image_context"}
+        assert parents("image_context") == {"marts/analysis_units"}
+        assert parents("cate_estimates") == {"marts/analysis_units", "image_context"}
         assert parents("imputed_outcomes") == {"marts/analysis_units"}
         assert parents("effect_sensitivity") == {"effect_estimates"}
         assert parents("staging/stg_effect_estimates") == {"effect_estimates"}

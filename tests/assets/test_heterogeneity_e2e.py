@@ -138,3 +138,25 @@ def test_a_stage_whose_input_is_missing_fails_naming_it_and_recomputes_nothing(e
         [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert "effect_clusters has not been materialised" in str(failure.event_specific_data.error)
     assert not list((workdir / "lake" / "effect_clusters").glob("*.parquet"))  # nothing refitted
+
+
+def test_cate_nuisances_adjust_for_what_the_headline_adjusts_for(e2e_run):
+    """With the context default, the CATE's pseudo-outcomes come from nuisance models on the headline's
+    features (tabular, chip and context components, read from image_context): their mean and SE are
+    the headline tabular+image AIPW's."""
+    import pandas as pd
+
+    from eocausal.study import load_study
+
+    study_path, outcome = e2e_run
+    study = load_study(study_path)
+    assert study.analysis.context_components > 0
+    assert outcome.metadata["image_context"]["n_usable"] > 0
+    [model] = (outcome.workdir).rglob(f"cate/{study.name}-*.json")
+    diagnostics = json.loads(model.read_text())["pseudo_outcome_diagnostics"]
+    version = outcome.metadata["effect_estimates"]["estimate_version"]
+    table = pd.read_parquet(outcome.workdir / "lake" / "effect_estimates" / f"{study.name}-{version}.parquet")
+    [headline] = table[(table["estimator"] == "aipw") & (table["feature_set"] == "tabular+image")
+                       & (table["estimand"] == "ATE")].itertuples()
+    assert diagnostics["aipw_ate"] == pytest.approx(headline.estimate, abs=1e-9)
+    assert diagnostics["aipw_ate_std_error"] == pytest.approx(headline.std_error, rel=1e-6)

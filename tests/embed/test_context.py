@@ -67,3 +67,39 @@ def test_local_windows_are_read_not_stored_and_give_the_stored_paths_components(
     assert any((tmp_path / "stored").rglob("*"))
     assert local.n_usable == stored.n_usable >= 100
     np.testing.assert_allclose(local.components, stored.components, atol=1e-4)
+
+
+def test_stored_context_is_read_back_only_for_its_version_and_units(tmp_path):
+    from eocausal.lake import read_context, write_context
+
+    path = tmp_path / "image_context" / "period=geotiff.parquet"
+    components = np.array([[1.0, 2.0], [np.nan, np.nan], [3.0, 4.0]])
+    write_context(path, ["a", "b", "c"], components, "v1")
+    np.testing.assert_array_equal(read_context(path, "v1", ["c", "a", "b"]), components[[2, 0, 1]])
+    assert read_context(path, "v2", ["a"]) is None  # another version
+    assert read_context(path, "v1", ["a", "d"]) is None  # a unit it does not hold
+    assert read_context(tmp_path / "none.parquet", "v1", ["a"]) is None
+
+
+def test_study_context_computes_once_and_is_reused_for_the_same_version(tmp_path):
+    from eocausal.embed.context import study_context
+
+    scene = write_procedural_scene(tmp_path / "scene.tif", 500, 500, seed=4, n_bands=3)
+    study_path = write_demo_study(tmp_path / "study", n_units=80, seed=4, scene=scene, chip_size_px=16)
+    study = load_study(study_path)
+    study = study.model_copy(update={
+        "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
+        "analysis": study.analysis.model_copy(update={"context_components": 4}),
+    })
+    units = pd.read_csv(study_path.parent / "villages.csv").rename(
+        columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    first, reused = study_context(units, study, tmp_path / "lake", tmp_path / "chips", "s1", "e1")
+    assert not reused and first.shape == (80, 4) and np.isfinite(first).all(axis=1).sum() >= 60
+    again, reused = study_context(units.iloc[::-1], study, tmp_path / "lake", tmp_path / "chips", "s1", "e1")
+    assert reused
+    np.testing.assert_array_equal(again, first[::-1])
+    _, reused = study_context(units, study, tmp_path / "lake", tmp_path / "chips", "s1", "e2")  # new embeddings
+    assert not reused
+    off = study.model_copy(update={"analysis": study.analysis.model_copy(
+        update={"context_components": 0, "chip_scale_check": False})})
+    assert study_context(units, off, tmp_path / "lake", tmp_path / "chips", "s1", "e1") == (None, False)
