@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eocausal import progress
 from eocausal.embed.embeddings import (
     LOAD_CHIPS,
     chip_batches,
@@ -129,8 +130,13 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     embedder.fit(fit_chips, fit_valid)
     del fit_chips, fit_valid
     features = np.full((len(sampled), embedder.n_features), np.nan, dtype=np.float32)
+    done = 0
+    progress.report("context windows", 0, len(sampled), "windows")
     for rows, chips, valid in windows.batches():
         features[rows] = embedder.transform(chips, valid)
+        done += len(rows)  # usable windows embedded (the unusable are skipped)
+        progress.report("context windows", min(done, len(sampled) - 1), len(sampled), "windows")
+    progress.report("context windows", len(sampled), len(sampled), "windows")
     finite = np.isfinite(features).all(axis=1)
     pca = fit_feature_pca(features, n_components) if finite.sum() >= max(n_components, 10) else None
     if pca is None:
