@@ -3,13 +3,15 @@ image feature sets adjust for (``analysis.context_components``) and the chip-sca
 (:mod:`eocausal.estimate.fragility`).
 
 A confounder whose footprint extends beyond the chip cannot be adjusted for by any estimator that
-sees only the chip. So the effects stage also reads a *context* around each unit: a window twice
-the chip's side, read from the same imagery and averaged 2 x 2 (so it has the chip's pixel count
-and costs about one more chip pass), embedded by the study's embedder (fitted on the context
-chips) and reduced by its own PCA. By default the image feature sets adjust for its leading
-components, and the chip-scale check compares the headline with the chip alone; with
-``analysis.context_components: 0`` only the check uses it, on a sample. Context chips are cached
-like chips (their key holds the doubled size).
+sees only the chip. So the estimates also see a *context* around each unit: a window twice the
+chip's side, read from the same imagery and averaged 2 x 2 (so it has the chip's pixel count and
+costs about one more chip pass), embedded by the study's embedder (fitted on the context chips)
+and reduced by its own PCA. By default the image feature sets (and the CATE's nuisance models)
+adjust for its leading components, and the chip-scale check compares the headline with the chip
+alone; with ``analysis.context_components: 0`` only the check uses it, on a sample. The components
+are stored in the lake once per version (:func:`study_context`, the ``image_context`` asset); a
+local source's windows are not stored, a remote source's go through the chip store (their key
+holds the doubled size).
 """
 
 from __future__ import annotations
@@ -154,7 +156,9 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
 
 class _ReadWindows:
     """Context windows read from a local source: the embedder's fit sample, then every window, a
-    batch at a time (rows of ``units``), averaged to the chip's pixels."""
+    batch at a time (rows of ``units``), averaged to the chip's pixels. The fit sample is drawn from
+    every unit and keeps the usable windows (the stored path draws it from the usable ones: the
+    same windows whenever the study has at most ``FIT_CHIPS`` units)."""
 
     def __init__(self, units: pd.DataFrame, source, size: int, max_nodata_share: float):
         self.units, self.source, self.size, self.max_nodata_share = units, source, size, max_nodata_share
