@@ -21,15 +21,22 @@ def test_the_sample_is_capped_seeded_and_independent_of_the_units_order():
     assert {ids[i] for i in context_sample(ids, 100, 1)} != {ids[i] for i in picked}
 
 
-def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(tmp_path):
-    scene = write_procedural_scene(tmp_path / "scene.tif", 600, 600, seed=2, n_bands=3)
-    study_path = write_demo_study(tmp_path / "study", n_units=120, seed=2, scene=scene, chip_size_px=16)
+def _small_study(tmp_path, n_units: int, seed: int, px: int = 600, **analysis):
+    """(study with a small embedding, its units as lat/lon): a demo-process study on a procedural scene."""
+    scene = write_procedural_scene(tmp_path / "scene.tif", px, px, seed=seed, n_bands=3)
+    study_path = write_demo_study(tmp_path / "study", n_units=n_units, seed=seed, scene=scene, chip_size_px=16)
     study = load_study(study_path)
     study = study.model_copy(update={
         "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
+        "analysis": study.analysis.model_copy(update=analysis),
     })
     units = pd.read_csv(study_path.parent / "villages.csv").rename(
         columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    return study, units
+
+
+def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(tmp_path):
+    study, units = _small_study(tmp_path, 120, seed=2)
     source = open_source(study, study.imagery.analysis_period_name())
     out = context_components(units, source, study, tmp_path / "chips", n_components=4, max_units=60)
     sampled = context_sample(units["unit_id"].astype(str).tolist(), 60, study.analysis.seed)
@@ -52,14 +59,7 @@ class _Remote:
 
 
 def test_local_windows_are_read_not_stored_and_give_the_stored_paths_components(tmp_path):
-    scene = write_procedural_scene(tmp_path / "scene.tif", 600, 600, seed=3, n_bands=3)
-    study_path = write_demo_study(tmp_path / "study", n_units=120, seed=3, scene=scene, chip_size_px=16)
-    study = load_study(study_path)
-    study = study.model_copy(update={
-        "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
-    })
-    units = pd.read_csv(study_path.parent / "villages.csv").rename(
-        columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    study, units = _small_study(tmp_path, 120, seed=3)
     source = open_source(study, study.imagery.analysis_period_name())
     local = context_components(units, source, study, tmp_path / "local", n_components=4)
     assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("*.parquet"))
@@ -84,15 +84,7 @@ def test_stored_context_is_read_back_only_for_its_version_and_units(tmp_path):
 def test_study_context_computes_once_and_is_reused_for_the_same_version(tmp_path):
     from eocausal.embed.context import study_context
 
-    scene = write_procedural_scene(tmp_path / "scene.tif", 500, 500, seed=4, n_bands=3)
-    study_path = write_demo_study(tmp_path / "study", n_units=80, seed=4, scene=scene, chip_size_px=16)
-    study = load_study(study_path)
-    study = study.model_copy(update={
-        "embedding": study.embedding.model_copy(update={"n_features": 64, "pca_components": 8}),
-        "analysis": study.analysis.model_copy(update={"context_components": 4}),
-    })
-    units = pd.read_csv(study_path.parent / "villages.csv").rename(
-        columns={"village_code": "unit_id", "latitude": "lat", "longitude": "lon"})
+    study, units = _small_study(tmp_path, 80, seed=4, px=500, context_components=4)
     first, reused = study_context(units, study, tmp_path / "lake", tmp_path / "chips", "s1", "e1")
     assert not reused and first.shape == (80, 4) and np.isfinite(first).all(axis=1).sum() >= 60
     again, reused = study_context(units.iloc[::-1], study, tmp_path / "lake", tmp_path / "chips", "s1", "e1")
