@@ -58,9 +58,11 @@ def test_the_cate_version_follows_the_nuisance_options_and_keeps_the_defaults(tm
     from eocausal.heterogeneity import Truth, _analysis_part, cate_version
 
     default = _load(tmp_path)
-    assert set(_analysis_part(default)) == {"folds", "seed", "propensity_clip", "image_components", "spatial_block_km"}
+    # context_components: the CATE's nuisances adjust for the context window as the headline does (cate-3).
+    assert set(_analysis_part(default)) == {"folds", "seed", "propensity_clip", "image_components", "spatial_block_km",
+                                            "context_components"}
     versions = {cate_version(default, {}, Truth())}
     for option in ({"outcome_arms": "separate"}, {"propensity_fit": "calibrated"},
-                   {"learners": {"outcome": {"name": "boosting"}}}):
+                   {"learners": {"outcome": {"name": "boosting"}}}, {"context_components": 0}):
         versions.add(cate_version(_load(tmp_path, analysis={**BASE["analysis"], **option}), {}, Truth()))
-    assert len(versions) == 4
+    assert len(versions) == 5
