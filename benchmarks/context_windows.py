@@ -7,8 +7,9 @@ and what every source got until session 15). Same study, machine and embedder, o
 
 Builds the scale benchmark's study (``benchmarks/scale.py``: the demo process on a procedural
 scene, 64 px chips), then times ``eocausal.embed.context.context_components`` (every unit, the
-default 32 components) twice: on the GeoTIFF source, and on the same source marked remote (its
-windows extracted to an empty chip store at twice the chip's side, then read back). Prints the
+default 32 components) twice on the GeoTIFF source: as a local source gets it, and with
+``store=True``, as a remote source gets it (its windows extracted to an empty chip store at twice
+the chip's side, then read back). Prints the
 seconds of each, their ratio, the store's bytes, the largest difference between the two paths'
 components (zero up to ``FIT_CHIPS`` units: the same windows and embedder; above, the embedders are
 fitted on different samples) and the share of one's variance in the other's linear span.
@@ -31,18 +32,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from scale import build_study  # noqa: E402
 
 
-class _Remote:
-    """The source as if it were remote: context_components sends its windows through the chip store."""
-
-    remote = True
-
-    def __init__(self, source):
-        self._source = source
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=10_000)
@@ -63,11 +52,11 @@ def main() -> None:
         # One-time costs (imports, the embedding kernel's compilation) before either path is timed.
         context_components(units.iloc[:200], source, study, root / "warm", args.components)
         timings, results = {}, {}
-        for name, src in (("read, not stored", source), ("stored, read back", _Remote(source))):
+        for name, store in (("read, not stored", False), ("stored, read back", True)):
             cache = root / name.replace(",", "").replace(" ", "_")
             shutil.rmtree(cache, ignore_errors=True)
             started = time.perf_counter()
-            results[name] = context_components(units, src, study, cache, args.components)
+            results[name] = context_components(units, source, study, cache, args.components, store=store)
             timings[name] = time.perf_counter() - started
             stored = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
             print(f"{name}: {timings[name]:.1f} s, {results[name].n_usable:,} usable windows, "

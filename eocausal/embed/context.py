@@ -111,19 +111,22 @@ def study_context(units: pd.DataFrame, study, lake: Path, chip_cache: Path, surv
 
 
 def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_components: int,
-                       max_units: int | None = None) -> ContextComponents:
+                       max_units: int | None = None, store: bool | None = None) -> ContextComponents:
     """Image components of each unit's context window (columns unit_id, lat, lon), aligned with
     ``units``; units whose context is outside the imagery or mostly nodata, or that are not in the
     sample of at most ``max_units`` (:func:`context_sample`; None: every unit), get NaN rows.
 
     A local source's windows are read, averaged and embedded a batch at a time and never stored
     (at 10,000 units, storing the full-size windows and reading them back took 40 s against 5 s to
-    read them from the GeoTIFF); a remote source's go through the chip store, as chips do."""
+    read them from the GeoTIFF); a remote source's go through the chip store, as chips do. ``store``:
+    True or False to choose (None: by the source, :func:`eocausal.imagery.chips.reads_locally`)."""
     size = CONTEXT_FACTOR * study.imagery.chip_size_px
     ids = units["unit_id"].astype(str).tolist()
     sampled = units.iloc[context_sample(ids, max_units, study.analysis.seed)].reset_index(drop=True)
-    windows = (_ReadWindows(sampled, source, size, study.imagery.max_nodata_share) if reads_locally(source)
-               else _StoredWindows(sampled, source, size, chip_cache, study.imagery.max_nodata_share))
+    if store is None:
+        store = not reads_locally(source)
+    windows = (_StoredWindows(sampled, source, size, chip_cache, study.imagery.max_nodata_share) if store
+               else _ReadWindows(sampled, source, size, study.imagery.max_nodata_share))
     out = np.full((len(ids), n_components), np.nan)
     embedder = make_embedder(study.embedding)
     fit_chips, fit_valid = windows.fit_chips(study.embedding.seed)

@@ -46,24 +46,12 @@ def test_units_outside_the_sample_get_nan_rows_and_the_sampled_ones_components(t
     assert finite[sampled].sum() == out.n_usable >= 50
 
 
-class _Remote:
-    """The study's source as if it were remote: its windows go through the chip store."""
-
-    remote = True
-
-    def __init__(self, source):
-        self._source = source
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
-
 def test_local_windows_are_read_not_stored_and_give_the_stored_paths_components(tmp_path):
     study, units = _small_study(tmp_path, 120, seed=3)
     source = open_source(study, study.imagery.analysis_period_name())
     local = context_components(units, source, study, tmp_path / "local", n_components=4)
     assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("*.parquet"))
-    stored = context_components(units, _Remote(source), study, tmp_path / "stored", n_components=4)
+    stored = context_components(units, source, study, tmp_path / "stored", n_components=4, store=True)
     assert any((tmp_path / "stored").rglob("*"))
     assert local.n_usable == stored.n_usable >= 100
     np.testing.assert_allclose(local.components, stored.components, atol=1e-4)

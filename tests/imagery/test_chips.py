@@ -317,3 +317,11 @@ def test_demo_study_exclusions_match_the_generators_truth(tiny_study, tmp_path):
     assert (result.index["status"] == "ok").astype(int).tolist() == truth["imageable"].tolist()
     np.testing.assert_allclose(result.index["valid_share"], truth["chip_valid_share"], atol=1e-6)
     assert 0 < (truth["imageable"] == 0).sum() < len(truth) // 4  # some exclusions, not most
+
+
+def test_reads_locally_is_false_for_remote_and_streaming_sources():
+    from types import SimpleNamespace
+
+    assert chips_module.reads_locally(SimpleNamespace(remote=False, read_chips=None))
+    assert not chips_module.reads_locally(SimpleNamespace(remote=True, read_chips=None))  # a remote COG
+    assert not chips_module.reads_locally(SimpleNamespace(iter_chips=None))  # STAC, Earth Engine
