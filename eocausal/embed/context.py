@@ -33,7 +33,7 @@ from eocausal.embed.embeddings import (
     make_embedder,
     store_order_batches,
 )
-from eocausal.imagery.chips import extract_chips, reads_locally, stream_chips
+from eocausal.imagery.chips import extract_chips, reads_locally, stream_chips, too_much_nodata
 from eocausal.imagery.sources import ChipFailure, open_source
 from eocausal.lake import CONTEXT_TABLE, period_path, read_context, write_context
 from eocausal.montecarlo import downsample_chips as downsample
@@ -128,9 +128,10 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
     windows = (_StoredWindows(sampled, source, size, chip_cache, study.imagery.max_nodata_share) if store
                else _ReadWindows(sampled, source, size, study.imagery.max_nodata_share))
     out = np.full((len(ids), n_components), np.nan)
+    needed = max(n_components, 10)  # usable windows to fit the embedder and the PCA on
     embedder = make_embedder(study.embedding)
     fit_chips, fit_valid = windows.fit_chips(study.embedding.seed)
-    if len(fit_chips) < max(n_components, 10):
+    if len(fit_chips) < needed:
         return ContextComponents(ids, out, len(fit_chips))
     embedder.fit(fit_chips, fit_valid)
     del fit_chips, fit_valid
@@ -143,7 +144,7 @@ def context_components(units: pd.DataFrame, source, study, chip_cache: Path, n_c
         progress.report("context windows", min(done, len(sampled) - 1), len(sampled), "windows")
     progress.report("context windows", len(sampled), len(sampled), "windows")
     finite = np.isfinite(features).all(axis=1)
-    pca = fit_feature_pca(features, n_components) if finite.sum() >= max(n_components, 10) else None
+    pca = fit_feature_pca(features, n_components) if finite.sum() >= needed else None
     if pca is None:
         return ContextComponents(ids, out, int(finite.sum()))
     position = {u: i for i, u in enumerate(ids)}
@@ -172,7 +173,7 @@ class _ReadWindows:
         for i, chip in stream_chips(self.source, points, self.size):
             if chip is None or isinstance(chip, ChipFailure):
                 continue
-            if 1.0 - np.count_nonzero(chip.valid) / chip.valid.size > self.max_nodata_share + 1e-12:
+            if too_much_nodata(np.count_nonzero(chip.valid) / chip.valid.size, self.max_nodata_share):
                 continue
             kept.append(rows[i])
             # One window at a time: averaging a batch of full-size windows stacked cost twice as much.

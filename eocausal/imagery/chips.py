@@ -310,7 +310,7 @@ def extract_chips(
         valid_share, source_file, outside, cloud_share = verdicts[key]
         if outside:
             rows.append((unit_id, None, STATUS_EXCLUDED, REASON_OUTSIDE, 0.0, None, nan, None))
-        elif 1.0 - valid_share > max_nodata_share + 1e-12:
+        elif too_much_nodata(valid_share, max_nodata_share):
             rows.append((unit_id, key, STATUS_EXCLUDED, REASON_NODATA, valid_share, source_file, cloud_share, None))
         else:
             rows.append((unit_id, key, STATUS_OK, None, valid_share, source_file, cloud_share, None))
@@ -318,6 +318,11 @@ def extract_chips(
         index=_index_frame(rows), n_cached=n_cached, n_extracted=len(to_read) - len(failures),
         n_failed=len(failures),
     )
+
+
+def too_much_nodata(valid_share: float, max_nodata_share: float) -> bool:
+    """The exclusion rule: more than ``max_nodata_share`` of the chip is nodata (up to float rounding)."""
+    return 1.0 - valid_share > max_nodata_share + 1e-12
 
 
 def _read_pending(source, pending: list[tuple[str, tuple[float, float]]], size_px: int):
