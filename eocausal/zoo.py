@@ -351,6 +351,9 @@ def prepare(design: ZooDesign, cache_dir: Path, landsat: Path | None = None, log
                 comps = {r: f[f"components_{r}"] for r in REPRESENTATIONS}
                 context = f["context"]
                 z = f["z"]
+            if "chip" not in meta["r2"]:  # a cache written before the default took the context
+                meta["r2"] |= _default_r2(comps["default"], context, z, meta["r2"]["auto_k"])
+                meta_path.write_text(json.dumps(meta, indent=1))
             return PreparedDesign(design, z, comps, context, meta["r2"], meta["seconds"], meta["settings"])
 
     scene = read_scene(scene_path(design.scene, cache_dir, landsat))
@@ -379,13 +382,11 @@ def prepare(design: ZooDesign, cache_dir: Path, landsat: Path | None = None, log
             context = _finite(embedder.fit_transform(context_chips, context_valid))
             context = fit_pca(context, k, seed=0).transform(context)
         log(f"{design.name}: {rep} embedded in {seconds[rep]:.0f} s")
-    # R² of the confounder: the default at the count the estimation stage would choose on a
-    # typical draw, and the fixed 64 of the other two.
+    # R² of the confounder: the default's columns (chip + context), the chip's alone, the chip at the
+    # count the CV would choose on a typical draw beside the context, and the fixed 64 of the other two.
     draw = process_for(design).draw(z, np.random.default_rng(0))
     k_auto = choose_components(draw["y"], draw["d"], draw["tabular"], components["default"]).n_components
-    r2["default"] = oof_r2(components["default"][:, :DEFAULT_COMPONENTS], z)
-    r2["default_k"] = DEFAULT_COMPONENTS
-    r2["default_auto_k"] = oof_r2(components["default"][:, :k_auto], z)
+    r2 |= _default_r2(components["default"], context, z, k_auto)
     r2["auto_k"] = k_auto
     r2["default_all"] = oof_r2(components["default"], z)
     r2["previous"] = oof_r2(components["previous"], z)
@@ -397,6 +398,17 @@ def prepare(design: ZooDesign, cache_dir: Path, landsat: Path | None = None, log
     meta_path.write_text(json.dumps({"design": asdict(design), "r2": r2, "seconds": seconds,
                                      "settings": settings}, indent=1))
     return PreparedDesign(design, z, components, context, r2, seconds, settings)
+
+
+def _default_r2(chip: np.ndarray, context: np.ndarray, z: np.ndarray, auto_k: int) -> dict:
+    """The confounder's R² from the default's image columns (the chip's 64 components and the
+    context window's 32, ``default``), from the chip's alone (``chip``), and with the chip's
+    ``auto_k`` components beside the context (``default_auto_k``)."""
+    context = context[:, :DEFAULT_CONTEXT]
+    return {"default": oof_r2(np.hstack([chip[:, :DEFAULT_COMPONENTS], context]), z),
+            "chip": oof_r2(chip[:, :DEFAULT_COMPONENTS], z),
+            "default_auto_k": oof_r2(np.hstack([chip[:, :auto_k], context]), z),
+            "default_k": DEFAULT_COMPONENTS, "context_k": DEFAULT_CONTEXT}
 
 
 def _finite(features: np.ndarray) -> np.ndarray:
@@ -570,12 +582,18 @@ def summarise(replicates: pd.DataFrame, prepared: dict[str, PreparedDesign]) -> 
 
 def headline_markdown(summary: pd.DataFrame, prepared: dict[str, PreparedDesign]) -> str:
     """One row per design: R² per representation, tabular+image AIPW of the default (bias/SE,
-    RMSE, SE/sd, coverage), RMSE of the previous default and the reference, warning rates, time."""
-    head = ("| design | in chip | n | R² default (k) | R² previous | R² reference | AIPW bias/SE | coverage | "
-            "SE/sd | RMSE default | RMSE previous | RMSE reference | spec warn | chip-scale warn | "
-            "prop. AUC (oracle) | embed s (default) | fit s/rep |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    RMSE, SE/sd, coverage), RMSE of the previous default and the reference, warning rates, time.
+
+    "bias left" is the default's tabular+image AIPW bias as a share of tabular AIPW's (the
+    confounding the image leaves), beside 1 - R² of the confounder from the default's columns: a
+    linear adjustment leaves about that share of the confounder, and of its bias."""
+    head = ("| design | in chip | n | R² default (chip + context) | R² chip | R² previous | R² reference | "
+            "AIPW bias/SE | coverage | SE/sd | RMSE default | RMSE previous | RMSE reference | bias left (1 - R²) | "
+            "spec warn | chip-scale warn | prop. AUC (oracle) | embed s (default) | fit s/rep |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     aipw = summary[(summary["feature_set"] == "tabular+image") & (summary["estimator"] == "aipw")]
+    tabular = summary[(summary["feature_set"] == "tabular") & (summary["estimator"] == "aipw")
+                      & (summary["representation"] == "default")].set_index("design")["bias"]
     for name, p in prepared.items():
         rows = aipw[aipw["design"] == name].set_index("representation")
         if "default" not in rows.index:
@@ -587,11 +605,14 @@ def headline_markdown(summary: pd.DataFrame, prepared: dict[str, PreparedDesign]
         def rmse(rep):
             return f"{rows.loc[rep, 'rmse']:.3f}" if rep in rows.index else "–"
 
+        left = f"{dflt['bias'] / tabular[name]:+.3f}" if name in tabular.index and tabular[name] != 0 else "–"
+
         lines.append(
             f"| {name} | {'yes' if p.settings['within_chip'] else 'no'} | {p.settings['n_analysis_units']} | "
-            f"{p.r2['default']:.3f} ({p.r2['default_k']}) | {p.r2['previous']:.3f} | {p.r2['reference']:.3f} | "
+            f"{p.r2['default']:.3f} ({p.r2['default_k']} + {p.r2['context_k']}) | {p.r2['chip']:.3f} | "
+            f"{p.r2['previous']:.3f} | {p.r2['reference']:.3f} | "
             f"{dflt['bias_over_se']:+.2f} | {dflt['coverage']:.2f} | {dflt['se_sd_ratio']:.2f} | "
-            f"{dflt['rmse']:.3f} | {rmse('previous')} | {rmse('reference')} | "
+            f"{dflt['rmse']:.3f} | {rmse('previous')} | {rmse('reference')} | {left} ({1 - p.r2['default']:.3f}) | "
             f"{dflt.get('specification_warning_rate', float('nan')):.2f} | "
             f"{dflt.get('chip_scale_warning_rate', float('nan')):.2f} | "
             f"{dflt.get('propensity_auc', float('nan')):.3f} ({dflt.get('oracle_propensity_auc', float('nan')):.3f}) | "
