@@ -12,7 +12,9 @@ stage's output cached). For each run it reports the wall time and the child's pe
 processes; sampled every half second), and per Dagster step the seconds and units/s, read from the
 run's step statistics in the working folder's Dagster instance, and the tree's peak RSS while the
 step ran. Then bytes and files per million
-units in the chip store, the lake and the warehouse, and (unless ``--skip-e2``) the scaling
+units in the chip store, the lake and the warehouse, the last run's estimates against the study's
+known truth (``truth.json``: at this n the SEs are small, so a bias the zoo's 1,500-unit designs
+hide shows here), and (unless ``--skip-e2``) the scaling
 efficiency E(2) = T1 / (2 T2) of the tile runs (chips and embeddings, cold, one thread each) as
 `eocausal run` makes them: T1 in one worker process, T2 in two (``tile_runs_e2``).
 
@@ -170,6 +172,29 @@ def tile_runs_e2(base: Path, study: Path, units: int) -> dict:
     return figures
 
 
+def accuracy(workdir: Path, study: Path) -> list[dict]:
+    """The run's latest estimates (the published warehouse's ``marts.effect_estimates_latest``)
+    against the study's known truth (``truth.json``, over the imageable units, which are the
+    analysis units): the ATE for every estimator but DML, whose target is the variance-weighted
+    effect. Each row: estimator, feature set, estimate, SE, CI, truth, error in SEs, covered, and
+    the fragility warnings."""
+    import duckdb
+
+    from eocausal.layout import Layout
+
+    truth = json.loads((study.parent / "truth.json").read_text())["imageable"]
+    with duckdb.connect(str(Layout(workdir).published), read_only=True) as con:
+        rows = con.sql("select estimator, feature_set, estimate, std_error, ci_low, ci_high, "
+                       "specification_warning, chip_scale_warning from marts.effect_estimates_latest "
+                       "where feature_set <> 'none' and estimator <> 'difference_in_means' "
+                       "order by feature_set, estimator").df().to_dict("records")
+    for r in rows:
+        r["truth"] = truth["variance_weighted_effect"] if r["estimator"] == "dml" else truth["ate"]
+        r["error_over_se"] = (r["estimate"] - r["truth"]) / r["std_error"]
+        r["covered"] = bool(r["ci_low"] <= r["truth"] <= r["ci_high"])
+    return rows
+
+
 def gemm_rate_gflops() -> float:
     import torch
 
@@ -245,6 +270,8 @@ def main() -> None:
             size, files = (path.stat().st_size, 1) if path.exists() else (0, 0)
         figures["storage"][name] = {"gb_per_million_units": size * per_million / 1e9,
                                     "files_per_million_units": files * per_million}
+    if (study.parent / "truth.json").is_file() and Layout(workdir).published.is_file():
+        figures["accuracy"] = accuracy(workdir, study)
     if not args.skip_e2:
         figures["e2"] = tile_runs_e2(base, study, args.units)
 
@@ -268,6 +295,16 @@ def main() -> None:
     lines += ["", "| storage | GB per million units | files per million units |", "|---|---:|---:|"]
     for name, s in figures["storage"].items():
         lines.append(f"| {name} | {s['gb_per_million_units']:.2f} | {s['files_per_million_units']:,.0f} |")
+    if figures.get("accuracy"):
+        lines += ["", "Estimates against the known truth (the imageable units' ATE; DML: the variance-weighted "
+                  "effect):",
+                  "", "| estimator | feature set | estimate | 95 % CI | truth | error / SE | covered | spec warning | "
+                  "chip-scale warning |", "|---|---|---:|---|---:|---:|---|---|---|"]
+        for r in figures["accuracy"]:
+            lines.append(f"| {r['estimator']} | {r['feature_set']} | {r['estimate']:.4f} | [{r['ci_low']:.4f}, "
+                         f"{r['ci_high']:.4f}] | {r['truth']:.4f} | {r['error_over_se']:+.2f} | "
+                         f"{'yes' if r['covered'] else 'no'} | {r['specification_warning'] or '–'} | "
+                         f"{r['chip_scale_warning'] or '–'} |")
     if "e2" in figures:
         e = figures["e2"]
         lines += ["", f"E(2), the tile runs of {e['units']:,} units in {e['tiles']} tiles, cold, one thread each, "
