@@ -53,6 +53,13 @@ RANK_RTOL = 1e-12
 MIN_FORCING = 0.1
 # Rows per block when forming row-wise quantities, to bound temporary memory.
 _ROW_BLOCK = 16_384
+# Once a Newton step's CG took this many passes, the later steps solve their systems exactly
+# (each problem's (r+1) x (r+1) Hessian formed and factored), where forming them costs at most
+# DIRECT_SOLVE_FLOPS multiply-adds (n r^2 per problem). Weakly penalised fits on few rows (a
+# 487-unit study: ~50 Newton steps, most at the 60-pass cap) otherwise spend their time in CG;
+# well-conditioned ones converge in a few passes, which cost less than forming the Hessians.
+DIRECT_AFTER_CG_PASSES = 20
+DIRECT_SOLVE_FLOPS = 2e9
 
 
 def standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +145,7 @@ class WhitenedDesign:
             self._low = self._Q.astype(np.float32) if low_precision else self._Q
         self.eigenvalues = eigenvalues
         self.n = n
+        self._basis: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -171,6 +179,15 @@ class WhitenedDesign:
         if self._Q is not None:
             return self._Q[index]
         return self._Xs[index] @ self.T
+
+    def basis(self) -> np.ndarray:
+        """Q itself (n x r, float64), formed once: the direct Newton solves' Hessians need it
+        (kept apart from ``_Q``, whose presence chooses how the products are formed)."""
+        if self._Q is not None:
+            return self._Q
+        if self._basis is None:
+            self._basis = np.ascontiguousarray(self._Xs @ self.T)
+        return self._basis
 
 
 def _kept(eigenvalues: np.ndarray) -> np.ndarray:
@@ -342,7 +359,9 @@ def fit_logistic_batch(
     max_cg: int = 60,
     blocks: RowBlocks | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Solve K l2-logistic problems on one design at once by preconditioned Newton-CG.
+    """Solve K l2-logistic problems on one design at once by Newton's method, each step's systems
+    solved by preconditioned CG, or exactly once CG has struggled and exact solves are cheap
+    (``DIRECT_AFTER_CG_PASSES``, ``DIRECT_SOLVE_FLOPS``).
 
     Problem k: minimise sum_i masks[i, k] * logloss(y_i, Q_i u + b) + 0.5 sum_j penalties[j, k] u_j^2
     (intercept b unpenalised), Q the design's orthonormal basis, which makes the diagonal
@@ -374,6 +393,7 @@ def fit_logistic_batch(
     converged = np.zeros(K, dtype=bool)
     stuck = np.zeros(K, dtype=bool)
     iterations = np.zeros(K, dtype=np.int64)
+    direct = False  # until CG struggles (see DIRECT_AFTER_CG_PASSES)
     for _ in range(max_iter):
         active = np.flatnonzero(~converged)
         if active.size == 0:
@@ -385,8 +405,12 @@ def fit_logistic_batch(
         grad_b = residual.sum(axis=0)
         weight = M * prob * (1.0 - prob)
         grad_norm = np.sqrt((grad_u * grad_u).sum(axis=0) + grad_b * grad_b)
-        forcing = np.clip(np.sqrt(grad_norm / n_rows[active]), MIN_FORCING, 0.5)
-        step_u, step_b = _pcg(design, blocks, active, weight, P, grad_u, grad_b, forcing, max_cg)
+        if direct:
+            step_u, step_b = _newton_direct(design, weight, P, grad_u, grad_b)
+        else:
+            forcing = np.clip(np.sqrt(grad_norm / n_rows[active]), MIN_FORCING, 0.5)
+            step_u, step_b, passes = _pcg(design, blocks, active, weight, P, grad_u, grad_b, forcing, max_cg)
+            direct = passes >= DIRECT_AFTER_CG_PASSES and float(n) * r * r * active.size <= DIRECT_SOLVE_FLOPS
         decrement = -((grad_u * step_u).sum(axis=0) + grad_b * step_b)
         iterations[active] += 1
 
@@ -427,6 +451,29 @@ def fit_logistic_batch(
     return U, b, iterations, converged & ~stuck
 
 
+def _newton_direct(design, weight, penalties, grad_u, grad_b):
+    """Solve H s = -g for each column exactly: H = [Q'WQ + diag(penalty), Q'w; w'Q, sum w] formed
+    and solved by Cholesky (positive definite: the penalty is positive on every kept direction)."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    Q = design.basis()
+    r, K = grad_u.shape
+    step_u, step_b = np.empty((r, K)), np.empty(K)
+    H = np.empty((r + 1, r + 1))
+    for k in range(K):
+        Qw = Q * weight[:, k, None]
+        H[:r, :r] = Qw.T @ Q
+        H[np.arange(r), np.arange(r)] += penalties[:, k]
+        H[:r, r] = H[r, :r] = Qw.sum(axis=0)
+        H[r, r] = max(weight[:, k].sum(), 1e-12)
+        # Scaled by its diagonal first (the penalties span many orders of magnitude), as the CG's
+        # preconditioner does, so the factorisation keeps its accuracy.
+        scale = 1.0 / np.sqrt(np.diag(H))
+        step = scale * cho_solve(cho_factor(H * np.outer(scale, scale)), -scale * np.append(grad_u[:, k], grad_b[k]))
+        step_u[:, k], step_b[k] = step[:r], step[r]
+    return step_u, step_b
+
+
 def _pcg(design, blocks, problems, weight, penalties, grad_u, grad_b, forcing, max_cg):
     """Solve H s = -g for each column by preconditioned conjugate gradients (batched)."""
     n_rows_w = weight.sum(axis=0)
@@ -448,10 +495,12 @@ def _pcg(design, blocks, problems, weight, penalties, grad_u, grad_b, forcing, m
     rz = (r_u * z_u).sum(axis=0) + r_b * z_b
     target = forcing * np.sqrt((grad_u * grad_u).sum(axis=0) + grad_b * grad_b)
     running = np.ones(K, dtype=bool)
+    passes = 0
     for _ in range(max_cg):
         cols = np.flatnonzero(running)
         if cols.size == 0:
             break
+        passes += 1
         h_u, h_b = hessian_times(d_u[:, cols], d_b[cols], cols)
         curvature = (d_u[:, cols] * h_u).sum(axis=0) + d_b[cols] * h_b
         alpha = rz[cols] / np.maximum(curvature, 1e-300)
@@ -469,7 +518,7 @@ def _pcg(design, blocks, problems, weight, penalties, grad_u, grad_b, forcing, m
         d_b[cols] = z_b[cols] + beta * d_b[cols]
         rz[cols] = rz_new
         running[cols[stop]] = False
-    return x_u, x_b
+    return x_u, x_b, passes
 
 
 # --- ridge regression ---------------------------------------------------------------------------

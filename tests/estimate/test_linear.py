@@ -8,7 +8,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from eocausal.estimate.linear import PenalisedLogisticCV, PenalisedRidgeCV, WhitenedDesign, standardise
+from eocausal.estimate.linear import (
+    PenalisedLogisticCV,
+    PenalisedRidgeCV,
+    WhitenedDesign,
+    _newton_direct,
+    standardise,
+)
 from eocausal.estimate.nuisance import OUTCOME_ALPHAS, _logistic_cv_options, mean_log_likelihood
 
 
@@ -88,3 +94,21 @@ def test_standardise_matches_standard_scaler_including_constant_columns():
 def test_logistic_cv_needs_two_classes():
     with pytest.raises(ValueError, match="two classes"):
         PenalisedLogisticCV().fit(np.ones((10, 2)), np.zeros(10))
+
+
+@pytest.mark.parametrize("n, p", [(300, 60), (120, 200)])  # few rows per feature, weakly penalised: CG struggles
+def test_exact_newton_steps_reach_the_conjugate_gradients_optimum(n, p, monkeypatch):
+    import eocausal.estimate.linear as linear
+
+    X, d, _ = embedding_like(n, p, seed=11)
+    with threadpool_limits(limits=1):
+        monkeypatch.setattr(linear, "DIRECT_AFTER_CG_PASSES", 10**9)  # conjugate gradients throughout
+        cg = PenalisedLogisticCV(Cs=10, seed=1, undersmooth=4.0).fit(X, d)
+        monkeypatch.setattr(linear, "DIRECT_AFTER_CG_PASSES", 1)  # exact solves from the second step
+        solves = []
+        monkeypatch.setattr(linear, "_newton_direct", lambda *a: solves.append(1) or _newton_direct(*a))
+        direct = PenalisedLogisticCV(Cs=10, seed=1, undersmooth=4.0).fit(X, d)
+    assert solves
+    assert direct.C_ == cg.C_
+    np.testing.assert_allclose(direct.scores_, cg.scores_, atol=1e-5)  # the largest C: near-separable, flat
+    np.testing.assert_allclose(direct.coef_, cg.coef_, rtol=1e-6, atol=1e-7)
