@@ -27,6 +27,11 @@ matrix-vector passes over an ill-conditioned embedding matrix):
 3. Ridge leave-one-out errors for every alpha come from the same SVD: with shrinkage
    f_j = s_j^2 / (s_j^2 + alpha), fitted values are ybar + Q (f * Q'y) and leverages
    h_i = 1/n + sum_j Q_ij^2 f_j, so the LOO residual is (y_i - yhat_i) / (1 - h_i).
+4. Weakly penalised fits on few rows per feature are ill-conditioned even so: their Newton steps
+   ran CG to its 60-pass cap, ~50 times per fit, and the passes' small products cost mostly
+   interpreter time. Once a step has taken ``DIRECT_AFTER_CG_PASSES`` passes, the later steps
+   form each problem's (r+1) x (r+1) Hessian and solve it by Cholesky, where that is cheap
+   (``DIRECT_SOLVE_FLOPS``): Newton then converges in a few steps to the same optimum.
 
 Every logistic fit runs until its Newton decrement is below ``tol`` per observation (1e-12 by
 default), far tighter than scikit-learn's lbfgs stopping rule, so the two agree to the
