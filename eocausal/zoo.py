@@ -709,6 +709,7 @@ def write_results(out_dir: Path, replicates: pd.DataFrame, landsat: Path | None 
     for design_name in replicates["design"].unique():
         if design_name not in prepared:  # from the cache (computed again only when it is missing)
             prepared[design_name] = prepare(design_by_name(design_name), cache_dir, landsat, log)
+    prepared = {name: prepared[name] for name in replicates["design"].unique()}  # the zoo's order
     summary = summarise(replicates, prepared)
     (out_dir / "replications.csv").write_text(replicates.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
     (out_dir / "summary.csv").write_text(summary.to_csv(index=False, lineterminator="\n", float_format="%.6g"))
