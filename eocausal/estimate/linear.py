@@ -409,10 +409,10 @@ def fit_logistic_batch(
         grad_u = blocks.tdot(design, residual, active) + P * Ua
         grad_b = residual.sum(axis=0)
         weight = M * prob * (1.0 - prob)
-        grad_norm = np.sqrt((grad_u * grad_u).sum(axis=0) + grad_b * grad_b)
         if direct:
             step_u, step_b = _newton_direct(design, weight, P, grad_u, grad_b)
         else:
+            grad_norm = np.sqrt((grad_u * grad_u).sum(axis=0) + grad_b * grad_b)
             forcing = np.clip(np.sqrt(grad_norm / n_rows[active]), MIN_FORCING, 0.5)
             step_u, step_b, passes = _pcg(design, blocks, active, weight, P, grad_u, grad_b, forcing, max_cg)
             direct = passes >= DIRECT_AFTER_CG_PASSES and float(n) * r * r * active.size <= DIRECT_SOLVE_FLOPS
