@@ -172,24 +172,23 @@ def tile_runs_e2(base: Path, study: Path, units: int) -> dict:
     return figures
 
 
-def accuracy(workdir: Path, study: Path) -> list[dict]:
+def accuracy(workdir: Path, truth) -> list[dict]:
     """The run's latest estimates (the published warehouse's ``marts.effect_estimates_latest``)
-    against the study's known truth (``truth.json``, over the imageable units, which are the
-    analysis units): the ATE for every estimator but DML, whose target is the variance-weighted
-    effect. Each row: estimator, feature set, estimate, SE, CI, truth, error in SEs, covered, and
-    the fragility warnings."""
+    against the study's known truth (``eocausal.heterogeneity.load_truth``: over the imageable
+    units, which are the analysis units): the ATE for every estimator but DML, whose target is the
+    variance-weighted effect. Each row: estimator, feature set, estimate, SE, CI, truth, error in
+    SEs, covered, and the fragility warnings."""
     import duckdb
 
     from eocausal.layout import Layout
 
-    truth = json.loads((study.parent / "truth.json").read_text())["imageable"]
     with duckdb.connect(str(Layout(workdir).published), read_only=True) as con:
         rows = con.sql("select estimator, feature_set, estimate, std_error, ci_low, ci_high, "
                        "specification_warning, chip_scale_warning from marts.effect_estimates_latest "
                        "where feature_set <> 'none' and estimator <> 'difference_in_means' "
                        "order by feature_set, estimator").df().to_dict("records")
     for r in rows:
-        r["truth"] = truth["variance_weighted_effect"] if r["estimator"] == "dml" else truth["ate"]
+        r["truth"] = truth.variance_weighted_effect if r["estimator"] == "dml" else truth.ate
         r["error_over_se"] = (r["estimate"] - r["truth"]) / r["std_error"]
         r["covered"] = bool(r["ci_low"] <= r["truth"] <= r["ci_high"])
     return rows
@@ -270,8 +269,12 @@ def main() -> None:
             size, files = (path.stat().st_size, 1) if path.exists() else (0, 0)
         figures["storage"][name] = {"gb_per_million_units": size * per_million / 1e9,
                                     "files_per_million_units": files * per_million}
-    if (study.parent / "truth.json").is_file() and Layout(workdir).published.is_file():
-        figures["accuracy"] = accuracy(workdir, study)
+    from eocausal.heterogeneity import load_truth
+    from eocausal.study import load_study
+
+    truth = load_truth(load_study(study))
+    if truth.ate is not None and Layout(workdir).published.is_file():
+        figures["accuracy"] = accuracy(workdir, truth)
     if not args.skip_e2:
         figures["e2"] = tile_runs_e2(base, study, args.units)
 
